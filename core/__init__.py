@@ -1,0 +1,38 @@
+"""reasoning-rl's functional core: pure tensor functions and pure grading.
+
+Nothing here does I/O, holds global state, or imports ``shell``, wandb or vllm.
+"""
+
+from core._advantages import compute_group_normalized_rewards
+from core._advantages import normalize_group_rewards
+from core._advantages import reward_statistics
+from core._logprobs import compute_entropy
+from core._logprobs import get_response_log_probs
+from core._losses import LENGTH_NORMALIZATIONS
+from core._losses import LOSS_TYPES
+from core._losses import compute_grpo_clip_loss
+from core._losses import compute_naive_policy_gradient_loss
+from core._losses import compute_policy_gradient_loss
+from core._losses import grpo_microbatch_loss
+from core._losses import sft_microbatch_loss
+from core._masking import masked_mean
+from core._masking import masked_normalize
+from core._tokenize import tokenize_prompt_and_output
+
+__all__ = [
+    "LENGTH_NORMALIZATIONS",
+    "LOSS_TYPES",
+    "compute_entropy",
+    "compute_group_normalized_rewards",
+    "compute_grpo_clip_loss",
+    "compute_naive_policy_gradient_loss",
+    "compute_policy_gradient_loss",
+    "get_response_log_probs",
+    "grpo_microbatch_loss",
+    "masked_mean",
+    "masked_normalize",
+    "normalize_group_rewards",
+    "reward_statistics",
+    "sft_microbatch_loss",
+    "tokenize_prompt_and_output",
+]

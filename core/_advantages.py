@@ -1,0 +1,117 @@
+"""Group-normalised advantages (GRPO)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+
+def normalize_group_rewards(
+    raw_rewards: Float[Tensor, "batch"],
+    *,
+    group_size: int,
+    advantage_eps: float,
+    normalize_by_std: bool,
+) -> Float[Tensor, "batch"]:
+    r"""Advantages from rewards grouped in consecutive blocks of ``group_size``.
+
+    .. math::  A_i = \frac{r_i - \operatorname{mean}(r_{G(i)})}{\operatorname{std}(r_{G(i)}) + \epsilon}
+               \quad\text{(or only } r_i - \operatorname{mean}(r_{G(i)}) \text{ without std)}
+
+    The std is the unbiased one (torch's default), so ``group_size`` must be ≥ 2 with std.
+
+    Args:
+        raw_rewards: ``(batch,)`` rewards, ``batch = n_groups * group_size``.
+        group_size: responses per question.
+        advantage_eps: ``\epsilon`` added to the std.
+        normalize_by_std: divide by the group std.
+
+    Returns:
+        ``(batch,)`` float32 advantages; they sum to zero within each group.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if raw_rewards.ndim != 1 or raw_rewards.shape[0] % group_size != 0:
+        raise ValueError(
+            f"rollout batch of shape {tuple(raw_rewards.shape)} is not a whole number of groups of {group_size}"
+        )
+    if normalize_by_std and group_size < 2:
+        raise ValueError("normalize_by_std needs group_size >= 2 (the unbiased std of one sample is undefined)")
+    groups = raw_rewards.float().reshape(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if normalize_by_std:
+        centred = centred / (groups.std(dim=1, keepdim=True) + advantage_eps)
+    return centred.reshape(-1)
+
+
+def compute_group_normalized_rewards(
+    reward_fn: Callable[[str, Any], dict[str, float]],
+    rollout_responses: Sequence[str],
+    repeated_ground_truths: Sequence[Any],
+    group_size: int,
+    advantage_eps: float,
+    normalize_by_std: bool,
+) -> tuple[Float[Tensor, "batch"], Float[Tensor, "batch"], dict[str, float]]:
+    r"""Score each rollout with ``reward_fn`` and normalise rewards within each group.
+
+    .. math::  r_i = \mathrm{reward\_fn}(o_i, y_i)[\text{"reward"}], \quad
+               A_i = \frac{r_i - \operatorname{mean}_{G(i)} r}{\operatorname{std}_{G(i)} r + \epsilon}
+
+    Groups are consecutive blocks of ``group_size`` responses to the same question.
+
+    Args:
+        reward_fn: ``(response, ground_truth) -> {"reward", "format_reward", "answer_reward"}``.
+        rollout_responses: ``batch`` responses.
+        repeated_ground_truths: ``batch`` ground truths, each repeated ``group_size`` times.
+        group_size: responses per question.
+        advantage_eps: added to the std.
+        normalize_by_std: divide by the (unbiased) group std.
+
+    Returns:
+        ``advantages`` (batch,) float32, ``raw_rewards`` (batch,) float32, and metadata floats:
+        ``reward_mean/std/min/max``, ``format_reward_mean``, ``answer_reward_mean``,
+        ``zero_variance_group_fraction``.
+    """
+    if len(rollout_responses) != len(repeated_ground_truths):
+        raise ValueError(
+            f"{len(rollout_responses)} responses but {len(repeated_ground_truths)} ground truths"
+        )
+    scores = [reward_fn(r, g) for r, g in zip(rollout_responses, repeated_ground_truths)]
+    raw = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)
+    advantages = normalize_group_rewards(
+        raw, group_size=group_size, advantage_eps=advantage_eps, normalize_by_std=normalize_by_std
+    )
+    metadata = reward_statistics(raw, group_size=group_size)
+    for key in ("format_reward", "answer_reward"):
+        values = [float(s.get(key, float("nan"))) for s in scores]
+        metadata[f"{key}_mean"] = sum(values) / len(values)
+    return advantages, raw, metadata
+
+
+def reward_statistics(raw_rewards: Float[Tensor, "batch"], *, group_size: int) -> dict[str, float]:
+    r"""Summary statistics of a rollout batch's rewards.
+
+    ``zero_variance_group_fraction`` is the fraction of groups whose rewards are all equal
+    (their advantages are zero: they carry no learning signal).
+
+    Args:
+        raw_rewards: ``(batch,)`` rewards, ``batch = n_groups * group_size``.
+        group_size: responses per question.
+
+    Returns:
+        floats ``reward_mean``, ``reward_std`` (unbiased; 0 for one element), ``reward_min``,
+        ``reward_max``, ``zero_variance_group_fraction``.
+    """
+    groups = raw_rewards.float().reshape(-1, group_size)
+    zero_var = (groups.max(dim=1).values == groups.min(dim=1).values).float().mean()
+    return {
+        "reward_mean": raw_rewards.float().mean().item(),
+        "reward_std": raw_rewards.float().std().item() if raw_rewards.numel() > 1 else 0.0,
+        "reward_min": raw_rewards.min().item(),
+        "reward_max": raw_rewards.max().item(),
+        "zero_variance_group_fraction": zero_var.item(),
+    }

@@ -1,0 +1,113 @@
+"""Per-token log-probabilities and entropies without a full-vocabulary float32 copy."""
+
+from __future__ import annotations
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+# Rows of (batch*seq) processed at a time: bounds the float32 temporaries to
+# _CHUNK_ROWS x vocab (e.g. 256 x 151,936 x 4 B = 155 MB) whatever the sequence length.
+_CHUNK_ROWS = 256
+
+
+def compute_entropy(logits: Float[Tensor, "batch seq vocab"]) -> Float[Tensor, "batch seq"]:
+    r"""Entropy of the softmax over the vocabulary, per position.
+
+    .. math::  H(p) = -\sum_v p_v \log p_v = \operatorname{lse}(z) - \sum_v \operatorname{softmax}(z)_v z_v
+
+    Computed through log-sum-exp, so it is finite and correct for ``|logits| ~ 1e4``.
+    Differentiable; temporaries are float32 and chunked over positions.
+
+    Args:
+        logits: ``(batch, seq, vocab)`` unnormalised scores.
+
+    Returns:
+        ``(batch, seq)`` entropies in ``[0, log vocab]``, float32 (or float64 for float64 input).
+    """
+    flat = logits.reshape(-1, logits.shape[-1])
+    out = [_entropy_rows(chunk) for chunk in flat.split(_CHUNK_ROWS, dim=0)]
+    return torch.cat(out, dim=0).reshape(logits.shape[:-1])
+
+
+def _entropy_rows(rows: Tensor) -> Tensor:
+    z = rows.float() if rows.dtype != torch.float64 else rows
+    lse = torch.logsumexp(z, dim=-1, keepdim=True)
+    p = torch.exp(z - lse)
+    return lse.squeeze(-1) - (p * z).sum(dim=-1)
+
+
+class _LabelLogProbs(torch.autograd.Function):
+    """log softmax(z)[y] over rows of (N, vocab), float32 math in chunks, gradient in z's dtype.
+
+    Saves only the logits (already alive as the model's output), the labels and the (N,) log-sum-exp,
+    so no full-vocabulary float32 tensor is kept for backward even when the logits are bf16.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, labels: Tensor) -> Tensor:  # type: ignore[override]
+        acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+        lse = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        out = torch.empty(logits.shape[0], dtype=acc, device=logits.device)
+        for start in range(0, logits.shape[0], _CHUNK_ROWS):
+            z = logits[start : start + _CHUNK_ROWS].to(acc)
+            y = labels[start : start + _CHUNK_ROWS]
+            lse[start : start + _CHUNK_ROWS] = torch.logsumexp(z, dim=-1)
+            out[start : start + _CHUNK_ROWS] = z.gather(-1, y.unsqueeze(-1)).squeeze(-1) - lse[start : start + _CHUNK_ROWS]
+        ctx.save_for_backward(logits, labels, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        logits, labels, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], _CHUNK_ROWS):
+            sl = slice(start, start + _CHUNK_ROWS)
+            g = grad_out[sl].to(lse.dtype).unsqueeze(-1)
+            # d/dz (z_y - lse(z)) = onehot(y) - softmax(z)
+            chunk = torch.exp(logits[sl].to(lse.dtype) - lse[sl].unsqueeze(-1)).mul_(-g)
+            chunk.scatter_add_(-1, labels[sl].unsqueeze(-1), g)
+            grad[sl] = chunk.to(grad.dtype)
+        return grad, None
+
+
+def get_response_log_probs(
+    model: torch.nn.Module,
+    input_ids: Int[Tensor, "batch seq"],
+    labels: Int[Tensor, "batch seq"],
+    return_token_entropy: bool = False,
+) -> dict[str, Tensor]:
+    r"""Log-probability of each label under the model, and optionally the token entropy.
+
+    .. math::  \log p_\theta(y_t \mid x, y_{<t}) = z_{t, y_t} - \operatorname{lse}(z_t), \quad z = \operatorname{model}(x).\mathrm{logits}
+
+    Never builds a full-vocabulary float32 log-softmax copy: the label logit is gathered and the
+    log-sum-exp is taken in float32 chunks of positions (a custom autograd function whose backward
+    recomputes the softmax chunk by chunk), so the extra peak memory beyond the model's logits and
+    their gradient is bounded by one chunk. The entropy (a logging statistic) is computed without
+    gradient.
+
+    Args:
+        model: a causal LM whose ``model(input_ids).logits`` is ``(batch, seq, vocab)``.
+        input_ids: ``(batch, seq)`` token ids.
+        labels: ``(batch, seq)`` next-token ids (``input_ids`` shifted left).
+        return_token_entropy: also return ``token_entropy``.
+
+    Returns:
+        ``{"log_probs": (batch, seq)}`` float32, plus ``"token_entropy": (batch, seq)`` when asked.
+    """
+    if input_ids.shape != labels.shape:
+        raise ValueError(
+            f"get_response_log_probs: input_ids {tuple(input_ids.shape)} and labels "
+            f"{tuple(labels.shape)} must have the same shape"
+        )
+    logits = model(input_ids).logits
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    flat_labels = labels.reshape(-1)
+    log_probs = _LabelLogProbs.apply(flat, flat_labels)
+    out: dict[str, Tensor] = {"log_probs": log_probs.reshape(labels.shape)}
+    if return_token_entropy:
+        with torch.no_grad():
+            out["token_entropy"] = compute_entropy(logits.detach())
+    return out
