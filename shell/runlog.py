@@ -1,0 +1,187 @@
+"""Run directories, metrics.jsonl, wandb (optional, offline without a key) and PNG curves.
+
+Every loop writes ``./runs/<run name>/metrics.jsonl``: one JSON object a line, ``train/…`` keys with
+``train_step`` or ``eval/…`` keys with ``eval_step``, plus ``time/elapsed_s`` (wall-clock seconds
+since the run began, carried across resumes). wandb gets the same keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+LoggerName = Literal["wandb", "none"]
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a torn file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_metrics(path: Path | str) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (a missing file gives [])."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            rows.append(json.loads(line))
+    return rows
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item") and callable(value.item):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None if math.isnan(value) else (1e308 if value > 0 else -1e308)
+    return value
+
+
+def _wandb_mode() -> str:
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path.home() / ".netrc"
+    if netrc.exists() and "api.wandb.ai" in netrc.read_text(errors="ignore"):
+        return "online"
+    return "offline"
+
+
+class RunLogger:
+    """Appends metrics to ``run_dir/metrics.jsonl`` (and wandb), and draws the run's curves.
+
+    Args:
+        run_dir: the run's folder (created).
+        logger: ``"wandb"`` (offline unless a key is configured) or ``"none"``.
+        config: the run's configuration, saved as ``config.json`` and sent to wandb.
+        resume_step: on resume, the train step of the checkpoint: later records (from the part of
+            the run that was lost) are dropped so the file reads as if the run never stopped.
+        elapsed_offset: wall-clock seconds already spent before a resume.
+        project: the wandb project.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path | str,
+        *,
+        logger: LoggerName = "none",
+        config: dict[str, Any] | None = None,
+        resume_step: int | None = None,
+        elapsed_offset: float = 0.0,
+        project: str = "reasoning-rl",
+        metrics_name: str = "metrics.jsonl",
+    ) -> None:
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.run_dir / metrics_name
+        self._t0 = time.monotonic() - elapsed_offset
+        if resume_step is None:
+            self.metrics_path.write_text("")
+        else:
+            kept = [r for r in read_metrics(self.metrics_path) if _step_of(r) <= resume_step]
+            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        if config is not None:
+            atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
+        self._wandb = None
+        if logger == "wandb":
+            import wandb  # imported only when asked for
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self._wandb = wandb.init(
+                project=project,
+                name=self.run_dir.name,
+                dir=str(self.run_dir),
+                config=config,
+                mode=_wandb_mode(),
+                resume="allow",
+                id=self.run_dir.name.replace("/", "-"),
+            )
+            self._wandb.define_metric("train_step")
+            self._wandb.define_metric("eval_step")
+            self._wandb.define_metric("train/*", step_metric="train_step")
+            self._wandb.define_metric("eval/*", step_metric="eval_step")
+        elif logger != "none":
+            raise ValueError(f"unknown logger {logger!r}; expected 'wandb' or 'none'")
+
+    @property
+    def elapsed(self) -> float:
+        """Wall-clock seconds since the run began (across resumes)."""
+        return time.monotonic() - self._t0
+
+    def log(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Append one record (``train/…`` keys with ``train_step``, or ``eval/…`` with ``eval_step``)."""
+        record = {k: _jsonable(v) for k, v in metrics.items()}
+        record.setdefault("time/elapsed_s", round(self.elapsed, 3))
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+        if self._wandb is not None:
+            self._wandb.log(record)
+        return record
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _step_of(record: dict[str, Any]) -> int:
+    for key in ("train_step", "eval_step"):
+        if key in record:
+            return int(record[key])
+    return -1
+
+
+def plot_curves(
+    run_dirs: Sequence[Path | str],
+    out_path: Path | str,
+    *,
+    panels: Iterable[tuple[str, str]] = (("train/loss", "train_step"), ("eval/answer_reward", "eval_step")),
+    labels: Sequence[str] | None = None,
+    metrics_name: str = "metrics.jsonl",
+) -> Path:
+    """Draw ``(key, step_key)`` panels from one or more runs' metrics into one PNG (atomically).
+
+    ``step_key`` may be ``time/elapsed_s`` for a wall-clock axis. Missing keys leave a panel empty.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = list(panels)
+    out_path = Path(out_path)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), squeeze=False)
+    for i, run_dir in enumerate(run_dirs):
+        rows = read_metrics(Path(run_dir) / metrics_name)
+        label = labels[i] if labels else Path(run_dir).name
+        for ax, (key, step_key) in zip(axes[0], panels):
+            pts = [(r[step_key], r[key]) for r in rows if key in r and step_key in r and r[key] is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=label)
+    for ax, (key, step_key) in zip(axes[0], panels):
+        ax.set_title(key)
+        ax.set_xlabel(step_key)
+        ax.grid(alpha=0.3)
+        if len(run_dirs) > 1:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(f".{out_path.stem}.tmp{out_path.suffix}")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+    return out_path
