@@ -96,6 +96,8 @@ class SFTExample:
     prompt: str
     response: str
     ground_truth: str | None = None
+    where: str | None = field(default=None, compare=False)
+    """``file:line`` it was read from, for error messages (None when made in memory)."""
 
     def to_json(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "response": self.response, "ground_truth": self.ground_truth}
@@ -395,7 +397,7 @@ def load_sft_examples(
         key = "ground_truth" if "ground_truth" in rec else "answer"
         truth = _field(rec, key, where, required=False)
         assert prompt is not None and response is not None
-        out.append(SFTExample(prompt=prompt, response=response, ground_truth=truth))
+        out.append(SFTExample(prompt=prompt, response=response, ground_truth=truth, where=where))
     if not out:
         raise DataError(f"{path}: no usable examples")
     return _shuffle_limit(out, shuffle=shuffle, seed=seed, limit=limit)

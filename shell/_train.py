@@ -1,0 +1,148 @@
+"""Pieces shared by the training loops: batching, the policy forward (with an optional shared
+prompt prefix), optimizer, autocast, evaluation with weight sync, and curves."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core import get_response_log_probs, tokenize_prompt_and_output
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW and the optimizer step."""
+
+    lr: float = 1e-5
+    """Learning rate (constant after warm-up)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm."""
+    compile: bool = False
+    """torch.compile the microbatch forward + loss."""
+    autocast_bf16: bool = True
+    """bf16 autocast with float32 master weights (GPU and CPUs with bf16 support)."""
+    share_prompt_prefix: bool = False
+    """CPU speed-up: run the prompt prefix common to the whole microbatch (e.g. the r1_zero
+    boilerplate) once, without gradient, and train on the rest. Drops only the gradient paths
+    through that shared prefix's keys and values."""
+
+
+def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, Any]:
+    opt = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay,
+        betas=(cfg.beta1, cfg.beta2), fused=None,
+    )
+    warm = max(0, cfg.warmup_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return opt, sched
+
+
+def autocast(model: torch.nn.Module, enabled: bool) -> contextlib.AbstractContextManager:
+    device = next(model.parameters()).device.type
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device, dtype=torch.bfloat16)
+
+
+def batch_indices(n: int, batch_size: int, step: int, *, seed: int) -> list[int]:
+    """Example indices of optimizer step ``step``: epochs of seeded permutations, a pure function of
+    ``(n, batch_size, step, seed)`` so a resumed run sees exactly the batches it would have seen."""
+    out: list[int] = []
+    start = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        out.extend(perm[offset : offset + batch_size - len(out)])
+    return out
+
+
+def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    first = rows[0]
+    n = min(len(r) for r in rows)
+    for i in range(n):
+        t = first[i]
+        if any(r[i] != t for r in rows):
+            return i
+    return n
+
+
+class _WithPrefix(torch.nn.Module):
+    """Runs ``model`` on the suffix of a batch after a precomputed (no-grad) prefix KV cache."""
+
+    def __init__(self, model: torch.nn.Module, prefix_ids: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.prefix_ids = prefix_ids
+
+    def forward(self, input_ids: torch.Tensor) -> Any:
+        from shell.sampling import _cache_kwarg
+
+        kw = _cache_kwarg(self.model)
+        with torch.no_grad():
+            out = self.model(self.prefix_ids, use_cache=True)
+        cache = out.past_key_values
+        cache.batch_repeat_interleave(input_ids.shape[0])
+        p = self.prefix_ids.shape[1]
+        positions = torch.arange(p, p + input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        return self.model(input_ids, position_ids=positions, use_cache=True, **{kw: cache})
+
+
+def tokenize_batch(prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, device: torch.device) -> dict[str, Any]:
+    """``tokenize_prompt_and_output`` on ``device`` plus the length of the prompt prefix shared by
+    the whole batch that may be precomputed (``prefix_len``, never covering a response label)."""
+    batch = tokenize_prompt_and_output(list(prompts), list(responses), tokenizer)
+    prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    prefix = min(common_prefix_len(prompt_ids), min(len(p) for p in prompt_ids) - 1)
+    out = {k: v.to(device) for k, v in batch.items()}
+    out["prefix_len"] = max(0, prefix)
+    return out
+
+
+def policy_log_probs(
+    model: torch.nn.Module, batch: dict[str, Any], *, share_prompt_prefix: bool, return_token_entropy: bool = False
+) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
+    """Log-probs (and entropy) of ``batch['labels']``; with a shared prefix, only of the positions after it.
+
+    Returns ``(outputs, response_mask, start)``: ``outputs`` and ``response_mask`` cover positions
+    ``start:`` of the batch (``start`` = 0 without prefix sharing).
+    """
+    p = batch["prefix_len"] if share_prompt_prefix and batch["input_ids"].shape[0] > 1 else 0
+    if p < 2:
+        return get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy), batch["response_mask"], 0
+    wrapped = _WithPrefix(model, batch["input_ids"][:1, :p])
+    out = get_response_log_probs(wrapped, batch["input_ids"][:, p:], batch["labels"][:, p:], return_token_entropy)
+    return out, batch["response_mask"][:, p:], p
+
+
+def clip_and_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, max_grad_norm: float) -> float:
+    """Clip the global gradient norm, take the optimizer step, zero the gradients; returns the pre-clip norm."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)
+
+
+def finite_or_raise(value: float, what: str) -> float:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} is {value}: training diverged (lower the learning rate)")
+    return value
+
+
+def write_curves(run_dir: Path, *, extra_panels: Sequence[tuple[str, str]] = ()) -> Path:
+    from shell.runlog import plot_curves
+
+    panels = [("train/loss", "train_step"), ("eval/answer_reward", "eval_step"), ("eval/format_reward", "eval_step"), *extra_panels]
+    return plot_curves([run_dir], run_dir / "curves.png", panels=panels)
