@@ -1,0 +1,142 @@
+"""SFT and evaluation entry points on a tiny random model: outputs, bad input, kill + exact resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shell.models import save_tiny_policy
+from shell.runlog import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
+
+
+def _common(tiny_dir: Path, runs: Path) -> list[str]:
+    return [
+        "--model.name-or-path", str(tiny_dir), "--model.device", "cpu",
+        "--train-data.limit", "32", "--eval-data.limit", "6",
+        "--eval.max-tokens", "6", "--eval.grading-workers", "0",
+        "--sampler.generation-dtype", "None",
+        "--run.logger", "none", "--run.runs-dir", str(runs),
+    ]
+
+
+def _sft_args(tiny_dir: Path, runs: Path, name: str) -> list[str]:
+    return _common(tiny_dir, runs) + [
+        "--run.name", name, "--num-steps", "6", "--batch-size", "4", "--gradient-accumulation-steps", "2",
+        "--eval-every", "3", "--checkpoint-every", "2", "--optim.lr", "1e-3",
+    ]
+
+
+def _comparable(rows):
+    drop = {"time/elapsed_s", "eval/seconds"}
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def test_evaluate_writes_results_and_summary(tiny_dir, tmp_path, capsys):
+    from shell import evaluate
+    from shell.config import cli
+
+    cfg = cli(evaluate.EvaluateConfig, evaluate.PRESETS, description="",
+              args=[*_common(tiny_dir, tmp_path)[:2], "--data.limit", "5", "--eval.max-tokens", "5",
+                    "--eval.grading-workers", "0", "--sampler.generation-dtype", "None", "--run.runs-dir", str(tmp_path)])
+    result = evaluate.main(cfg)
+    run_dir = tmp_path / "zero_shot"
+    rows = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 == len(result.records)
+    assert {"prompt", "response", "ground_truth", "format_reward", "answer_reward", "reward", "num_tokens",
+            "mean_token_entropy"} <= set(rows[0])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert sum(summary["counts"].values()) == 5
+    assert "format 1, answer 1" in capsys.readouterr().out
+
+
+def test_sft_run_writes_metrics_curves_checkpoints(tiny_dir, tmp_path):
+    from shell import sft
+
+    sft.main(_sft_args(tiny_dir, tmp_path, "a"))
+    run = tmp_path / "a"
+    rows = read_metrics(run)
+    train = [r for r in rows if "train_step" in r]
+    evals = [r for r in rows if "eval_step" in r]
+    assert [r["train_step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert [r["eval_step"] for r in evals] == [0, 3, 6]
+    assert {"eval/answer_reward", "eval/format_reward", "eval/reward"} <= set(evals[0])
+    assert all(r["train/grad_norm"] >= 0 for r in train)
+    assert (run / "curves.png").stat().st_size > 0
+    assert (run / "final" / "config.json").exists()
+    assert len(list((run / "checkpoints").glob("step_*"))) == 2
+    gens = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
+    assert [g["step"] for g in gens] == [0, 3, 6]
+
+
+def test_sft_killed_then_resumed_equals_uninterrupted(tiny_dir, tmp_path):
+    from shell import sft
+
+    sft.main(_sft_args(tiny_dir, tmp_path, "straight"))
+    args = _sft_args(tiny_dir, tmp_path, "killed")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "shell.sft", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "checkpoints" / "step_000002"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    killed_mid_run = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert first.exists()
+    if killed_mid_run:
+        assert not (tmp_path / "killed" / "final").exists()
+    sft.main([*args, "--resume"])
+    assert _comparable(read_metrics(tmp_path / "killed")) == _comparable(read_metrics(tmp_path / "straight"))
+
+
+def _write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, "not found"),
+        ('{"prompt": "p", "response": " x </think> <answer> 1 </answer>"}\n{"prompt": 3}\n', ":2: field 'prompt'"),
+        ("", "no usable examples"),
+        ('{"prompt": "p", "response": "no template here"}\n', ":1: field 'response' does not follow the r1_zero template"),
+    ],
+)
+def test_sft_bad_input_is_a_clear_error_and_keeps_earlier_output(tiny_dir, tmp_path, capsys, content, message):
+    from shell import sft
+
+    run = tmp_path / "bad"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"train_step": 1}\n')
+    data = tmp_path / "sft.jsonl"
+    if content is not None:
+        _write(data, content)
+    with pytest.raises(SystemExit) as exc:
+        sft.main([*_sft_args(tiny_dir, tmp_path, "bad"), "--train-data.path", str(data)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and str(data) in err
+    assert (run / "metrics.jsonl").read_text() == '{"train_step": 1}\n'
+
+
+def test_config_checks():
+    from shell.sft import SFTConfig, check_config
+
+    with pytest.raises(ValueError, match="divisible"):
+        check_config(SFTConfig(batch_size=10, gradient_accumulation_steps=3))
