@@ -243,8 +243,8 @@ def build_sampler(model_cfg: ModelConfig, sampler_cfg: SamplerConfig, *, seed: i
 
 PRESETS: dict[str, tuple[str, EvaluateConfig]] = {
     "laptop": (
-        "CPU: SmolLM2-135M-Instruct on 128 held-out embedded arithmetic problems, 256 new tokens at most",
-        EvaluateConfig(eval=EvalSettings(max_tokens=256)),
+        "CPU: SmolLM2-135M-Instruct on 128 held-out embedded arithmetic problems, 128 new tokens at most",
+        EvaluateConfig(eval=EvalSettings(max_tokens=128)),
     ),
     "h100": (
         "GPU: Qwen2.5-Math-1.5B on the 5K MATH validation set through vLLM (T=1, top-p 1, 1024 tokens)",
