@@ -6,6 +6,10 @@ Nothing here does I/O, holds global state, or imports ``shell``, wandb or vllm.
 from core._advantages import compute_group_normalized_rewards
 from core._advantages import normalize_group_rewards
 from core._advantages import reward_statistics
+from core._grading import extract_boxed
+from core._grading import grade_answer
+from core._grading import question_only_reward_fn
+from core._grading import r1_zero_reward_fn
 from core._logprobs import compute_entropy
 from core._logprobs import get_response_log_probs
 from core._losses import LENGTH_NORMALIZATIONS
@@ -27,11 +31,15 @@ __all__ = [
     "compute_grpo_clip_loss",
     "compute_naive_policy_gradient_loss",
     "compute_policy_gradient_loss",
+    "extract_boxed",
     "get_response_log_probs",
+    "grade_answer",
     "grpo_microbatch_loss",
     "masked_mean",
     "masked_normalize",
     "normalize_group_rewards",
+    "question_only_reward_fn",
+    "r1_zero_reward_fn",
     "reward_statistics",
     "sft_microbatch_loss",
     "tokenize_prompt_and_output",
