@@ -62,7 +62,7 @@ _MAX_SYMPY_CHARS = 512  # "(a)-(b)" handed to sympy
 _MAX_PAREN_DEPTH = 40
 _MAX_NODES = 600
 _MAX_TREE_DEPTH = 120
-_MAX_DIGITS = 12_000.0  # decimal digits of any exact number sympy may have to build
+_MAX_DIGITS = 40_000.0  # decimal digits of any exact number sympy may have to build
 _MAX_DEGREE = 64.0  # polynomial degree in symbols / transcendental constants
 _MAX_SYMBOLIC_EXPONENT = 1000.0
 _MAX_FACTORIAL_ARG = 1000.0
@@ -393,7 +393,10 @@ _SYMPY_TRANSFORMS = sympy_parser.standard_transformations + (
 _BAD_POWER = re.compile(r"\^[0-9]+\^|\^[0-9][0-9]+")
 _HUGE_FLOAT_EXPONENT = re.compile(r"[0-9.][eE][+-]?[0-9]{4,}")
 _ATTRIBUTE = re.compile(r"\.\s*[^\W\d]")
-_SMALL_FACTORIAL = re.compile(r"(?<![\w.])[0-9]{1,3}!(?![!=])")
+# n! / n!! that sympy may evaluate while parsing: a literal of at most four digits, or a name
+# (symbolic: stays unevaluated).  Any other "!" (")!", "(5!)!", "12345!") is refused.
+_SAFE_FACTORIAL = re.compile(r"(?:(?<![\w.])[0-9]{1,4}|[^\W\d_])!!?")
+_COMPARISON = re.compile(r"==|!=|<=|>=|<|>")
 _IDENTIFIER = re.compile(r"[^\W\d]\w*")
 # sympy names reachable with at most two distinct letters whose evaluation can explode
 # (rising / falling factorials, transforms, matrices, Bessel functions, trig rewriting).
@@ -448,7 +451,7 @@ def _text_is_safe_for_parse(py_expr: str) -> bool:
         return False
     if _HUGE_FLOAT_EXPONENT.search(py_expr) or _ATTRIBUTE.search(py_expr):
         return False
-    if "!" in _SMALL_FACTORIAL.sub("", py_expr):
+    if "!" in _SAFE_FACTORIAL.sub("", _COMPARISON.sub("-", py_expr)):
         return False
     return not any(name in _UNSAFE_NAMES for name in _IDENTIFIER.findall(py_expr))
 
@@ -641,7 +644,12 @@ def _equal_under_sympy(ground_truth: str, given: str) -> bool:
     if not _text_is_safe_for_parse(py_expr):
         return False
     try:
-        unevaluated = sympy_parser.parse_expr(py_expr, transformations=_SYMPY_TRANSFORMS, evaluate=False)
+        # Size the expression without evaluating it.  Comparisons become differences there: with
+        # evaluate=True they are Python bools or relationals of the same operands, but
+        # unevaluated relationals cannot be combined arithmetically.
+        unevaluated = sympy_parser.parse_expr(
+            _COMPARISON.sub("-", py_expr), transformations=_SYMPY_TRANSFORMS, evaluate=False
+        )
         if not _tree_is_safe(unevaluated):
             return False
         difference = sympy_parser.parse_expr(py_expr, transformations=_SYMPY_TRANSFORMS)

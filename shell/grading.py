@@ -15,6 +15,10 @@ reused across calls, and returns the rewards in input order with summary metadat
 * ``num_workers=0`` grades in this process, sequentially, without timeouts.
 * The pool is created lazily on first use, shared by all callers of this module (one batch at a
   time), resized to ``num_workers`` on demand, closed by :func:`close_pool` and at interpreter exit.
+  As with any ``spawn`` / ``forkserver`` pool, workers import the caller's main module (as
+  ``__mp_main__``): a script must keep its work under ``if __name__ == "__main__":``.
+* Where no worker can be started (a daemonic process, no ``forkserver`` on the platform, workers
+  that keep dying while starting) the batch is graded in this process instead.
 """
 
 from __future__ import annotations

@@ -194,6 +194,17 @@ def test_grade_answer() -> None:
     assert grade_answer("0.333333333333", "\\frac{1}{3}", fast=False)
 
 
+def test_reference_quirks_are_kept() -> None:
+    # an integer ground truth only matches an integer-looking answer (no simplification)
+    assert not grade_answer("5!", "120")
+    assert not grade_answer("2^{10}", "1024")
+    # symbolic answers do simplify
+    assert grade_answer("n! \\cdot n", "n \\cdot n!")
+    assert grade_answer("x^2 \\cdot x", "x^3")
+    # thousands separators inside tuples are not element separators
+    assert grade_answer("(1,000, 2)", "(1000,2)")
+
+
 # ----------------------------------------------------------------------------------------------
 # Robustness: bounded time, never raises, any thread.
 
