@@ -40,6 +40,7 @@ import numbers
 import re
 from typing import Any
 
+import math_verify
 import sympy
 from pylatexenc import latex2text
 from sympy.parsing import sympy_parser
@@ -759,8 +760,27 @@ def _verify_inputs_ok(text: str) -> bool:
     return len(text) <= _MAX_VERIFY_CHARS and "\x00" not in text and _latex_nesting_ok(text) and _paren_depth_ok(text)
 
 
+def _math_verify_parse(text: str) -> list[Any]:
+    """math-verify's parse with the reference's settings, without its signal-based timeout."""
+    return math_verify.parse(
+        text if "$" in text else f"${text}$",
+        extraction_config=(
+            math_verify.LatexExtractionConfig(boxed_match_priority=0),
+            math_verify.ExprExtractionConfig(),
+        ),
+        fallback_mode="no_fallback",
+        # a list, as the reference passes it: math-verify then keeps looking past a first
+        # match that fails to parse (its "first_match" test compares against the string)
+        extraction_mode=["first_match"],  # type: ignore[arg-type]
+        parsing_timeout=None,  # type: ignore[arg-type]
+    )
+
+
 def _equal_under_math_verify(given: str, ground_truth: str) -> bool:
-    """math-verify ``parse`` + ``verify`` (no signal timeouts; parsed trees bounded first)."""
+    """math-verify ``parse`` + ``verify`` (no signal timeouts; parsed trees bounded first).
+
+    With its timeouts off, math-verify logs one warning per process saying so.
+    """
     if (len(given) > _REPETITION_MIN_CHARS and _too_repetitive(given)) or (
         len(ground_truth) > _REPETITION_MIN_CHARS and _too_repetitive(ground_truth)
     ):
@@ -773,25 +793,13 @@ def _equal_under_math_verify(given: str, ground_truth: str) -> bool:
         return False
     if _HUGE_FLOAT_EXPONENT.search(given) or _HUGE_FLOAT_EXPONENT.search(ground_truth):
         return False  # sympy.Float("1e999999") alone takes half a minute
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
-
-    def _parse(text: str) -> list[Any]:
-        return parse(
-            text if "$" in text else f"${text}$",
-            extraction_config=(LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()),
-            fallback_mode="no_fallback",
-            # a list, as the reference passes it: math-verify then keeps looking past a first
-            # match that fails to parse (its "first_match" test compares against the string)
-            extraction_mode=["first_match"],  # type: ignore[arg-type]
-            parsing_timeout=None,  # type: ignore[arg-type]
-        )
 
     try:
-        gold = _parse(ground_truth)
-        prediction = _parse(given)
+        gold = _math_verify_parse(ground_truth)
+        prediction = _math_verify_parse(given)
         if not (_tree_is_safe(gold) and _tree_is_safe(prediction)):
             return False
-        return bool(verify(gold, prediction, timeout_seconds=None))
+        return bool(math_verify.verify(gold, prediction, timeout_seconds=None))
     except Exception:  # noqa: BLE001
         return False
 
