@@ -165,6 +165,8 @@ class HFSampler:
             self.model = model
         else:
             self.model = copy.deepcopy(model).to(dtype=resolve_dtype(generation_dtype, self.device))
+            for param in self.model.parameters():
+                param.grad = None
             self.model.requires_grad_(False)
             self.model.eval()
             if attn_implementation is not None:
@@ -181,11 +183,14 @@ class HFSampler:
         """Copy ``model``'s weights into the generation model in place (no-op when it is the same object)."""
         if model is self.model:
             return
-        source = model.state_dict()
+        source = {name.replace("_orig_mod.", ""): t for name, t in model.state_dict().items()}
+        target = self.model.state_dict()
+        missing = [name for name in target if name not in source]
+        if missing:
+            raise ValueError(f"load_weights: the model lacks {len(missing)} tensors of the sampler's, e.g. {missing[:3]}")
         with torch.no_grad():
-            for name, tensor in self.model.state_dict().items():
-                if name in source:
-                    tensor.copy_(source[name])
+            for name, tensor in target.items():
+                tensor.copy_(source[name])
 
     def close(self) -> None:
         if self.owns_copy:

