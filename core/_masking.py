@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from jaxtyping import Bool, Float, Int, Shaped
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 Mask = Bool[Tensor, "*shape"] | Int[Tensor, "*shape"] | Float[Tensor, "*shape"]

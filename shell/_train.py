@@ -146,3 +146,23 @@ def write_curves(run_dir: Path, *, extra_panels: Sequence[tuple[str, str]] = ())
 
     panels = [("train/loss", "train_step"), ("eval/answer_reward", "eval_step"), ("eval/format_reward", "eval_step"), *extra_panels]
     return plot_curves([run_dir], run_dir / "curves.png", panels=panels)
+
+
+def restore_or_refuse(run_dir: Path, *, resume: bool, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                      scheduler: Any) -> tuple[int, float]:
+    """With ``resume``: load the run's last checkpoint (weights, optimizer, scheduler, RNG) and return
+    ``(step, elapsed seconds)``; without: refuse to overwrite a run that has checkpoints. ``(0, 0.0)``
+    when starting fresh."""
+    from shell.checkpoint import load_latest_checkpoint
+
+    if not resume:
+        if run_dir.exists() and any((run_dir / "checkpoints").glob("step_*")):
+            raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue it or choose another --run.name")
+        return 0, 0.0
+    ckpt = load_latest_checkpoint(run_dir, model=model, optimizer=optimizer)
+    if ckpt is None:
+        print(f"--resume: no checkpoint in {run_dir}; starting from scratch")
+        return 0, 0.0
+    scheduler.load_state_dict(ckpt.state["extra"]["scheduler"])
+    print(f"resumed from {ckpt.path} (step {ckpt.step})")
+    return ckpt.step, float(ckpt.state["extra"].get("elapsed", 0.0))

@@ -81,3 +81,17 @@ def cli(config_type: type[T], presets: Mapping[str, tuple[str, T]], *, descripti
 def asdict(config: Any) -> dict[str, Any]:
     """A JSON-friendly dict of a (nested) config dataclass."""
     return dataclasses.asdict(config)
+
+
+def run_cli(
+    config_type: type[T], presets: Mapping[str, tuple[str, T]], train: Any, *, description: str,
+    args: Sequence[str] | None = None,
+) -> Any:
+    """An entry point's ``main``: parse the preset CLI and run ``train(config)``; bad input
+    (``ValueError`` and its subclasses such as ``DataError``, or divergence) exits 2 with the message."""
+    cfg = cli(config_type, presets, description=description, args=args)
+    try:
+        return train(cfg)
+    except (ValueError, FloatingPointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -10,9 +10,7 @@ An optional SFT warm start (``warm_start_steps``) runs first and writes ``warm_s
 
 from __future__ import annotations
 
-import math
 import statistics
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -23,10 +21,10 @@ import torch
 from core import LOSS_TYPES, normalize_group_rewards, reward_statistics
 from shell._steps import grpo_microbatch_train_step
 from shell._train import (
-    OptimConfig, autocast, batch_indices, clip_and_step, finite_or_raise, make_optimizer, policy_log_probs,
+    OptimConfig, autocast, restore_or_refuse, batch_indices, clip_and_step, finite_or_raise, make_optimizer, policy_log_probs,
     tokenize_batch, write_curves,
 )
-from shell.config import ModelConfig, RunConfig, SamplerConfig, asdict, cli
+from shell.config import ModelConfig, RunConfig, SamplerConfig, asdict, run_cli
 from shell.data import DataConfig, DataError, load_dataset, make_sft_examples
 from shell.evaluate import EvalSettings
 from shell.prompts import PromptName, load_prompt
@@ -260,7 +258,7 @@ def warm_start(model, tokenizer, questions, cfg: GRPOConfig, run_dir: Path, temp
 
 def train(cfg: GRPOConfig) -> Path:
     """Run GRPO as configured; returns the run folder."""
-    from shell.checkpoint import load_latest_checkpoint, save_checkpoint, save_pretrained_atomic
+    from shell.checkpoint import save_checkpoint, save_pretrained_atomic
     from shell.evaluate import build_sampler
     from shell.runlog import RunLogger
 
@@ -277,18 +275,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
     optimizer, scheduler = make_optimizer(model, cfg.optim)
-    start, elapsed = 0, 0.0
-    if cfg.resume:
-        ckpt = load_latest_checkpoint(run_dir, model=model, optimizer=optimizer)
-        if ckpt is None:
-            print(f"--resume: no checkpoint in {run_dir}; starting from scratch")
-        else:
-            start = ckpt.step
-            scheduler.load_state_dict(ckpt.state["extra"]["scheduler"])
-            elapsed = ckpt.state["extra"].get("elapsed", 0.0)
-            print(f"resumed from {ckpt.path} (step {start})")
-    elif run_dir.exists() and any((run_dir / "checkpoints").glob("step_*")):
-        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue it or choose another --run.name")
+    start, elapsed = restore_or_refuse(run_dir, resume=cfg.resume, model=model, optimizer=optimizer, scheduler=scheduler)
     if start == 0 and cfg.warm_start_steps > 0:
         warm_start(model, tokenizer, list(train_set), cfg, run_dir, template)
     logger = RunLogger(run_dir, logger=cfg.run.logger, config=asdict(cfg), resume_step=start if cfg.resume else None,
@@ -407,13 +394,8 @@ PRESETS: dict[str, tuple[str, GRPOConfig]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    cfg = cli(GRPOConfig, PRESETS, description=__doc__.split("\n\n")[0], args=argv)
-    try:
-        train(cfg)
-    except (DataError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def main(argv: Sequence[str] | None = None) -> Path:
+    return run_cli(GRPOConfig, PRESETS, train, description=__doc__.split("\n\n")[0], args=argv)
 
 
 if __name__ == "__main__":

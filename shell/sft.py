@@ -9,19 +9,18 @@ evaluate → log generations → curves; every ``checkpoint_every`` steps: atomi
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shell._train import (
-    OptimConfig, autocast, batch_indices, clip_and_step, finite_or_raise, make_optimizer, policy_log_probs,
+    OptimConfig, autocast, restore_or_refuse, batch_indices, clip_and_step, finite_or_raise, make_optimizer, policy_log_probs,
     tokenize_batch, write_curves,
 )
-from shell.config import ModelConfig, RunConfig, SamplerConfig, asdict, cli
+from shell.config import ModelConfig, RunConfig, SamplerConfig, asdict, run_cli
 from shell.data import DataConfig, DataError, SFTExample, load_dataset, sft_examples_for
 from shell.evaluate import EvalSettings, evaluate, log_generations
 from shell.prompts import PromptName, load_prompt
@@ -203,7 +202,7 @@ def run_eval(
 
 def train(cfg: SFTConfig) -> Path:
     """Run SFT as configured; returns the run folder."""
-    from shell.checkpoint import load_latest_checkpoint, save_checkpoint, save_pretrained_atomic
+    from shell.checkpoint import save_checkpoint, save_pretrained_atomic
     from shell.evaluate import build_sampler
     from shell.runlog import RunLogger
 
@@ -219,19 +218,7 @@ def train(cfg: SFTConfig) -> Path:
 
     model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
     optimizer, scheduler = make_optimizer(model, cfg.optim)
-    start = 0
-    elapsed = 0.0
-    if cfg.resume:
-        ckpt = load_latest_checkpoint(run_dir, model=model, optimizer=optimizer)
-        if ckpt is None:
-            print(f"--resume: no checkpoint in {run_dir}; starting from scratch")
-        else:
-            start = ckpt.step
-            scheduler.load_state_dict(ckpt.state["extra"]["scheduler"])
-            elapsed = ckpt.state["extra"].get("elapsed", 0.0)
-            print(f"resumed from {ckpt.path} (step {start})")
-    elif run_dir.exists() and any((run_dir / "checkpoints").glob("step_*")):
-        raise SystemExit(f"{run_dir} already holds checkpoints: pass --resume to continue it or choose another --run.name")
+    start, elapsed = restore_or_refuse(run_dir, resume=cfg.resume, model=model, optimizer=optimizer, scheduler=scheduler)
     logger = RunLogger(run_dir, logger=cfg.run.logger, config=asdict(cfg), resume_step=start if cfg.resume else None,
                        elapsed_offset=elapsed)
     settings = SFTSettings(cfg.batch_size, cfg.gradient_accumulation_steps, cfg.optim, cfg.run.seed)
@@ -294,13 +281,8 @@ PRESETS: dict[str, tuple[str, SFTConfig]] = {
 }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    cfg = cli(SFTConfig, PRESETS, description=__doc__.split("\n\n")[0], args=argv)
-    try:
-        train(cfg)
-    except (DataError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+def main(argv: Sequence[str] | None = None) -> Path:
+    return run_cli(SFTConfig, PRESETS, train, description=__doc__.split("\n\n")[0], args=argv)
 
 
 if __name__ == "__main__":
