@@ -33,7 +33,10 @@ def compute_entropy(logits: Float[Tensor, "batch seq vocab"]) -> Float[Tensor, "
 def _entropy_rows(rows: Tensor) -> Tensor:
     z = rows.float() if rows.dtype != torch.float64 else rows
     # -sum p log p on the shifted log-probs: no cancellation of two ~|z| sized terms.
-    log_p = z - torch.logsumexp(z, dim=-1, keepdim=True)
+    # Shift by the max first: z - max is exact for the entries that matter (Sterbenz), so the
+    # log-probs keep full float32 precision even when |z| ~ 1e4.
+    shifted = z - z.max(dim=-1, keepdim=True).values
+    log_p = shifted - torch.logsumexp(shifted, dim=-1, keepdim=True)
     return -(torch.exp(log_p) * log_p).sum(dim=-1)
 
 
