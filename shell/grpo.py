@@ -381,7 +381,7 @@ PRESETS: dict[str, tuple[str, GRPOConfig]] = {
     "laptop": (
         "CPU, ≤15 min: SmolLM2-135M-Instruct on the embedded arithmetic task; a short SFT warm start, then GRPO",
         GRPOConfig(
-            n_grpo_steps=20, rollout_batch_size=64, group_size=8, train_batch_size=64, gradient_accumulation_steps=8,
+            n_grpo_steps=15, rollout_batch_size=64, group_size=8, train_batch_size=64, gradient_accumulation_steps=8,
             loss_type="reinforce_with_baseline", use_std_normalization=True,
             optim=OptimConfig(lr=2e-5, weight_decay=0.0, beta1=0.9, beta2=0.95, share_prompt_prefix=True),
             sampling_max_tokens=48, eval=EvalSettings(max_tokens=48), eval_every=5,
