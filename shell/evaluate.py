@@ -120,7 +120,7 @@ def evaluate(
     prompts = [template.format(ex.question) for ex in examples]
     params = SamplingParams(
         n=1, temperature=settings.temperature, top_p=settings.top_p, max_tokens=settings.max_tokens,
-        min_tokens=settings.min_tokens, stop=("</answer>",), seed=seed,
+        min_tokens=settings.min_tokens, stop=("</answer>",), seed=seed, logprobs=True,
     )
     completions = [c[0] for c in _generate(sampler, prompts, params, progress=progress)]
     scores, grading = grade_batch(

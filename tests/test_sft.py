@@ -58,6 +58,7 @@ def test_evaluate_writes_results_and_summary(tiny_dir, tmp_path, capsys):
     assert len(rows) == 5 == len(result.records)
     assert {"prompt", "response", "ground_truth", "format_reward", "answer_reward", "reward", "num_tokens",
             "mean_token_entropy"} <= set(rows[0])
+    assert all(r["mean_token_entropy"] is not None for r in rows)  # the HF sampler reports entropies
     summary = json.loads((run_dir / "summary.json").read_text())
     assert sum(summary["counts"].values()) == 5
     assert "format 1, answer 1" in capsys.readouterr().out
