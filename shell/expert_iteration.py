@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from shell._train import OptimConfig, autocast, batch_indices, make_optimizer, policy_log_probs, tokenize_batch, write_curves
-from shell.config import ModelConfig, RunConfig, SamplerConfig, asdict, cli
+from shell.config import ModelConfig, RunConfig, SamplerConfig, asdict, run_cli
 from shell.data import DataConfig, DataError, SFTExample, load_dataset, make_sft_examples
 from shell.evaluate import EvalSettings
 from shell.prompts import PromptName, load_prompt
@@ -245,12 +244,13 @@ class _AddKeys:
 def write_plots(run_dir: Path) -> None:
     """curves.png (loss, validation rewards, pass@G, kept responses) and entropy.png: the rollout entropy
     per EI step (the sampler's per-token entropies, before that step's SFT) and the policy's token
-    entropy on the kept responses at each SFT step."""
+    entropy on the kept responses at each SFT step, and the evaluation samples' mean token entropy."""
     from shell.runlog import plot_curves
 
     write_curves(run_dir, extra_panels=[("train/ei_pass_at_g", "train/ei_step"), ("train/ei_kept", "train/ei_step")])
     plot_curves([run_dir], run_dir / "entropy.png",
-                panels=[("train/ei_rollout_entropy", "train/ei_step"), ("train/token_entropy", "train_step")])
+                panels=[("train/ei_rollout_entropy", "train/ei_step"), ("train/token_entropy", "train_step"),
+                        ("eval/mean_token_entropy", "eval_step")])
 
 
 def train(cfg: EIConfig) -> Path:
@@ -276,6 +276,7 @@ def train(cfg: EIConfig) -> Path:
 
     model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
     optimizer, scheduler = make_optimizer(model, cfg.optim)
+    # shell._train.restore_or_refuse, plus the global SFT step count kept in the checkpoint's extras.
     start, train_step, elapsed = 0, 0, 0.0
     if cfg.resume:
         ckpt = load_latest_checkpoint(run_dir, model=model, optimizer=optimizer)
@@ -406,12 +407,7 @@ PRESETS: dict[str, tuple[str, EIConfig]] = {
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    cfg = cli(EIConfig, PRESETS, description=__doc__.split("\n\n")[0], args=argv)
-    try:
-        train(cfg)
-    except (DataError, ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_cli(EIConfig, PRESETS, train, description=__doc__.split("\n\n")[0], args=argv)
 
 
 if __name__ == "__main__":
