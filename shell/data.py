@@ -14,13 +14,13 @@ A training entry point holds two configs, e.g. ::
 
     @dataclass(frozen=True)
     class SFTConfig:
-        train_data: DataConfig = DataConfig(split="train")
+        data: DataConfig = DataConfig(split="train")
         eval_data: DataConfig = DataConfig(split="validation", limit=200)
 
-so ``--train-data.path ../shared/data/math --eval-data.path ../shared/data/math`` trains on
+so ``--data.path ../shared/data/math --eval-data.path ../shared/data/math`` trains on
 ``math/train.jsonl`` and evaluates on ``math/validation.jsonl``, and no flag at all uses the embedded task.
-The SFT "number of examples" knob is ``--train-data.limit N --train-data.shuffle True`` (a seeded random
-subset of N).
+SFT extends its training ``DataConfig`` with ``--data.num-examples N`` (a seeded random subset of N pairs)
+and ``--data.filter-correct``.
 
 Malformed input raises ``DataError`` naming the file, the 1-based line and the field. Records without a
 usable ground truth (MATH's two empty answers) are skipped and counted in ``Dataset.skipped``.

@@ -41,7 +41,7 @@ class EIConfig:
     """Expert iteration: sample, keep the correct responses, SFT on them, repeat."""
 
     model: ModelConfig = ModelConfig()
-    train_data: DataConfig = DataConfig(split="train")
+    data: DataConfig = DataConfig(split="train")
     """Questions for rollouts (the embedded task, or MATH train.jsonl)."""
     eval_data: DataConfig = DataConfig(split="validation", limit=128)
     """Held-out problems for validation."""
@@ -78,7 +78,7 @@ class EIConfig:
     resume: bool = False
     """Continue from the run folder's last checkpoint (the last completed EI step)."""
     warm_start_steps: int = 0
-    """SFT steps on r1_zero traces of train_data before EI (0: none); logged to warm_start_metrics.jsonl."""
+    """SFT steps on r1_zero traces of data before EI (0: none); logged to warm_start_metrics.jsonl."""
     warm_start_batch_size: int = 16
     warm_start_lr: float = 3e-5
     entropy_fallback_responses: int = 256
@@ -266,7 +266,7 @@ def train(cfg: EIConfig) -> Path:
     check_config(cfg)
     torch.manual_seed(cfg.run.seed)
     template = load_prompt(cfg.prompt)
-    train_set = load_dataset(cfg.train_data)
+    train_set = load_dataset(cfg.data)
     eval_set = load_dataset(cfg.eval_data)
     if cfg.warm_start_steps > 0 and not cfg.resume and not make_sft_examples(list(train_set), template):
         raise DataError("warm start: the training data has no solutions to make SFT traces from")
@@ -373,7 +373,7 @@ def train(cfg: EIConfig) -> Path:
 def _h100(**overrides: Any) -> EIConfig:
     base = EIConfig(
         model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
-        train_data=DataConfig(path="../shared/data/math/train.jsonl"),
+        data=DataConfig(path="../shared/data/math/train.jsonl"),
         eval_data=DataConfig(path="../shared/data/math/validation.jsonl", limit=1024, shuffle=True),
         n_ei_steps=5, ei_batch_size=512, group_size=4, sampling_max_tokens=1024,
         sft_epochs=1.0, sft_batch_size=64, sft_gradient_accumulation_steps=32,

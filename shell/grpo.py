@@ -36,7 +36,7 @@ class GRPOConfig:
     """GRPO on verified math rewards."""
 
     model: ModelConfig = ModelConfig()
-    train_data: DataConfig = DataConfig(split="train")
+    data: DataConfig = DataConfig(split="train")
     """Questions for rollouts (the embedded task, or MATH train.jsonl)."""
     eval_data: DataConfig = DataConfig(split="validation", limit=128)
     """Held-out problems for validation."""
@@ -79,7 +79,7 @@ class GRPOConfig:
     resume: bool = False
     """Continue from the run folder's last checkpoint."""
     warm_start_steps: int = 0
-    """SFT steps on r1_zero traces of train_data before GRPO (0: none); logged to warm_start_metrics.jsonl."""
+    """SFT steps on r1_zero traces of data before GRPO (0: none); logged to warm_start_metrics.jsonl."""
     warm_start_batch_size: int = 16
     warm_start_lr: float = 3e-5
     log_generations: int = 8
@@ -266,7 +266,7 @@ def train(cfg: GRPOConfig) -> Path:
     check_config(cfg)
     torch.manual_seed(cfg.run.seed)
     template = load_prompt(cfg.prompt)
-    train_set = load_dataset(cfg.train_data)
+    train_set = load_dataset(cfg.data)
     eval_set = load_dataset(cfg.eval_data)
     n_questions = cfg.rollout_batch_size // cfg.group_size
     run_dir = Path(cfg.run.runs_dir) / cfg.run.name
@@ -337,7 +337,7 @@ def train(cfg: GRPOConfig) -> Path:
 def _h100(**overrides: Any) -> GRPOConfig:
     base = GRPOConfig(
         model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
-        train_data=DataConfig(path="../shared/data/math/train.jsonl"),
+        data=DataConfig(path="../shared/data/math/train.jsonl"),
         eval_data=DataConfig(path="../shared/data/math/validation.jsonl", limit=1024, shuffle=True),
         n_grpo_steps=200, rollout_batch_size=256, group_size=8, train_batch_size=256, gradient_accumulation_steps=128,
         loss_type="reinforce_with_baseline", use_std_normalization=True, sampling_max_tokens=1024,

@@ -27,19 +27,25 @@ from shell.prompts import PromptName, load_prompt
 
 
 @dataclass(frozen=True)
+class SFTDataConfig(DataConfig):
+    """SFT training pairs: where they come from, how many, and whether only correct ones are kept."""
+
+    num_examples: int | None = None
+    """Use a seeded random subset of this many training pairs (128/256/512/1024; None: all)."""
+    filter_correct: bool = False
+    """Keep only pairs whose response earns reward 1 against their ground truth; the kept size is printed."""
+
+
+@dataclass(frozen=True)
 class SFTConfig:
     """SFT of a policy on {prompt, response} pairs, with periodic held-out evaluation."""
 
     model: ModelConfig = ModelConfig()
-    train_data: DataConfig = DataConfig(split="train")
+    data: SFTDataConfig = SFTDataConfig(split="train")
     """Training pairs: an SFT jsonl ({prompt, response}), or MATH/GSM8K/embedded problems turned into
     r1_zero traces (solution inside <think>, then <answer>)."""
     eval_data: DataConfig = DataConfig(split="validation", limit=128)
     """Held-out problems for evaluation."""
-    num_examples: int | None = None
-    """Use a seeded random subset of this many training pairs (128/256/512/1024; None: all)."""
-    filter_correct: bool = False
-    """Keep only pairs whose response earns reward 1 against their ground truth."""
     prompt: PromptName = "r1_zero"
     """Prompt template for traces made from problems and for evaluation."""
     optim: OptimConfig = OptimConfig(lr=2e-5, warmup_steps=0)
@@ -88,24 +94,25 @@ def validate_sft_examples(examples: Sequence[SFTExample], prompt: str) -> None:
 
 def load_sft_data(cfg: SFTConfig) -> list[SFTExample]:
     """The training pairs, subset and filtered as configured (raises DataError on bad input)."""
-    examples = sft_examples_for(cfg.train_data, cfg.prompt)
+    examples = sft_examples_for(cfg.data, cfg.prompt)
     validate_sft_examples(examples, cfg.prompt)
-    if cfg.num_examples is not None:
+    if cfg.data.num_examples is not None:
         g = torch.Generator().manual_seed(cfg.run.seed)
         perm = torch.randperm(len(examples), generator=g).tolist()
-        examples = [examples[i] for i in perm[: cfg.num_examples]]
-    if cfg.filter_correct:
+        examples = [examples[i] for i in perm[: cfg.data.num_examples]]
+    if cfg.data.filter_correct:
         from shell.grading import grade_batch
 
         if any(ex.ground_truth is None for ex in examples):
-            raise DataError("--filter-correct needs a ground truth (ground_truth or answer field) for every pair")
+            raise DataError("--data.filter-correct needs a ground truth (ground_truth or answer field) for every pair")
         scores, _ = grade_batch([ex.response for ex in examples], [ex.ground_truth for ex in examples],
-                                reward_fn=load_prompt(cfg.prompt).reward_fn_name)
+                                reward_fn=load_prompt(cfg.prompt).reward_fn_name,
+                                timeout_s=cfg.eval.grading_timeout_s, num_workers=cfg.eval.grading_workers)
         before = len(examples)
         examples = [ex for ex, s in zip(examples, scores) if s["reward"] == 1.0]
         print(f"filter-correct: kept {len(examples)} of {before} pairs")
         if not examples:
-            raise DataError("no training pair survived --filter-correct")
+            raise DataError("no training pair survived --data.filter-correct")
     return examples
 
 
@@ -132,6 +139,9 @@ def sft_update(
     device = next(model.parameters()).device
     k = settings.gradient_accumulation_steps
     micro = len(batch) // k
+    # Microbatches of similar length pad less. The step's gradient does not depend on how the batch is
+    # split: every microbatch has the same size and its loss is a mean over its examples divided by k.
+    batch = sorted(batch, key=lambda e: len(e.prompt) + len(e.response))
     loss_sum, tokens, entropy_sum = 0.0, 0, 0.0
     model.train()
     for i in range(k):
@@ -270,7 +280,7 @@ PRESETS: dict[str, tuple[str, SFTConfig]] = {
         "GPU: Qwen2.5-Math-1.5B on MATH SFT traces (lr 2e-5, batch 64 in microbatches of 2, bf16), vLLM eval on 5K validation",
         SFTConfig(
             model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
-            train_data=DataConfig(path="data/sft_math.jsonl"),
+            data=SFTDataConfig(path="data/sft_math.jsonl"),
             eval_data=DataConfig(path="../shared/data/math/validation.jsonl"),
             batch_size=64, gradient_accumulation_steps=32, epochs=2.0, eval_every=25, checkpoint_every=100,
             optim=OptimConfig(lr=2e-5, warmup_steps=10, compile=True),

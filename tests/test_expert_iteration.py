@@ -63,7 +63,7 @@ def _fake_scores(rollouts, template, cfg):
 
 def _args(tiny: Path, runs: Path, name: str, steps: int) -> list[str]:
     return [
-        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--train-data.limit", "32",
+        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "32",
         "--eval-data.limit", "4", "--eval.max-tokens", "6", "--eval.grading-workers", "0",
         "--sampler.generation-dtype", "None", "--run.logger", "none", "--run.runs-dir", str(runs),
         "--run.name", name, "--n-ei-steps", str(steps), "--ei-batch-size", "4", "--group-size", "3",

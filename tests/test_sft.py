@@ -26,7 +26,7 @@ def tiny_dir(tmp_path_factory) -> Path:
 def _common(tiny_dir: Path, runs: Path) -> list[str]:
     return [
         "--model.name-or-path", str(tiny_dir), "--model.device", "cpu",
-        "--train-data.limit", "32", "--eval-data.limit", "6",
+        "--data.limit", "32", "--eval-data.limit", "6",
         "--eval.max-tokens", "6", "--eval.grading-workers", "0",
         "--sampler.generation-dtype", "None",
         "--run.logger", "none", "--run.runs-dir", str(runs),
@@ -129,7 +129,7 @@ def test_sft_bad_input_is_a_clear_error_and_keeps_earlier_output(tiny_dir, tmp_p
     if content is not None:
         _write(data, content)
     with pytest.raises(SystemExit) as exc:
-        sft.main([*_sft_args(tiny_dir, tmp_path, "bad"), "--train-data.path", str(data)])
+        sft.main([*_sft_args(tiny_dir, tmp_path, "bad"), "--data.path", str(data)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and str(data) in err
@@ -141,3 +141,26 @@ def test_config_checks():
 
     with pytest.raises(ValueError, match="divisible"):
         check_config(SFTConfig(batch_size=10, gradient_accumulation_steps=3))
+
+
+def test_data_num_examples_and_filter_correct_flags(tmp_path, capsys):
+    """`--data.num-examples N` takes a seeded subset of N pairs; `--data.filter-correct` keeps only the
+    pairs whose response earns reward 1 and prints the kept size."""
+    from shell.config import cli
+    from shell.sft import PRESETS, SFTConfig, load_sft_data
+
+    good = " 2 + 2 = 4 </think> <answer> 4 </answer>"
+    bad = " 2 + 2 = 5 </think> <answer> 5 </answer>"
+    rows = [{"prompt": f"p{i}", "response": good if i % 3 else bad, "ground_truth": "4"} for i in range(30)]
+    data = _write(tmp_path / "pairs.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+
+    cfg = cli(SFTConfig, PRESETS, description="", args=["--data.path", str(data), "--data.num-examples", "12"])
+    subset = load_sft_data(cfg)
+    assert len(subset) == 12 and len({e.prompt for e in subset}) == 12
+    assert [e.prompt for e in load_sft_data(cfg)] == [e.prompt for e in subset]  # seeded
+
+    cfg = cli(SFTConfig, PRESETS, description="", args=["--data.path", str(data), "--data.filter-correct",
+                                                        "--eval.grading-workers", "0"])
+    kept = load_sft_data(cfg)
+    assert sorted(e.prompt for e in kept) == sorted(f"p{i}" for i in range(30) if i % 3)
+    assert "kept 20 of 30 pairs" in capsys.readouterr().out
