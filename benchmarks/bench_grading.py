@@ -3,9 +3,12 @@
     python benchmarks/bench_grading.py [--items 2000 --workers 2 --timeout 5]
 
 * Throughput: ``--items`` mixed r1_zero items (MATH-style and GSM8K-style answers in many
-  equivalent and wrong forms, boxed and unboxed, unformatted responses, long reasoning) graded by
-  ``shell.grading.grade_batch`` with ``num_workers=0`` (sequential, in this process) and with
+  equivalent and wrong forms, boxed and unboxed, unformatted responses, long reasoning), graded by a
+  plain sequential loop over ``core.r1_zero_reward_fn`` (the baseline), by
+  ``shell.grading.grade_batch`` in this process (``num_workers=0``) and by ``grade_batch`` with
   ``--workers`` processes (pool started and warmed first; its start-up time is reported apart).
+  Two workloads: ``unique`` (no two responses equal) and ``repeats`` (drawn from a small pool, so
+  many pairs repeat, as in late GRPO groups; ``grade_batch`` grades each distinct pair once).
 * Latency: every adversarial input (200k characters, 5000-deep nesting, power towers, huge
   factorials and float exponents, lone surrogates, NULs, ...) graded alone, in process, with
   ``fast=True`` and ``fast=False``; the worst call is the bound a training step can see.
@@ -48,8 +51,9 @@ _ANSWERS: list[tuple[str, list[str]]] = [
 _WRONG = ["6", "\\frac{1}{3}", "(1,2)", "\\sqrt{3}", "x+1", "42", "The final answer is 5", "", "\\boxed{7", "1,001"]
 
 
-def mixed_items(n: int, seed: int = 0) -> tuple[list[str], list[object]]:
-    """``n`` r1_zero (response, ground truth) pairs in a realistic mix of styles."""
+def mixed_items(n: int, seed: int = 0, *, unique: bool = False) -> tuple[list[str], list[object]]:
+    """``n`` r1_zero (response, ground truth) pairs in a realistic mix of styles (``unique``: each
+    reasoning text numbered, so no two responses are equal)."""
     rng = random.Random(seed)
     responses: list[str] = []
     truths: list[object] = []
@@ -57,6 +61,8 @@ def mixed_items(n: int, seed: int = 0) -> tuple[list[str], list[object]]:
         truth, forms = rng.choice(_ANSWERS)
         answer = rng.choice(forms) if rng.random() < 0.6 else rng.choice(_WRONG)
         reasoning = "We compute step by step. " * rng.choice([1, 5, 40])
+        if unique:
+            reasoning = f"Attempt {len(responses)}. {reasoning}"
         style = rng.random()
         if style < 0.75:
             response = f"{reasoning}</think> <answer> {answer} </answer>"
@@ -117,33 +123,41 @@ def main() -> None:
     import core
     from shell.grading import close_pool, grade_batch
 
-    responses, truths = mixed_items(a.items)
+    workloads = {
+        # every response distinct: only the parallelism and the parent-side format check can help
+        "unique": mixed_items(a.items, unique=True),
+        # drawn from a small pool of answers and styles: many repeated (response, truth) pairs, as in
+        # late GRPO groups; graded once each by grade_batch
+        "repeats": mixed_items(a.items),
+    }
     rows = []
 
     t0 = time.perf_counter()
-    grade_batch(responses[:8], truths[:8], num_workers=a.workers, timeout_s=a.timeout)
+    grade_batch(workloads["unique"][0][:8], workloads["unique"][1][:8], num_workers=a.workers, timeout_s=a.timeout)
     startup_s = time.perf_counter() - t0
-    grade_batch(responses[:200], truths[:200], num_workers=a.workers, timeout_s=a.timeout)  # warm workers
+    grade_batch(*[x[:200] for x in workloads["unique"]], num_workers=a.workers, timeout_s=a.timeout)  # warm workers
 
-    for fast in (True, False):
-        sequential, meta_seq = grade_batch(responses, truths, num_workers=0, fast=fast)
-        pooled, meta_pool = grade_batch(responses, truths, num_workers=a.workers, fast=fast, timeout_s=a.timeout)
-        assert sequential == pooled, "pool and in-process grading disagree"
-        for label, meta in (("in-process", meta_seq), (f"pool x{a.workers}", meta_pool)):
-            rows.append({
-                "mode": label,
-                "fast": fast,
-                "items": a.items,
-                "seconds": meta["grading_seconds"],
-                "items_per_s": a.items / meta["grading_seconds"],
-                "ms_per_item": 1000 * meta["grading_seconds"] / a.items,
-                "timeouts": int(meta["timeouts"]),
-                "reward_mean": meta["reward_mean"],
-            })
-        rows[-1]["speedup"] = meta_seq["grading_seconds"] / meta_pool["grading_seconds"]
+    for workload, (responses, truths) in workloads.items():
+        distinct = len({(r, repr(t)) for r, t in zip(responses, truths)})
+        unformatted = sum(1 for r in responses if "</think> <answer>" not in r or "</answer>" not in r)
+        for fast in (True, False):
+            t = time.perf_counter()
+            reference = [core.r1_zero_reward_fn(r, g, fast=fast) for r, g in zip(responses, truths)]
+            sequential_s = time.perf_counter() - t
+            in_process, meta_seq = grade_batch(responses, truths, num_workers=0, fast=fast)
+            pooled, meta_pool = grade_batch(responses, truths, num_workers=a.workers, fast=fast, timeout_s=a.timeout)
+            assert reference == in_process == pooled, "grade_batch disagrees with the reward function"
+            for label, seconds in (("sequential loop", sequential_s), ("grade_batch in-process", meta_seq["grading_seconds"]),
+                                   (f"grade_batch pool x{a.workers}", meta_pool["grading_seconds"])):
+                rows.append({
+                    "workload": workload, "mode": label, "fast": fast, "items": a.items, "distinct": distinct,
+                    "unformatted": unformatted, "seconds": seconds, "items_per_s": a.items / seconds,
+                    "speedup": sequential_s / seconds,
+                    "reward_mean": sum(r["reward"] for r in reference) / a.items,
+                })
     print(f"pool start-up (first call, {a.workers} workers): {startup_s:.2f} s")
-    print_table(rows, ["mode", "fast", "items", "seconds", "items_per_s", "ms_per_item", "speedup", "timeouts",
-                       "reward_mean"])
+    print_table(rows, ["workload", "mode", "fast", "items", "distinct", "unformatted", "seconds", "items_per_s",
+                       "speedup", "reward_mean"])
 
     adversarial = adversarial_items()
     latency_rows = []

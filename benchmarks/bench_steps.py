@@ -1,10 +1,13 @@
 """Eager vs torch.compile'd microbatch train steps (SFT and GRPO) at several (batch, seq) sizes.
 
     python benchmarks/bench_steps.py [--sizes 4x128 8x256] [--hidden 256 --layers 4 --vocab 151936]
+    python benchmarks/bench_steps.py --model smollm2 --sizes 8x160 [--bf16]
 
 A step is the shell's ``make_train_step``: forward, chunked log-probs, the objective, backward
 (the optimizer update is excluded: it is the same for both). The model is a random Qwen2-style
-decoder built from a config; on a GPU it runs in bf16 autocast. Compile time is reported apart.
+decoder built from a config (a wide vocabulary, as Qwen2.5's), or with ``--model smollm2`` the
+default small real model (30 narrow layers, vocab 49152: the laptop presets' training shape). On a
+GPU, or with ``--bf16``, steps run in bf16 autocast. Compile time is reported apart.
 """
 
 from __future__ import annotations
@@ -39,10 +42,18 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--model", choices=["random", "smollm2"], default="random")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU too (always on a GPU)")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = build_model(a.hidden, a.layers, a.vocab, device)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
+    if a.model == "smollm2":
+        from shell.models import load_policy
+
+        model, _ = load_policy("smollm2", device=device)
+        a.vocab = model.config.vocab_size
+    else:
+        model = build_model(a.hidden, a.layers, a.vocab, device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" or a.bf16)
     rows = []
     for objective in ("sft", "grpo"):
         steps = {"eager": make_train_step(model, objective), "compiled": make_train_step(model, objective, compile=True)}
@@ -75,7 +86,8 @@ def main() -> None:
             print_table([row], list(row))
     print()
     print_table(rows, ["objective", "batch", "seq", "eager_s", "compiled_s", "speedup", "compiled_first_s"])
-    write_json(f"steps_{device}", {"config": vars(a), "rows": rows})
+    name = f"steps_{device}" + ("" if a.model == "random" else f"_{a.model}") + ("_bf16" if a.bf16 and device == "cpu" else "")
+    write_json(name, {"config": vars(a), "rows": rows})
 
 
 if __name__ == "__main__":

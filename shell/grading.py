@@ -13,6 +13,9 @@ reused across calls, and returns the rewards in input order with summary metadat
   ``\\boxed{}``; a custom callable: 0).  The same holds for an item whose reward function raised
   or whose worker died.  The core graders are bounded on their own; the timeout is the backstop.
 * ``num_workers=0`` grades in this process, sequentially, without timeouts.
+* Shortcuts, exact because the core reward functions are pure: an r1_zero response without its
+  answer tags scores all zeros in the parent, and identical (response, ground truth) pairs are
+  graded once. A custom callable is called for every item.
 * The pool is created lazily on first use, shared by all callers of this module (one batch at a
   time), resized to ``num_workers`` on demand, closed by :func:`close_pool` and at interpreter exit.
   As with any ``spawn`` / ``forkserver`` pool, workers import the caller's main module (as
@@ -346,6 +349,39 @@ def _default_workers() -> int:
     return max(1, min(cores, _DEFAULT_MAX_WORKERS))
 
 
+def _plan(name: str | None, responses: Sequence[Any], truths: Sequence[Any],
+          out: list[dict[str, float] | None]) -> tuple[list[int], dict[int, list[int]]]:
+    """What actually needs grading, for the core reward functions (pure, so both shortcuts are exact):
+
+    * an r1_zero response without the ``"</think> <answer>"`` and ``"</answer>"`` tags gets the
+      reward function's own answer, all zeros, here (no worker round trip);
+    * identical ``(response, ground truth)`` pairs are graded once (GRPO groups repeat responses).
+
+    Fills ``out`` for the first kind; returns the indices to grade and, per graded index, the later
+    indices that copy its result. A custom callable is graded item by item, as given.
+    """
+    if name is None:
+        return list(range(len(responses))), {}
+    todo: list[int] = []
+    first: dict[tuple[str, str, str], int] = {}
+    copies: dict[int, list[int]] = {}
+    for i, (response, truth) in enumerate(zip(responses, truths)):
+        if name == "r1_zero" and _cheap_format_reward(name, response) == 0.0:
+            out[i] = {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}
+            continue
+        try:
+            key = (response if isinstance(response, str) else repr(response), type(truth).__name__, repr(truth))
+        except Exception:  # noqa: BLE001 - an object whose repr fails is graded on its own
+            todo.append(i)
+            continue
+        j = first.setdefault(key, i)
+        if j == i:
+            todo.append(i)
+        else:
+            copies.setdefault(j, []).append(i)
+    return todo, copies
+
+
 def _grade_here(fn: RewardFn, responses: Sequence[Any], truths: Sequence[Any], fast: bool, name: str | None,
                 indices: Sequence[int], out: list[dict[str, float] | None]) -> int:
     errors = 0
@@ -402,10 +438,11 @@ def grade_batch(
     n = len(responses)
     workers = _default_workers() if num_workers is None else max(0, int(num_workers))
     out: list[dict[str, float] | None] = [None] * n
+    todo, copies = _plan(name, responses, ground_truths, out)
     timeouts = errors = 0
-    if n and workers == 0:
-        errors = _grade_here(fn, responses, ground_truths, fast, name, range(n), out)
-    elif n:
+    if todo and workers == 0:
+        errors = _grade_here(fn, responses, ground_truths, fast, name, todo, out)
+    elif todo:
         try:
             payload: Any = name if name is not None else pickle.dumps(fn)
         except Exception as exc:  # noqa: BLE001 - lambdas, closures, bound local objects
@@ -413,19 +450,23 @@ def grade_batch(
                 f"reward_fn {fn!r} cannot be sent to worker processes ({exc}); pass a module-level "
                 "function or use num_workers=0"
             ) from exc
-        messages = [pickle.dumps(("item", i, responses[i], ground_truths[i])) for i in range(n)]
+        messages = [pickle.dumps(("item", i, responses[i], ground_truths[i])) for i in todo]
         results, failures = _run_in_pool(messages, payload, fast, timeout_s, workers)
         if results is None:  # no pool could be started here: grade in this process
-            errors = _grade_here(fn, responses, ground_truths, fast, name, range(n), out)
+            errors = _grade_here(fn, responses, ground_truths, fast, name, todo, out)
         else:
             for i, rewards in results.items():
                 out[i] = rewards
             for i, why in failures.items():
                 out[i] = _failed(name, responses[i])
+                weight = 1 + len(copies.get(i, ()))
                 if why == "timeout":
-                    timeouts += 1
+                    timeouts += weight
                 else:
-                    errors += 1
+                    errors += weight
+    for i, dups in copies.items():
+        for j in dups:
+            out[j] = dict(out[i]) if out[i] is not None else None
     rewards = [r if r is not None else _failed(name, responses[i]) for i, r in enumerate(out)]
 
     def mean(key: str) -> float:

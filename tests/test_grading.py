@@ -353,6 +353,32 @@ def test_grade_batch_pool_preserves_order() -> None:
     assert qo == [question_only_reward_fn(r, t) for r, t in zip(responses, truths)]
 
 
+def test_grade_batch_shortcuts_are_exact() -> None:
+    """Unformatted r1_zero items (scored in the parent) and repeated (response, truth) pairs (graded
+    once) get exactly what the reward function gives each item; equal text with a differently typed
+    truth is not merged."""
+    responses, truths = _mixed_batch()
+    n = len(responses)
+    responses = responses * 3 + [r1("5"), r1("5"), r1("5"), "no tags", "no tags"]
+    truths = truths * 3 + ["5", 5, [5, "6"], "5", 5]
+    expected = [r1_zero_reward_fn(r, t) for r, t in zip(responses, truths)]
+    for workers in (0, 2):
+        rewards, meta = grade_batch(responses, truths, num_workers=workers)
+        assert rewards == expected
+        assert meta["num_items"] == float(len(responses))
+        rewards[1]["reward"] = 7.0  # each item owns its dict, copies included
+        assert rewards[n + 1] == expected[n + 1] == expected[1]
+    qo, _ = grade_batch(responses, truths, reward_fn="question_only", num_workers=2)
+    assert qo == [question_only_reward_fn(r, t) for r, t in zip(responses, truths)]
+
+
+def test_grade_batch_duplicates_of_a_timed_out_item_count_as_timeouts() -> None:
+    rewards, meta = grade_batch(["sleep", "a", "sleep"], ["1"] * 3, reward_fn=sleepy_reward, timeout_s=1.0,
+                                num_workers=2)
+    # a custom callable is not deduplicated: both hang, both time out
+    assert meta["timeouts"] == 2.0 and [r["reward"] for r in rewards] == [0.0, 1.0, 0.0]
+
+
 def test_grade_batch_counts_and_survives_timeouts() -> None:
     responses = ["a", "sleep 1", "b", "c", "sleep 2", "d"]
     t0 = time.perf_counter()

@@ -1,0 +1,60 @@
+"""`python -m shell.report RUN_DIR…`: overlaid validation curves and a table of final values."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(run_dir: Path, evals: list[tuple[int, float, float]]) -> Path:
+    """A metrics.jsonl with train rows and ``(eval_step, answer_reward, elapsed_s)`` eval rows."""
+    run_dir.mkdir(parents=True)
+    rows = []
+    for step, reward, elapsed in evals:
+        rows.append({"train_step": step, "train/loss": 1.0 / (step + 1), "time/elapsed_s": elapsed - 1})
+        rows.append({"eval_step": step, "eval/answer_reward": reward, "eval/format_reward": 1.0, "time/elapsed_s": elapsed})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def _report(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "shell.report", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_report_overlays_runs_and_tabulates_first_best_final(tmp_path):
+    a = _run(tmp_path / "run_a", [(0, 0.05, 10.0), (5, 0.30, 130.0), (10, 0.25, 250.0)])
+    b = _run(tmp_path / "run_b", [(0, 0.05, 12.0), (5, 0.10, 100.0), (10, 0.40, 190.0)])
+    out = tmp_path / "cmp.png"
+    proc = _report(str(a), str(b), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.stat().st_size > 1000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = {ln.split()[0]: ln.split() for ln in proc.stdout.splitlines() if ln.startswith("run_")}
+    # run  evals  first  best  @step  final  @step  minutes
+    assert lines["run_a"][1:7] == ["3", "0.050", "0.300", "5", "0.250", "10"]
+    assert lines["run_b"][1:7] == ["3", "0.050", "0.400", "10", "0.400", "10"]
+    assert lines["run_a"][7] == f"{250 / 60:.1f}"
+
+
+def test_report_other_metric_and_run_without_evaluations(tmp_path):
+    a = _run(tmp_path / "run_a", [(0, 0.0, 1.0), (4, 0.5, 61.0)])
+    empty = tmp_path / "run_empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"train_step": 1, "train/loss": 2.0}) + "\n")
+    proc = _report(str(a), str(empty), "--metric", "eval/format_reward", "--out", str(tmp_path / "f.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert "eval/format_reward" in proc.stdout
+    assert "(no evaluations)" in proc.stdout
+    row = next(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("run_a"))
+    assert row[2:4] == ["1.000", "1.000"]
+
+
+def test_report_missing_run_is_a_clear_error(tmp_path):
+    proc = _report(str(tmp_path / "nope"), "--out", str(tmp_path / "x.png"))
+    assert proc.returncode == 2
+    assert "no metrics.jsonl" in proc.stderr and "nope" in proc.stderr
+    assert not (tmp_path / "x.png").exists()
