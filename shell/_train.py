@@ -37,6 +37,11 @@ class OptimConfig:
     """CPU speed-up: run the prompt prefix common to the whole microbatch (e.g. the r1_zero
     boilerplate) once, without gradient, and train on the rest. Drops only the gradient paths
     through that shared prefix's keys and values."""
+    checkpoint_above_tokens: int | None = 4096
+    """Activation checkpointing for a microbatch of more than this many (padded) tokens: each layer
+    is recomputed in backward instead of keeping its activations (SmolLM2, 8 × 2,000 tokens: 20.7 GB
+    peak without, 7.8 GB with, no slower on a 2-core CPU). Such a microbatch does not share its prompt
+    prefix. 0: always; None: never."""
 
 
 def make_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, Any]:
@@ -110,17 +115,42 @@ def tokenize_batch(prompts: Sequence[str], responses: Sequence[str], tokenizer: 
     return out
 
 
+@contextlib.contextmanager
+def activation_checkpointing(model: torch.nn.Module, enabled: bool):
+    """Within the block, ``model`` (a transformers model) recomputes each layer's activations in backward."""
+    if not enabled:
+        yield
+        return
+    kw = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+    try:
+        yield
+    finally:
+        (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+
+
 def policy_log_probs(
-    model: torch.nn.Module, batch: dict[str, Any], *, share_prompt_prefix: bool, return_token_entropy: bool = False
+    model: torch.nn.Module, batch: dict[str, Any], *, share_prompt_prefix: bool, return_token_entropy: bool = False,
+    checkpoint_above_tokens: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor, int]:
     """Log-probs (and entropy) of ``batch['labels']``; with a shared prefix, only of the positions after it.
 
-    Returns ``(outputs, response_mask, start)``: ``outputs`` and ``response_mask`` cover positions
-    ``start:`` of the batch (``start`` = 0 without prefix sharing).
+    A training forward of more than ``checkpoint_above_tokens`` (padded) tokens runs with activation
+    checkpointing and without prefix sharing. Returns ``(outputs, response_mask, start)``: ``outputs``
+    and ``response_mask`` cover positions ``start:`` of the batch (``start`` = 0 without prefix sharing).
     """
-    p = batch["prefix_len"] if share_prompt_prefix and batch["input_ids"].shape[0] > 1 else 0
+    checkpoint = (
+        checkpoint_above_tokens is not None and batch["input_ids"].numel() > checkpoint_above_tokens
+        and model.training and torch.is_grad_enabled() and getattr(model, "supports_gradient_checkpointing", False)
+    )
+    p = batch["prefix_len"] if share_prompt_prefix and batch["input_ids"].shape[0] > 1 and not checkpoint else 0
     if p < 2:
-        return get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy), batch["response_mask"], 0
+        with activation_checkpointing(model, checkpoint):
+            out = get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy)
+        return out, batch["response_mask"], 0
     wrapped = _WithPrefix(model, batch["input_ids"][:1, :p])
     out = get_response_log_probs(wrapped, batch["input_ids"][:, p:], batch["labels"][:, p:], return_token_entropy)
     return out, batch["response_mask"][:, p:], p

@@ -207,7 +207,7 @@ def train_on_rollouts(
                 tb = tokenized[tuple(mb)]
                 with autocast(model, cfg.optim.autocast_bf16):
                     out, mask, _ = policy_log_probs(model, tb, share_prompt_prefix=cfg.optim.share_prompt_prefix,
-                                                        return_token_entropy=True)
+                                                        return_token_entropy=True, checkpoint_above_tokens=cfg.optim.checkpoint_above_tokens)
                     lp = out["log_probs"]
                     old_lp = None
                     if needs_old:

@@ -149,7 +149,7 @@ def sft_update(
         tb = tokenize_batch([e.prompt for e in part], [e.response for e in part], tokenizer, device)
         with autocast(model, settings.optim.autocast_bf16):
             out, mask, _ = policy_log_probs(model, tb, share_prompt_prefix=settings.optim.share_prompt_prefix,
-                                            return_token_entropy=True)
+                                            return_token_entropy=True, checkpoint_above_tokens=settings.optim.checkpoint_above_tokens)
             loss, _ = step_fn(out["log_probs"], mask, k)
         loss_sum += float(loss)
         n = int(mask.sum())

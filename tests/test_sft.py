@@ -164,3 +164,40 @@ def test_data_num_examples_and_filter_correct_flags(tmp_path, capsys):
     kept = load_sft_data(cfg)
     assert sorted(e.prompt for e in kept) == sorted(f"p{i}" for i in range(30) if i % 3)
     assert "kept 20 of 30 pairs" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("share_prompt_prefix", [False, True])
+def test_activation_checkpointing_gives_the_same_log_probs_and_gradients(share_prompt_prefix):
+    """A microbatch over ``checkpoint_above_tokens`` is recomputed in backward (and skips prefix
+    sharing): same log-probs, same gradient as keeping the activations; the model is left as it was."""
+    import torch
+
+    from shell._train import policy_log_probs, tokenize_batch
+    from shell.models import tiny_policy
+
+    model, tok = tiny_policy(seed=3)
+    model.train()
+    prompts = ["Question: 12 + 30? Think.", "Question: 7 - 2? Think."]
+    responses = [" 12 + 30 = 42 </think> <answer> 42 </answer>", " 5 </think> <answer> 5 </answer>"]
+    tb = tokenize_batch(prompts, responses, tok, torch.device("cpu"))
+
+    def run(limit):
+        model.zero_grad(set_to_none=True)
+        out, mask, start = policy_log_probs(model, tb, share_prompt_prefix=share_prompt_prefix,
+                                            return_token_entropy=True, checkpoint_above_tokens=limit)
+        full_mask = tb["response_mask"]
+        lp = torch.zeros(full_mask.shape)
+        lp[:, start:] = (out["log_probs"] * mask).detach()
+        (-(out["log_probs"] * mask).sum()).backward()
+        return lp, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    kept_lp, kept_grad = run(None)
+    ckpt_lp, ckpt_grad = run(0)
+    assert not getattr(model, "is_activation_checkpointing", None) and not model.model.gradient_checkpointing
+    torch.testing.assert_close(ckpt_lp, kept_lp, rtol=1e-5, atol=1e-5)
+    if not share_prompt_prefix:  # with sharing on, the un-checkpointed run drops the prefix's gradient paths
+        assert kept_grad.keys() == ckpt_grad.keys()
+        for name in kept_grad:
+            torch.testing.assert_close(ckpt_grad[name], kept_grad[name], rtol=1e-4, atol=1e-6)
+    else:
+        assert ckpt_grad.keys()
