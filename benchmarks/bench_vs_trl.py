@@ -18,6 +18,7 @@ Configurations:
   for generation, the shared prompt prefix computed once, stop after ``</answer>``, min_tokens 4).
 - ``ours-fp32``: the same with float32 everywhere (no autocast, float32 generation copy).
 - ``ours-nostop``: ``ours`` without the ``</answer>`` stop string (generates until eos or 48 tokens, as TRL).
+- ``ours-fp32-noprefix``: ``ours-fp32`` with every sequence run whole (no shared prompt prefix), as TRL.
 - ``trl``: TRL GRPOTrainer with its defaults apart from the shared settings above (gradient
   checkpointing on, bf16 as TRL resolves it on this machine, "dapo" loss aggregation, no stop strings).
 - ``trl-nogc``: ``trl`` with gradient checkpointing off.
@@ -50,7 +51,7 @@ GROUP = 8
 MAX_TOKENS = 48
 LR = 2e-5
 GAS = 8
-CONFIGS = ("ours", "ours-fp32", "ours-nostop", "trl", "trl-nogc")
+CONFIGS = ("ours", "ours-fp32", "ours-nostop", "ours-fp32-noprefix", "trl", "trl-nogc")
 
 
 def _questions(step: int) -> list:
@@ -71,11 +72,12 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
     from shell.evaluate import build_sampler
     from shell.prompts import load_prompt
 
-    fp32 = config == "ours-fp32"
+    fp32 = config.startswith("ours-fp32")
     base = grpo.PRESETS["laptop"][1]
     cfg = replace(
         base,
-        optim=OptimConfig(lr=LR, weight_decay=0.0, beta1=0.9, beta2=0.95, share_prompt_prefix=True,
+        optim=OptimConfig(lr=LR, weight_decay=0.0, beta1=0.9, beta2=0.95,
+                          share_prompt_prefix=config != "ours-fp32-noprefix",
                           autocast_bf16=not fp32),
         sampler=SamplerConfig(generation_dtype="float32" if fp32 else "auto"),
         rollout_batch_size=PROMPTS_PER_STEP * GROUP, group_size=GROUP, train_batch_size=PROMPTS_PER_STEP * GROUP,
@@ -195,7 +197,8 @@ def main() -> None:
     p.add_argument("--trl-python", default=sys.executable, help="interpreter of an environment with trl installed")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per subprocess (the first is dropped)")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "ours-fp32-noprefix"], choices=CONFIGS)
+    p.add_argument("--out", default="vs_trl", help="results/<OUT>.json")
     p.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
@@ -238,7 +241,7 @@ def main() -> None:
             **meta.get(config, {}),
         })
     print_table(table, ["config", "steps", "step_s", "generate_s", "grade_s", "train_s", "tokens", "speedup_vs_trl"])
-    write_json("vs_trl", {"settings": {"prompts": PROMPTS_PER_STEP, "group": GROUP, "max_tokens": MAX_TOKENS,
+    write_json(a.out, {"settings": {"prompts": PROMPTS_PER_STEP, "group": GROUP, "max_tokens": MAX_TOKENS,
                                        "lr": LR, "gradient_accumulation_steps": GAS, "rounds": a.rounds,
                                        "steps_per_subprocess": a.steps},
                           "rows": table, "samples": samples})
