@@ -382,16 +382,16 @@ def _plan(name: str | None, responses: Sequence[Any], truths: Sequence[Any],
     return todo, copies
 
 
-def _grade_here(fn: RewardFn, responses: Sequence[Any], truths: Sequence[Any], fast: bool, name: str | None,
-                indices: Sequence[int], out: list[dict[str, float] | None]) -> int:
-    errors = 0
+def _grade_here(fn: RewardFn, responses: Sequence[Any], truths: Sequence[Any], fast: bool,
+                indices: Sequence[int], out: list[dict[str, float] | None]) -> dict[int, str]:
+    """Grade ``indices`` in this process into ``out``; returns the failed ones (index -> ``"error"``)."""
+    failures: dict[int, str] = {}
     for i in indices:
         try:
             out[i] = _as_rewards(fn(responses[i], truths[i], fast=fast))
         except Exception:  # noqa: BLE001 - an item whose reward function raises is wrong
-            out[i] = _failed(name, responses[i])
-            errors += 1
-    return errors
+            failures[i] = "error"
+    return failures
 
 
 def grade_batch(
@@ -439,9 +439,9 @@ def grade_batch(
     workers = _default_workers() if num_workers is None else max(0, int(num_workers))
     out: list[dict[str, float] | None] = [None] * n
     todo, copies = _plan(name, responses, ground_truths, out)
-    timeouts = errors = 0
+    failures: dict[int, str] = {}  # graded index -> why it failed ("timeout", or an error)
     if todo and workers == 0:
-        errors = _grade_here(fn, responses, ground_truths, fast, name, todo, out)
+        failures = _grade_here(fn, responses, ground_truths, fast, todo, out)
     elif todo:
         try:
             payload: Any = name if name is not None else pickle.dumps(fn)
@@ -451,22 +451,21 @@ def grade_batch(
                 "function or use num_workers=0"
             ) from exc
         messages = [pickle.dumps(("item", i, responses[i], ground_truths[i])) for i in todo]
-        results, failures = _run_in_pool(messages, payload, fast, timeout_s, workers)
+        results, pool_failures = _run_in_pool(messages, payload, fast, timeout_s, workers)
         if results is None:  # no pool could be started here: grade in this process
-            errors = _grade_here(fn, responses, ground_truths, fast, name, todo, out)
+            failures = _grade_here(fn, responses, ground_truths, fast, todo, out)
         else:
             for i, rewards in results.items():
                 out[i] = rewards
-            for i, why in failures.items():
-                out[i] = _failed(name, responses[i])
-                weight = 1 + len(copies.get(i, ()))
-                if why == "timeout":
-                    timeouts += weight
-                else:
-                    errors += weight
+            failures = pool_failures
+    for i in failures:
+        out[i] = _failed(name, responses[i])
     for i, dups in copies.items():
         for j in dups:
             out[j] = dict(out[i]) if out[i] is not None else None
+    # A failed item counts once for itself and once for each repeat that copied its result.
+    timeouts = sum(1 + len(copies.get(i, ())) for i, why in failures.items() if why == "timeout")
+    errors = sum(1 + len(copies.get(i, ())) for i, why in failures.items() if why != "timeout")
     rewards = [r if r is not None else _failed(name, responses[i]) for i, r in enumerate(out)]
 
     def mean(key: str) -> float:
