@@ -31,6 +31,7 @@ benchmarks/results/vs_trl.json.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -54,11 +55,17 @@ GAS = 8
 CONFIGS = ("ours", "ours-fp32", "ours-nostop", "ours-fp32-noprefix", "trl", "trl-nogc")
 
 
-def _questions(step: int) -> list:
-    from shell._train import batch_indices
+@functools.cache
+def _train_set():
     from shell.data import DataConfig, load_dataset
 
-    train = load_dataset(DataConfig(split="train"))
+    return load_dataset(DataConfig(split="train"))
+
+
+def _questions(step: int) -> list:
+    from shell._train import batch_indices
+
+    train = _train_set()
     return [train[i] for i in batch_indices(len(train), PROMPTS_PER_STEP, step, seed=0)]
 
 
@@ -98,9 +105,10 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
     out = []
     try:
         for step in range(steps):
+            questions = _questions(step)  # the embedded task is generated once, outside the clock
             t0 = time.perf_counter()
             model.eval()
-            rollouts = grpo.rollout(sampler, _questions(step), template, cfg, seed=step)
+            rollouts = grpo.rollout(sampler, questions, template, cfg, seed=step)
             t1 = time.perf_counter()
             raw, adv, _ = grpo.score(rollouts, template, cfg)
             t2 = time.perf_counter()
