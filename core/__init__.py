@@ -14,6 +14,8 @@ from core._logprobs import compute_entropy
 from core._logprobs import get_response_log_probs
 from core._losses import LENGTH_NORMALIZATIONS
 from core._losses import LOSS_TYPES
+from core._losses import LengthNormalization
+from core._losses import LossType
 from core._losses import compute_grpo_clip_loss
 from core._losses import compute_naive_policy_gradient_loss
 from core._losses import compute_policy_gradient_loss
@@ -26,6 +28,8 @@ from core._tokenize import tokenize_prompt_and_output
 __all__ = [
     "LENGTH_NORMALIZATIONS",
     "LOSS_TYPES",
+    "LengthNormalization",
+    "LossType",
     "compute_entropy",
     "compute_group_normalized_rewards",
     "compute_grpo_clip_loss",

@@ -102,6 +102,9 @@ def get_response_log_probs(
         labels: ``(batch, seq)`` next-token ids (``input_ids`` shifted left).
         return_token_entropy: also return ``token_entropy``.
 
+    Under ``torch.compile`` the same quantities are written as plain expressions (no chunk loop, so
+    one graph serves every sequence length) and inductor fuses them into its reductions.
+
     Returns:
         ``{"log_probs": (batch, seq)}`` float32, plus ``"token_entropy": (batch, seq)`` when asked.
     """
@@ -111,11 +114,23 @@ def get_response_log_probs(
             f"{tuple(labels.shape)} must have the same shape"
         )
     logits = model(input_ids).logits
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: plain expressions with no loop over a shape-dependent number of
+        # chunks (which would recompile for every sequence length); inductor fuses the float32
+        # upcast into the log-sum-exp reduction, so no float32 copy of the logits is kept either.
+        z = logits.float()
+        out = {"log_probs": z.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(z, dim=-1)}
+        if return_token_entropy:
+            with torch.no_grad():
+                zd = z.detach()
+                log_p = zd - torch.logsumexp(zd, dim=-1, keepdim=True)
+                out["token_entropy"] = -(torch.exp(log_p) * log_p).sum(dim=-1)
+        return out
     vocab = logits.shape[-1]
     flat = logits.reshape(-1, vocab)
     flat_labels = labels.reshape(-1)
     log_probs = _LabelLogProbs.apply(flat, flat_labels)
-    out: dict[str, Tensor] = {"log_probs": log_probs.reshape(labels.shape)}
+    out = {"log_probs": log_probs.reshape(labels.shape)}
     if return_token_entropy:
         with torch.no_grad():
             out["token_entropy"] = compute_entropy(logits.detach())

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
 from core._masking import masked_mean, masked_normalize
 
-LOSS_TYPES = ("no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip")
-LENGTH_NORMALIZATIONS = ("masked_mean", "masked_normalize")
+LossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip"]
+"""The per-token policy-gradient losses of :func:`compute_policy_gradient_loss` (a type tyro checks at parse time)."""
+LengthNormalization = Literal["masked_mean", "masked_normalize"]
+"""How :func:`grpo_microbatch_loss` aggregates a response's per-token losses."""
+
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+LENGTH_NORMALIZATIONS: tuple[str, ...] = get_args(LengthNormalization)
 
 
 def _check_per_sequence(name: str, value: Tensor, log_probs: Tensor) -> None:
