@@ -4,6 +4,7 @@ Nothing here does I/O, holds global state, or imports ``shell``, wandb or vllm.
 """
 
 from core._advantages import compute_group_normalized_rewards
+from core._advantages import nonconstant_group_mask
 from core._advantages import normalize_group_rewards
 from core._advantages import reward_statistics
 from core._grading import extract_boxed
@@ -17,10 +18,12 @@ from core._losses import LOSS_TYPES
 from core._losses import LengthNormalization
 from core._losses import LossType
 from core._losses import compute_grpo_clip_loss
+from core._losses import compute_kl_penalty
 from core._losses import compute_naive_policy_gradient_loss
 from core._losses import compute_policy_gradient_loss
 from core._losses import grpo_microbatch_loss
 from core._losses import sft_microbatch_loss
+from core._losses import truncated_importance_weights
 from core._masking import masked_mean
 from core._masking import masked_normalize
 from core._tokenize import tokenize_prompt_and_output
@@ -33,6 +36,7 @@ __all__ = [
     "compute_entropy",
     "compute_group_normalized_rewards",
     "compute_grpo_clip_loss",
+    "compute_kl_penalty",
     "compute_naive_policy_gradient_loss",
     "compute_policy_gradient_loss",
     "extract_boxed",
@@ -41,10 +45,12 @@ __all__ = [
     "grpo_microbatch_loss",
     "masked_mean",
     "masked_normalize",
+    "nonconstant_group_mask",
     "normalize_group_rewards",
     "question_only_reward_fn",
     "r1_zero_reward_fn",
     "reward_statistics",
     "sft_microbatch_loss",
     "tokenize_prompt_and_output",
+    "truncated_importance_weights",
 ]

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
 
 
@@ -115,3 +115,34 @@ def reward_statistics(raw_rewards: Float[Tensor, "batch"], *, group_size: int) -
         "reward_max": raw_rewards.max().item(),
         "zero_variance_group_fraction": zero_var.item(),
     }
+
+
+def nonconstant_group_mask(
+    rewards: Shaped[Tensor, "rollout_batch"], *, group_size: int
+) -> Bool[Tensor, "rollout_batch"]:
+    r"""Which responses belong to a group whose rewards are not all equal (DAPO's dynamic sampling).
+
+    .. math::  \mathrm{keep}_i = \big[\max_{j \in G(i)} r_j \ne \min_{j \in G(i)} r_j\big]
+
+    A constant group has zero advantages, so it carries no policy-gradient signal.
+    Groups are consecutive blocks of ``group_size`` responses to the same question.
+
+    Args:
+        rewards: ``(rollout_batch,)`` rewards (any dtype), ``rollout_batch = n_groups * group_size``.
+        group_size: responses per question, ``>= 1``.
+
+    Returns:
+        ``(rollout_batch,)`` bool, true for every response of a group with at least two distinct rewards.
+
+    Raises:
+        ValueError: ``group_size < 1``, or ``rewards`` is not 1-D or not a whole number of groups.
+    """
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if rewards.ndim != 1 or rewards.shape[0] % group_size != 0:
+        raise ValueError(
+            f"rollout batch of shape {tuple(rewards.shape)} is not a whole number of groups of {group_size}"
+        )
+    groups = rewards.reshape(-1, group_size)
+    nonconstant = (groups != groups[:, :1]).any(dim=1)
+    return nonconstant.repeat_interleave(group_size)
