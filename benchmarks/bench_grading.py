@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import print_table, write_json  # noqa: E402
+from benchmarks.common import print_table, write_json  # noqa: E402
 
 # Typical MATH / GSM8K final answers, each with equivalent forms a model might write.
 _ANSWERS: list[tuple[str, list[str]]] = [

@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from benchmarks._common import print_table, write_json  # noqa: E402
+from benchmarks.common import print_table, write_json  # noqa: E402
 
 
 class _Logits(torch.nn.Module):

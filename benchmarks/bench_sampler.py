@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import RESULTS, print_table, write_json  # noqa: E402
+from benchmarks.common import RESULTS, print_table, write_json  # noqa: E402
 from shell.models import load_policy, resolve_model_path  # noqa: E402
 from shell.sampling import HFSampler, SamplingParams  # noqa: E402
 

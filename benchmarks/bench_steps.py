@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks._common import print_table, timeit, write_json  # noqa: E402
+from benchmarks.common import print_table, timeit, write_json  # noqa: E402
 from shell import make_train_step  # noqa: E402
 
 

@@ -63,7 +63,7 @@ def _train_set():
 
 
 def _questions(step: int) -> list:
-    from shell._train import batch_indices
+    from shell.seeds import batch_indices
 
     train = _train_set()
     return [train[i] for i in batch_indices(len(train), PROMPTS_PER_STEP, step, seed=0)]
@@ -74,10 +74,11 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
     import torch
 
     from shell import grpo
-    from shell._train import OptimConfig, make_optimizer
-    from shell.config import SamplerConfig
-    from shell.evaluate import build_sampler
+    from shell.config import OptimConfig, SamplerConfig, SamplingConfig, WarmStartConfig
     from shell.prompts import load_prompt
+    from shell.rollout import grade, group_advantages, rollout
+    from shell.sampling import build_sampler
+    from shell.update import Learner, grpo_update
 
     fp32 = config.startswith("ours-fp32")
     base = grpo.PRESETS["laptop"][1]
@@ -88,18 +89,20 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
                           autocast_bf16=not fp32),
         sampler=SamplerConfig(generation_dtype="float32" if fp32 else "auto"),
         rollout_batch_size=PROMPTS_PER_STEP * GROUP, group_size=GROUP, train_batch_size=PROMPTS_PER_STEP * GROUP,
-        gradient_accumulation_steps=GAS, sampling_max_tokens=MAX_TOKENS, warm_start_steps=0,
+        gradient_accumulation_steps=GAS, sampling=SamplingConfig(min_tokens=4, max_tokens=MAX_TOKENS),
+        warm_start=WarmStartConfig(steps=0),
     )
     torch.manual_seed(0)
     template = load_prompt("r1_zero")
     model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=0)
-    optimizer, scheduler = make_optimizer(model, cfg.optim)
+    learner = Learner(model, tokenizer, cfg.optim)
+    settings = grpo.pg_settings(cfg)
     nostop = config == "ours-nostop"
     if nostop:
         generate = sampler.generate
 
-        def generate_without_stop(prompts, params):  # as TRL: eos or max tokens
-            return generate(prompts, replace(params, stop=()))
+        def generate_without_stop(prompts, params, **kw):  # as TRL: eos or max tokens
+            return generate(prompts, replace(params, stop=()), **kw)
 
         sampler.generate = generate_without_stop
     out = []
@@ -108,11 +111,13 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
             questions = _questions(step)  # the embedded task is generated once, outside the clock
             t0 = time.perf_counter()
             model.eval()
-            rollouts = grpo.rollout(sampler, questions, template, cfg, seed=step)
+            rollouts = rollout(sampler, questions, template, cfg.sampling, group_size=GROUP, seed=step, progress=False)
             t1 = time.perf_counter()
-            raw, adv, _ = grpo.score(rollouts, template, cfg)
+            scores, _ = grade(rollouts, template, cfg.grading, progress=False)
+            raw, adv, _ = group_advantages(scores, group_size=GROUP, advantage_eps=cfg.advantage_eps,
+                                           normalize_by_std=cfg.use_std_normalization)
             t2 = time.perf_counter()
-            grpo.train_on_rollouts(model, tokenizer, optimizer, scheduler, rollouts, raw, adv, cfg, seed=step)
+            grpo_update(learner, rollouts.prompts, rollouts.responses, raw, adv, settings, seed=step)
             sampler.load_weights(model)
             t3 = time.perf_counter()
             out.append({"step_s": t3 - t0, "generate_s": t1 - t0, "grade_s": t2 - t1, "train_s": t3 - t2,
@@ -213,7 +218,7 @@ def main() -> None:
         child(a.child, a.steps)
         return
 
-    from benchmarks._common import print_table, write_json
+    from benchmarks.common import print_table, write_json
 
     samples: dict[str, list[dict[str, float]]] = {c: [] for c in a.configs}
     meta: dict[str, dict] = {}

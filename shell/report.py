@@ -46,14 +46,14 @@ def summarize_run(run_dir: Path, metric: str) -> dict[str, Any]:
 
 
 def format_table(rows: list[dict[str, Any]], metric: str) -> str:
-    header = f"{'run':30s} {'evals':>5s} {'first':>7s} {'best':>7s} {'@step':>6s} {'final':>7s} {'@step':>6s} {'min':>6s}"
+    header = f"{'run':30s} {'evals':>5s} {'first':>7s} {'best':>7s} {'@step':>6s} {'final':>7s} {'@step':>6s} {'wall min':>8s}"
     lines = [f"{metric}", header, "-" * len(header)]
     for r in rows:
         if not r["evals"]:
             lines.append(f"{r['run'][:30]:30s} {0:5d}   (no evaluations)")
             continue
         lines.append(f"{r['run'][:30]:30s} {r['evals']:5d} {r['first']:7.3f} {r['best']:7.3f} {r['best_step']:6d} "
-                     f"{r['final']:7.3f} {r['final_step']:6d} {r['minutes']:6.1f}")
+                     f"{r['final']:7.3f} {r['final_step']:6d} {r['minutes']:8.1f}")
     return "\n".join(lines)
 
 

@@ -7,6 +7,7 @@ since the run began, carried across resumes). wandb gets the same keys.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -15,15 +16,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from shell.files import atomic_write_bytes, atomic_write_jsonl, atomic_write_text
+
 LoggerName = Literal["wandb", "none"]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace`` (never a torn file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_metrics(path: Path | str) -> list[dict[str, Any]]:
@@ -66,8 +61,9 @@ class RunLogger:
         run_dir: the run's folder (created).
         logger: ``"wandb"`` (offline unless a key is configured) or ``"none"``.
         config: the run's configuration, saved as ``config.json`` and sent to wandb.
-        resume_step: on resume, the train step of the checkpoint: later records (from the part of
-            the run that was lost) are dropped so the file reads as if the run never stopped.
+        resume_step: on resume, the step of the checkpoint: later records (from the part of the run
+            that was lost) are dropped so the file reads as if the run never stopped.
+        step_keys: the keys holding a record's step, for ``resume_step`` (the first one present counts).
         elapsed_offset: wall-clock seconds already spent before a resume.
         project: the wandb project.
     """
@@ -79,6 +75,7 @@ class RunLogger:
         logger: LoggerName = "none",
         config: dict[str, Any] | None = None,
         resume_step: int | None = None,
+        step_keys: Sequence[str] = ("train_step", "eval_step"),
         elapsed_offset: float = 0.0,
         project: str = "reasoning-rl",
         metrics_name: str = "metrics.jsonl",
@@ -90,8 +87,8 @@ class RunLogger:
         if resume_step is None:
             self.metrics_path.write_text("")
         else:
-            kept = [r for r in read_metrics(self.metrics_path) if _step_of(r) <= resume_step]
-            atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+            kept = [r for r in read_metrics(self.metrics_path) if step_of(r, step_keys) <= resume_step]
+            atomic_write_jsonl(self.metrics_path, kept)
         if config is not None:
             atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
         self._wandb = None
@@ -137,8 +134,9 @@ class RunLogger:
             self._wandb = None
 
 
-def _step_of(record: dict[str, Any]) -> int:
-    for key in ("train_step", "eval_step"):
+def step_of(record: dict[str, Any], keys: Sequence[str] = ("train_step", "eval_step")) -> int:
+    """The step of a metrics record: the value of the first of ``keys`` it holds (-1 if none)."""
+    for key in keys:
         if key in record:
             return int(record[key])
     return -1
@@ -179,9 +177,8 @@ def plot_curves(
         if len(run_dirs) > 1:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.stem}.tmp{out_path.suffix}")
-    fig.savefig(tmp, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, out_path)
+    atomic_write_bytes(out_path, buffer.getvalue())
     return out_path

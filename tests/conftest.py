@@ -22,3 +22,17 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def no_shape_checks():
+    """Turn the pytest-only jaxtyping/beartype shape checks off for the test: torch.compile traces ``core``
+    with symbolic (dynamic) sizes, which the checker cannot match against concrete dims. Users never run
+    with the checks on, so compiled tests run the code exactly as users do."""
+    import jaxtyping
+
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", False)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shell import expert_iteration as ei
-from shell.models import save_tiny_policy
+from doubles import save_tiny_policy
 from shell.runlog import read_metrics
 
 
@@ -38,13 +38,13 @@ def test_sft_plan_scales_down_to_the_kept_responses():
     cfg = ei.EIConfig(sft_batch_size=16, sft_gradient_accumulation_steps=2, sft_epochs=2.0)
     assert ei.sft_plan(0, cfg, 1).steps == 0
     full = ei.sft_plan(40, cfg, 1)
-    assert (full.settings.batch_size, full.settings.gradient_accumulation_steps, full.steps) == (16, 2, 5)
+    assert (full.batch_size, full.gradient_accumulation_steps, full.steps) == (16, 2, 5)
     small = ei.sft_plan(11, cfg, 1)  # one microbatch of 8 (the configured microbatch size)
-    assert (small.settings.batch_size, small.settings.gradient_accumulation_steps, small.steps) == (8, 1, 3)
+    assert (small.batch_size, small.gradient_accumulation_steps, small.steps) == (8, 1, 3)
     tiny = ei.sft_plan(3, cfg, 1)
-    assert (tiny.settings.batch_size, tiny.settings.gradient_accumulation_steps, tiny.steps) == (3, 1, 2)
+    assert (tiny.batch_size, tiny.gradient_accumulation_steps, tiny.steps) == (3, 1, 2)
     assert ei.sft_plan(40, replace(cfg, sft_max_steps=2), 1).steps == 2
-    assert ei.sft_plan(40, cfg, 1).settings.seed != ei.sft_plan(40, cfg, 2).settings.seed
+    assert ei.sft_plan(40, cfg, 1).seed != ei.sft_plan(40, cfg, 2).seed
 
 
 def test_config_checks():
@@ -54,7 +54,7 @@ def test_config_checks():
         ei.check_config(ei.EIConfig(group_size=0))
 
 
-def _fake_scores(rollouts, template, cfg):
+def _fake_scores(rollouts, template, grading, progress=True):
     """A tiny random model never answers correctly: call every third response correct (deterministic)."""
     scores = [{"format_reward": float(i % 3 == 0), "answer_reward": float(i % 3 == 0), "reward": float(i % 3 == 0)}
               for i in range(len(rollouts.responses))]
@@ -64,11 +64,11 @@ def _fake_scores(rollouts, template, cfg):
 def _args(tiny: Path, runs: Path, name: str, steps: int) -> list[str]:
     return [
         "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "32",
-        "--eval-data.limit", "4", "--eval.max-tokens", "6", "--eval.grading-workers", "0",
+        "--eval-data.limit", "4", "--eval.max-tokens", "6", "--grading.workers", "0",
         "--sampler.generation-dtype", "None", "--run.logger", "none", "--run.runs-dir", str(runs),
         "--run.name", name, "--n-ei-steps", str(steps), "--ei-batch-size", "4", "--group-size", "3",
-        "--sampling-max-tokens", "6", "--sft-batch-size", "4", "--sft-gradient-accumulation-steps", "2",
-        "--sft-epochs", "1", "--sft-max-steps", "None", "--warm-start-steps", "1", "--warm-start-batch-size", "8",
+        "--sampling.max-tokens", "6", "--sft-batch-size", "4", "--sft-gradient-accumulation-steps", "2",
+        "--sft-epochs", "1", "--sft-max-steps", "None", "--warm-start.steps", "1", "--warm-start.batch-size", "8",
         "--optim.lr", "1e-3",
     ]
 
@@ -79,7 +79,7 @@ def _comparable(rows):
 
 
 def test_ei_loop_writes_metrics_checkpoints_and_resumes_exactly(tmp_path, monkeypatch):
-    monkeypatch.setattr(ei, "score_rollouts", _fake_scores)
+    monkeypatch.setattr(ei, "grade", _fake_scores)
     tiny = save_tiny_policy(tmp_path / "tiny")
     ei.main(_args(tiny, tmp_path, "straight", 2))
     run = tmp_path / "straight"

@@ -1,4 +1,4 @@
-"""shell.models: tiny offline builders, save/load round trips, and the SmolLM2 GGUF -> HF conversion (slow)."""
+"""shell.models (save/load round trips, the SmolLM2 GGUF -> HF conversion, slow) and the tiny test doubles."""
 
 from __future__ import annotations
 
@@ -9,18 +9,10 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import doubles
+from doubles import save_tiny_policy, scripted_tiny_model, tiny_model, tiny_policy, tiny_tokenizer
 from shell import models
-from shell.models import (
-    full_state_dict,
-    load_policy,
-    resolve_dtype,
-    resolve_model_path,
-    save_tiny_policy,
-    scripted_tiny_model,
-    tiny_model,
-    tiny_policy,
-    tiny_tokenizer,
-)
+from shell.models import full_state_dict, load_policy, resolve_dtype, resolve_model_path
 
 TOK = tiny_tokenizer()
 
@@ -39,7 +31,7 @@ def test_tiny_tokenizer_round_trips_any_text(text: str) -> None:
 
 def test_tiny_tokenizer_specials() -> None:
     assert len(TOK) == 258
-    assert TOK.eos_token == models.TINY_EOS and TOK.pad_token == models.TINY_PAD
+    assert TOK.eos_token == doubles.TINY_EOS and TOK.pad_token == doubles.TINY_PAD
     assert TOK.eos_token_id != TOK.pad_token_id
     assert len(TOK.encode("</answer>", add_special_tokens=False)) == 9  # one token per ASCII character
     assert TOK.decode([TOK.encode("a", add_special_tokens=False)[0], TOK.eos_token_id], skip_special_tokens=True) == "a"

@@ -1,6 +1,6 @@
 """Sampler semantics (shell.sampling) on tiny hermetic models: HF backend by default, vLLM under ``-m vllm``.
 
-The scripted tiny model (``shell.models.scripted_tiny_model``) is a plain Llama whose next token is nearly
+The scripted tiny model (``doubles.scripted_tiny_model``) is a plain Llama whose next token is nearly
 certain after chosen characters, so stop strings, eos and ordering can be tested with real sampling; after any
 other character it behaves like a random tiny model.
 """
@@ -14,8 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from shell.models import save_tiny_policy, scripted_tiny_model, tiny_model, tiny_tokenizer
-from shell.sampling import Completion, HFSampler, Sampler, SamplingParams, _first_stop_end, make_sampler
+from doubles import save_tiny_policy, scripted_tiny_model, tiny_model, tiny_tokenizer
+from shell.sampling import (
+    Completion, HFSampler, Sampler, SamplingParams, first_stop_end, make_sampler, sample_next_tokens,
+)
 
 ANSWER = "</answer>"
 # "Q" starts "</answer>", and ">" loops back to "Q"; "E" -> eos; "A" -> "1" -> eos; "B" -> "2" -> eos.
@@ -84,12 +86,12 @@ def test_sampling_params_validation() -> None:
             SamplingParams(**bad)
 
 
-def test_first_stop_end() -> None:
-    assert _first_stop_end("abc</answer>xyz", ["</answer>"], 0) == 12
-    assert _first_stop_end("abc</answer>xyz", ["</answer>"], 12) is None  # ended before the new text
-    assert _first_stop_end("abc</answer>xyz", ["</answer>"], 11) == 12
-    assert _first_stop_end("a</b>c", ["c", "</b>"], 0) == 5  # the one completing earliest wins
-    assert _first_stop_end("abc", [], 0) is None
+def testfirst_stop_end() -> None:
+    assert first_stop_end("abc</answer>xyz", ["</answer>"], 0) == 12
+    assert first_stop_end("abc</answer>xyz", ["</answer>"], 12) is None  # ended before the new text
+    assert first_stop_end("abc</answer>xyz", ["</answer>"], 11) == 12
+    assert first_stop_end("a</b>c", ["c", "</b>"], 0) == 5  # the one completing earliest wins
+    assert first_stop_end("abc", [], 0) is None
 
 
 def test_is_a_sampler(scripted, tok) -> None:
@@ -155,6 +157,51 @@ def test_seed_reproducible_and_local_rng(random_model, tok) -> None:
     assert [[s.text for s in g] for g in a] == [[s.text for s in g] for g in b]
     assert tokens(a) != tokens(c)
     assert len({tuple(s.token_ids) for s in a[0]}) > 1  # the n samples of a prompt differ
+
+
+def test_a_sample_depends_only_on_seed_key_and_index(random_model, tok) -> None:
+    """Sample j of a prompt draws from its own generator seeded by (seed, key, j): neither the other prompts
+    of the call, their order, nor the batch size change it (so rollouts do not depend on how they are split)."""
+    params = SamplingParams(n=3, max_tokens=10, stop=(), seed=7)
+    tokens = lambda out: [[s.token_ids for s in g] for g in out]  # noqa: E731
+    whole = tokens(HFSampler(random_model, tok, batch_size=64).generate(RANDOM_PROMPTS, params, keys=[10, 11, 12, 13]))
+    alone = tokens(HFSampler(random_model, tok, batch_size=2).generate(RANDOM_PROMPTS[2:3], params, keys=[12]))
+    swapped = tokens(HFSampler(random_model, tok, batch_size=5).generate(RANDOM_PROMPTS[::-1], params, keys=[13, 12, 11, 10]))
+    assert alone == [whole[2]]
+    assert swapped == whole[::-1]
+    other_key = tokens(HFSampler(random_model, tok).generate(RANDOM_PROMPTS[2:3], params, keys=[99]))
+    assert other_key != alone
+    with pytest.raises(ValueError, match="keys"):
+        HFSampler(random_model, tok).generate(RANDOM_PROMPTS, params, keys=[1])
+
+
+def test_sample_next_tokens_is_inverse_cdf_of_the_tempered_nucleus() -> None:
+    """Hand-worked: probabilities (0.5, 0.3, 0.2); u is the upper tail, the token is the first whose cdf >= 1 - u."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]] * 4))
+    u = torch.tensor([0.99, 0.6, 0.3, 0.0])  # 1-u = 0.01, 0.4, 0.7, 1.0
+    assert sample_next_tokens(logits, temperature=1.0, top_p=1.0, uniforms=u).tolist() == [0, 0, 1, 2]
+    # top_p 0.6 keeps tokens 0 and 1 (mass before token 1 is 0.5 <= 0.6; before token 2 it is 0.8 > 0.6): 5/8, 3/8
+    assert sample_next_tokens(logits, temperature=1.0, top_p=0.6, uniforms=u).tolist() == [0, 0, 1, 1]
+    assert sample_next_tokens(logits, temperature=0.0, top_p=1.0).tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.5, 1.0), (2.0, 1.0), (1.0, 0.7), (0.7, 0.9)])
+def test_sample_next_tokens_frequencies_match_temperature_and_top_p(temperature: float, top_p: float) -> None:
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    expected = torch.softmax(logits / temperature, -1)
+    order = torch.argsort(expected, descending=True)
+    mass_before = torch.cumsum(expected[order], 0) - expected[order]
+    keep = torch.zeros_like(expected, dtype=torch.bool)
+    keep[order[mass_before <= top_p]] = True
+    expected = torch.where(keep, expected, 0.0)
+    expected = expected / expected.sum()
+    n = 40_000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0))
+    draws = sample_next_tokens(logits.expand(n, -1), temperature=temperature, top_p=top_p, uniforms=u)
+    freq = torch.bincount(draws, minlength=6).double() / n
+    sigma = (expected * (1 - expected) / n).sqrt()
+    assert torch.all((freq - expected).abs() <= 5 * sigma + 1e-12), (freq, expected)
+    assert torch.all(freq[~keep] == 0)  # tokens outside the nucleus are never drawn
 
 
 def test_greedy_equals_argmax_with_left_padding(random_model, tok) -> None:

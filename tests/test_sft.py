@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from shell.models import save_tiny_policy
+from doubles import save_tiny_policy
 from shell.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -27,7 +27,7 @@ def _common(tiny_dir: Path, runs: Path) -> list[str]:
     return [
         "--model.name-or-path", str(tiny_dir), "--model.device", "cpu",
         "--data.limit", "32", "--eval-data.limit", "6",
-        "--eval.max-tokens", "6", "--eval.grading-workers", "0",
+        "--eval.max-tokens", "6", "--grading.workers", "0",
         "--sampler.generation-dtype", "None",
         "--run.logger", "none", "--run.runs-dir", str(runs),
     ]
@@ -47,12 +47,9 @@ def _comparable(rows):
 
 def test_evaluate_writes_results_and_summary(tiny_dir, tmp_path, capsys):
     from shell import evaluate
-    from shell.config import cli
 
-    cfg = cli(evaluate.EvaluateConfig, evaluate.PRESETS, description="",
-              args=[*_common(tiny_dir, tmp_path)[:2], "--data.limit", "5", "--eval.max-tokens", "5",
-                    "--eval.grading-workers", "0", "--sampler.generation-dtype", "None", "--run.runs-dir", str(tmp_path)])
-    result = evaluate.main(cfg)
+    result = evaluate.main([*_common(tiny_dir, tmp_path)[:2], "--data.limit", "5", "--eval.max-tokens", "5",
+                            "--grading.workers", "0", "--sampler.generation-dtype", "None", "--run.runs-dir", str(tmp_path)])
     run_dir = tmp_path / "zero_shot"
     rows = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 5 == len(result.records)
@@ -160,7 +157,7 @@ def test_data_num_examples_and_filter_correct_flags(tmp_path, capsys):
     assert [e.prompt for e in load_sft_data(cfg)] == [e.prompt for e in subset]  # seeded
 
     cfg = cli(SFTConfig, PRESETS, description="", args=["--data.path", str(data), "--data.filter-correct",
-                                                        "--eval.grading-workers", "0"])
+                                                        "--grading.workers", "0"])
     kept = load_sft_data(cfg)
     assert sorted(e.prompt for e in kept) == sorted(f"p{i}" for i in range(30) if i % 3)
     assert "kept 20 of 30 pairs" in capsys.readouterr().out
@@ -172,32 +169,30 @@ def test_activation_checkpointing_gives_the_same_log_probs_and_gradients(share_p
     sharing): same log-probs, same gradient as keeping the activations; the model is left as it was."""
     import torch
 
-    from shell._train import policy_log_probs, tokenize_batch
-    from shell.models import tiny_policy
+    from doubles import tiny_policy
+    from shell.steps import make_train_step, tokenize_batch
 
     model, tok = tiny_policy(seed=3)
     model.train()
     prompts = ["Question: 12 + 30? Think.", "Question: 7 - 2? Think."]
     responses = [" 12 + 30 = 42 </think> <answer> 42 </answer>", " 5 </think> <answer> 5 </answer>"]
-    tb = tokenize_batch(prompts, responses, tok, torch.device("cpu"))
+    tb = tokenize_batch(prompts, responses, tok, "cpu")
+    assert tb["prefix_len"] >= 2
 
     def run(limit):
         model.zero_grad(set_to_none=True)
-        out, mask, start = policy_log_probs(model, tb, share_prompt_prefix=share_prompt_prefix,
-                                            return_token_entropy=True, checkpoint_above_tokens=limit)
-        full_mask = tb["response_mask"]
-        lp = torch.zeros(full_mask.shape)
-        lp[:, start:] = (out["log_probs"] * mask).detach()
-        (-(out["log_probs"] * mask).sum()).backward()
-        return lp, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        step = make_train_step(model, "sft", share_prompt_prefix=share_prompt_prefix, checkpoint_above_tokens=limit)
+        _, meta = step(tb["input_ids"], tb["labels"], tb["response_mask"], prefix_len=tb["prefix_len"],
+                       gradient_accumulation_steps=1)
+        return meta["log_probs"] * tb["response_mask"], {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     kept_lp, kept_grad = run(None)
     ckpt_lp, ckpt_grad = run(0)
     assert not getattr(model, "is_activation_checkpointing", None) and not model.model.gradient_checkpointing
-    torch.testing.assert_close(ckpt_lp, kept_lp, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ckpt_lp, kept_lp, rtol=1e-6, atol=1e-6)  # float32 maths: same to rounding
     if not share_prompt_prefix:  # with sharing on, the un-checkpointed run drops the prefix's gradient paths
         assert kept_grad.keys() == ckpt_grad.keys()
         for name in kept_grad:
-            torch.testing.assert_close(ckpt_grad[name], kept_grad[name], rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(ckpt_grad[name], kept_grad[name], rtol=1e-5, atol=1e-7)
     else:
         assert ckpt_grad.keys()

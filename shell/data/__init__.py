@@ -1,0 +1,75 @@
+"""Data: MATH / GSM8K / SFT jsonl loaders, the embedded arithmetic task, and SFT traces.
+
+Every entry point loads data through ``load_dataset(DataConfig)``:
+
+- ``DataConfig()`` (``path=None``) is the embedded task: seeded arithmetic word problems with exact integer
+  answers, generated in-process (no download), with disjoint ``train`` and ``validation`` splits.
+- ``DataConfig(path="x.jsonl")`` loads that file, its format detected from the first record's fields:
+  ``math``, ``gsm8k`` or ``sft`` (see :mod:`shell.data.jsonl`).
+- ``DataConfig(path="dir")`` loads ``dir/<split>.jsonl`` (the course layout: train.jsonl, validation.jsonl;
+  a GSM8K-style ``test.jsonl`` stands in for a missing validation.jsonl).
+
+A training entry point holds ``data: DataConfig`` and ``eval_data: HeldOutConfig``; the held-out set
+follows the training data unless ``--eval-data.path`` is given (:func:`held_out_config`), so
+``--data.path ../shared/data/math`` trains on ``math/train.jsonl`` and evaluates on
+``math/validation.jsonl``, and no flag at all uses the embedded task for both.
+
+Malformed input raises ``DataError`` naming the file, the 1-based line and the field. Records without a
+usable ground truth (MATH's two empty answers) are skipped and counted in ``Dataset.skipped``.
+"""
+
+from shell.data.arithmetic import DEFAULT_EMBEDDED_SIZES
+from shell.data.arithmetic import Split
+from shell.data.arithmetic import arithmetic_problem
+from shell.data.arithmetic import arithmetic_split
+from shell.data.arithmetic import embedded_dataset
+from shell.data.jsonl import FORMATS
+from shell.data.jsonl import Format
+from shell.data.jsonl import detect_format
+from shell.data.jsonl import last_boxed_content
+from shell.data.jsonl import load_jsonl_dataset
+from shell.data.jsonl import load_sft_examples
+from shell.data.jsonl import read_jsonl
+from shell.data.loading import DataConfig
+from shell.data.loading import HeldOutConfig
+from shell.data.loading import held_out_config
+from shell.data.loading import load_dataset
+from shell.data.loading import overlap
+from shell.data.loading import resolve_data_path
+from shell.data.records import DataError
+from shell.data.records import DataFileNotFoundError
+from shell.data.records import Dataset
+from shell.data.records import Example
+from shell.data.records import SFTExample
+from shell.data.traces import make_sft_examples
+from shell.data.traces import sft_examples_for
+from shell.data.traces import sft_response
+
+__all__ = [
+    "DEFAULT_EMBEDDED_SIZES",
+    "DataConfig",
+    "DataError",
+    "DataFileNotFoundError",
+    "Dataset",
+    "Example",
+    "FORMATS",
+    "Format",
+    "HeldOutConfig",
+    "SFTExample",
+    "Split",
+    "arithmetic_problem",
+    "arithmetic_split",
+    "detect_format",
+    "embedded_dataset",
+    "held_out_config",
+    "last_boxed_content",
+    "load_dataset",
+    "load_jsonl_dataset",
+    "load_sft_examples",
+    "make_sft_examples",
+    "overlap",
+    "read_jsonl",
+    "resolve_data_path",
+    "sft_examples_for",
+    "sft_response",
+]

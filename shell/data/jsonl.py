@@ -1,0 +1,225 @@
+"""MATH / GSM8K / SFT jsonl files: read line by line, each malformed line a ``DataError`` naming
+``file:line`` and the field.
+
+- ``math``: {problem, answer} or {problem, solution with ``\\boxed{...}``}; records without a usable
+  answer (MATH train's two empty answers) are skipped and counted.
+- ``gsm8k``: {question, answer ending in ``#### <number>``}.
+- ``sft``: {prompt, response[, ground_truth | answer]} (the course's sft.jsonl, ``make_sft_data`` output).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+from shell.data.records import DataError, DataFileNotFoundError, Dataset, Example, SFTExample
+
+__all__ = [
+    "FORMATS",
+    "Format",
+    "detect_format",
+    "last_boxed_content",
+    "load_jsonl_dataset",
+    "load_sft_examples",
+    "read_jsonl",
+    "shuffle_limit",
+]
+
+Format = Literal["auto", "math", "gsm8k", "sft"]
+FORMATS: tuple[str, ...] = ("math", "gsm8k", "sft")
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each non-blank line; malformed lines raise DataError."""
+    if not path.is_file():
+        raise DataFileNotFoundError(f"data file not found: {path}")
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}:{lineno}: not valid UTF-8 ({e.reason})") from None
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def _field(rec: dict[str, Any], name: str, where: str, *, required: bool = True) -> str | None:
+    if name not in rec or (not required and rec[name] is None):
+        if required:
+            raise DataError(f"{where}: field {name!r} is missing")
+        return None
+    value = rec[name]
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {name!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def detect_format(fields: Iterable[str]) -> str:
+    """``math``, ``gsm8k`` or ``sft`` from a record's field names; DataError if none fits."""
+    keys = set(fields)
+    if "problem" in keys:
+        return "math"
+    if {"prompt", "response"} <= keys:
+        return "sft"
+    if "question" in keys:
+        return "gsm8k"
+    raise DataError(
+        f"cannot detect the data format from fields {sorted(keys)}: expected 'problem' (MATH), "
+        "'question' + 'answer' (GSM8K) or 'prompt' + 'response' (SFT)"
+    )
+
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
+
+
+def last_boxed_content(text: str) -> str | None:
+    r"""Content of the last well-formed ``\boxed{...}`` / ``\fbox{...}`` / ``\boxed 5`` in ``text``, or None.
+
+    Braces nest (``\boxed{\frac{1}{2}}`` -> ``\frac{1}{2}``); backslash-escaped characters (``\{``) do not
+    count as braces. ``\boxed 5`` takes the text up to the next ``$`` or newline.
+    """
+    for m in reversed(list(_BOXED.finditer(text))):
+        i = m.end()
+        while i < len(text) and text[i] in " \t":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            depth, j = 0, i
+            while j < len(text):
+                c = text[j]
+                if c == "\\":
+                    j += 2
+                    continue
+                if c == "{":
+                    depth += 1
+                elif c == "}":
+                    depth -= 1
+                    if depth == 0:
+                        return text[i + 1 : j]
+                j += 1
+            continue  # unbalanced: try an earlier one
+        if i > m.end():  # "\boxed 5"
+            token = re.match(r"[^$\n]*", text[i:])
+            content = token.group(0).strip() if token else ""
+            if content:
+                return content
+    return None
+
+
+_GSM8K_CALC = re.compile(r"<<[^<>]*>>")
+
+
+def _math_example(rec: dict[str, Any], where: str, meta: dict[str, Any]) -> Example | None:
+    problem = _field(rec, "problem", where)
+    solution = _field(rec, "solution", where, required=False)
+    answer = _field(rec, "answer", where, required=False)
+    if answer is None and solution is None:
+        raise DataError(f"{where}: field 'answer' is missing (and there is no 'solution' to take it from)")
+    answer = (answer or "").strip()
+    if not answer and solution is not None:
+        answer = (last_boxed_content(solution) or "").strip()
+    if not answer:
+        return None
+    for key in ("subject", "level", "unique_id"):
+        if key in rec:
+            meta[key] = rec[key]
+    return Example(question=problem, answer=answer, solution=solution, meta=meta)  # type: ignore[arg-type]
+
+
+def _gsm8k_example(rec: dict[str, Any], where: str, meta: dict[str, Any]) -> Example | None:
+    question = _field(rec, "question", where)
+    full = _field(rec, "answer", where)
+    assert question is not None and full is not None
+    if "####" not in full:
+        raise DataError(f"{where}: field 'answer' has no '#### <answer>' line")
+    reasoning, _, final = full.rpartition("####")
+    answer = final.strip().replace(",", "")
+    if not answer:
+        return None
+    solution = _GSM8K_CALC.sub("", reasoning).strip() or None
+    return Example(question=question, answer=answer, solution=solution, meta=meta)
+
+
+_PARSERS = {"math": _math_example, "gsm8k": _gsm8k_example}
+
+
+def load_jsonl_dataset(
+    path: str | os.PathLike[str],
+    *,
+    format: Format = "auto",
+    limit: int | None = None,
+    shuffle: bool = False,
+    seed: int = 0,
+) -> Dataset:
+    """Examples from a MATH or GSM8K jsonl file: skip unusable records, then shuffle (seeded), then limit."""
+    path = Path(path).expanduser()
+    examples: list[Example] = []
+    skipped: list[int] = []
+    fmt = None if format == "auto" else format
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"format must be one of auto, {', '.join(FORMATS)}; not {format!r}")
+    for lineno, rec in read_jsonl(path):
+        if fmt is None:
+            try:
+                fmt = detect_format(rec)
+            except DataError as e:
+                raise DataError(f"{path}:{lineno}: {e}") from None
+        if fmt == "sft":
+            raise DataError(
+                f"{path}: is an SFT file ({{prompt, response}} records), not questions with answers; "
+                "load it with load_sft_examples / sft_examples_for"
+            )
+        where = f"{path}:{lineno}"
+        ex = _PARSERS[fmt](rec, where, {"source": str(path), "line": lineno})
+        if ex is None:
+            skipped.append(lineno)
+        else:
+            examples.append(ex)
+    if not examples:
+        detail = f" ({len(skipped)} records skipped for an empty answer)" if skipped else ""
+        raise DataError(f"{path}: no usable examples{detail}")
+    examples = shuffle_limit(examples, shuffle=shuffle, seed=seed, limit=limit)
+    return Dataset(
+        examples=tuple(examples),
+        source=str(path),
+        format=fmt or "unknown",
+        skipped=len(skipped),
+        skipped_lines=tuple(skipped),
+    )
+
+
+def shuffle_limit(items: list[Any], *, shuffle: bool, seed: int, limit: int | None) -> list[Any]:
+    if shuffle:
+        items = list(items)
+        random.Random(seed).shuffle(items)
+    return items if limit is None else items[:limit]
+
+
+def load_sft_examples(
+    path: str | os.PathLike[str], *, limit: int | None = None, shuffle: bool = False, seed: int = 0
+) -> list[SFTExample]:
+    """{prompt, response[, ground_truth | answer]} records (the course's sft.jsonl, make_sft_data output)."""
+    path = Path(path).expanduser()
+    out: list[SFTExample] = []
+    for lineno, rec in read_jsonl(path):
+        where = f"{path}:{lineno}"
+        prompt = _field(rec, "prompt", where)
+        response = _field(rec, "response", where)
+        key = "ground_truth" if "ground_truth" in rec else "answer"
+        truth = _field(rec, key, where, required=False)
+        assert prompt is not None and response is not None
+        out.append(SFTExample(prompt=prompt, response=response, ground_truth=truth, where=where))
+    if not out:
+        raise DataError(f"{path}: no usable examples")
+    return shuffle_limit(out, shuffle=shuffle, seed=seed, limit=limit)

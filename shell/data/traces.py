@@ -1,0 +1,63 @@
+"""SFT traces: a {prompt, response} pair per example, the response continuing the template's prompt with
+the example's solution and answer (r1_zero: `` {solution} </think> <answer> {answer} </answer>``)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from shell.data.jsonl import detect_format, last_boxed_content, load_sft_examples, read_jsonl
+from shell.data.loading import DataConfig, load_dataset, resolve_data_path
+from shell.data.records import DataError, Example, SFTExample
+
+if TYPE_CHECKING:
+    from shell.prompts import PromptTemplate
+
+__all__ = ["make_sft_examples", "sft_examples_for", "sft_response"]
+
+
+def sft_response(example: Example, template: str) -> str:
+    """The response that continues ``template``'s prompt for ``example`` (its solution, then its answer)."""
+    if example.solution is None:
+        raise ValueError("example has no solution to build a reasoning trace from")
+    solution = example.solution.strip()
+    if template == "r1_zero":
+        # The prompt ends with "Assistant: <think>"; the trace continues it.
+        return f" {solution} </think> <answer> {example.answer} </answer>"
+    if template == "question_only":
+        if last_boxed_content(solution) is None:
+            solution = f"{solution} The answer is $\\boxed{{{example.answer}}}$."
+        return f"\n{solution}"
+    raise ValueError(f"no SFT response format for template {template!r}")
+
+
+def make_sft_examples(
+    examples: Iterable[Example], template: PromptTemplate | str = "r1_zero"
+) -> list[SFTExample]:
+    """SFT pairs in ``template``'s format; examples without a ``solution`` are left out."""
+    from shell.prompts import load_prompt
+
+    tpl = load_prompt(template) if isinstance(template, str) else template
+    return [
+        SFTExample(prompt=tpl.format(ex.question), response=sft_response(ex, tpl.name), ground_truth=ex.answer)
+        for ex in examples
+        if ex.solution is not None
+    ]
+
+
+def sft_examples_for(cfg: DataConfig, template: PromptTemplate | str = "r1_zero") -> list[SFTExample]:
+    """SFT pairs for any config: an SFT file as is, otherwise traces made from the examples' solutions."""
+    if cfg.path is not None:
+        path = resolve_data_path(cfg.path, cfg.split)
+        fmt = cfg.format
+        if fmt == "auto":
+            first = next(read_jsonl(path), None)
+            if first is None:
+                raise DataError(f"{path}: no usable examples")
+            try:
+                fmt = detect_format(first[1])  # type: ignore[assignment]
+            except DataError as e:
+                raise DataError(f"{path}:{first[0]}: {e}") from None
+        if fmt == "sft":
+            return load_sft_examples(path, limit=cfg.limit, shuffle=cfg.shuffle, seed=cfg.seed)
+    return make_sft_examples(load_dataset(cfg), template)

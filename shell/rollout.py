@@ -1,0 +1,96 @@
+"""Rollouts and their scores: G responses per question from the sampler's (old) policy, graded by the
+batch grader, turned into group-normalised advantages. Shared by GRPO and expert iteration."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core import normalize_group_rewards, reward_statistics
+from shell.config import GradingConfig, SamplingConfig
+from shell.grading import grade_batch
+from shell.prompts import PromptTemplate
+from shell.sampling import Sampler, SamplingParams
+
+__all__ = ["Rollouts", "group_advantages", "grade", "rollout"]
+
+
+@dataclass
+class Rollouts:
+    """A rollout batch, grouped consecutively: rows ``g*G … g*G+G-1`` answer question ``g``."""
+
+    prompts: list[str] = field(default_factory=list)
+    responses: list[str] = field(default_factory=list)
+    truths: list[Any] = field(default_factory=list)
+    num_tokens: list[int] = field(default_factory=list)
+    entropies: list[float | None] = field(default_factory=list)
+    """Each response's mean token entropy (the sampler's, or filled in by the policy)."""
+    finish_reasons: list[str] = field(default_factory=list)
+    sampler_log_probs: list[list[float] | None] = field(default_factory=list)
+    """Per-token log-probs of each response under the sampler (None where it gave none)."""
+
+    def __len__(self) -> int:
+        return len(self.responses)
+
+    @property
+    def mean_entropy(self) -> float | None:
+        kept = [e for e in self.entropies if e is not None]
+        return statistics.fmean(kept) if kept else None
+
+    def fill_entropies(self, score: Callable[[Sequence[str], Sequence[str]], list[float]]) -> None:
+        """Where the sampler gave no entropies (vLLM), take them from ``score(prompts, responses)``."""
+        missing = [i for i, e in enumerate(self.entropies) if e is None]
+        if missing:
+            values = score([self.prompts[i] for i in missing], [self.responses[i] for i in missing])
+            for i, v in zip(missing, values):
+                self.entropies[i] = v
+
+
+def rollout(
+    sampler: Sampler, questions: Sequence[Any], template: PromptTemplate, sampling: SamplingConfig, *,
+    group_size: int, seed: int, keys: Sequence[int] | None = None, progress: bool = True,
+) -> Rollouts:
+    """``group_size`` responses per question (stop after ``</answer>``, kept). The noise of each response is a
+    function of ``(seed, keys[q], sample index)``: pass the questions' dataset indices as ``keys``."""
+    prompts = [template.format(q.question) for q in questions]
+    params = SamplingParams(n=group_size, temperature=sampling.temperature, top_p=sampling.top_p,
+                            max_tokens=sampling.max_tokens, min_tokens=sampling.min_tokens,
+                            stop=("</answer>",), seed=seed, logprobs=True)
+    groups = sampler.generate(prompts, params, keys=keys, progress=progress)
+    out = Rollouts()
+    for q, prompt, comps in zip(questions, prompts, groups):
+        for c in comps:
+            out.prompts.append(prompt)
+            out.responses.append(c.text)
+            out.truths.append(q.answer)
+            out.num_tokens.append(len(c.token_ids))
+            out.entropies.append(statistics.fmean(c.entropies) if c.entropies else None)
+            out.finish_reasons.append(c.finish_reason)
+            out.sampler_log_probs.append(c.logprobs)
+    return out
+
+
+def grade(rollouts: Rollouts, template: PromptTemplate, grading: GradingConfig, *, progress: bool = True
+          ) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """Every response's rewards (the template's reward function, through the batch grader) and the grader's metadata."""
+    return grade_batch(rollouts.responses, rollouts.truths, reward_fn=template.reward_fn_name,
+                       timeout_s=grading.timeout_s, num_workers=grading.workers, progress=progress)
+
+
+def group_advantages(
+    scores: Sequence[dict[str, float]], *, group_size: int, advantage_eps: float, normalize_by_std: bool
+) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """Raw rewards ``(rollout_batch,)``, group-normalised advantages ``(rollout_batch,)`` and reward statistics
+    (mean, std, fraction of zero-variance groups, format and answer reward means)."""
+    raw = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
+    advantages = normalize_group_rewards(raw, group_size=group_size, advantage_eps=advantage_eps,
+                                         normalize_by_std=normalize_by_std)
+    stats = reward_statistics(raw, group_size=group_size)
+    stats["format_reward_mean"] = statistics.fmean(s["format_reward"] for s in scores)
+    stats["answer_reward_mean"] = statistics.fmean(s["answer_reward"] for s in scores)
+    return raw, advantages, stats

@@ -1,0 +1,319 @@
+"""Policy updates shared by the loops: a :class:`Learner` (policy, optimizer, compiled steps), one
+accumulate-and-step, and the SFT and policy-gradient updates built on it.
+
+Every training microbatch of every loop runs through :func:`shell.steps.make_train_step` with
+``compile=optim.compile``; old log-probs and the policy's entropy on sampled responses run through
+:func:`shell.steps.make_log_probs_fn` (compiled too), under inference mode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from core import LengthNormalization, LossType
+from shell.config import OptimConfig
+from shell.data import SFTExample
+from shell.progress import say
+from shell.seeds import batch_indices, derive_seed, seeded_permutation
+from shell.steps import make_log_probs_fn, make_train_step, tokenize_batch
+
+__all__ = [
+    "Learner",
+    "Optimizer",
+    "PolicyGradientSettings",
+    "accumulate_and_step",
+    "finite_or_raise",
+    "grpo_update",
+    "mean_or_none",
+    "plan_microbatches",
+    "response_entropies",
+    "sft_update",
+    "warm_start",
+]
+
+
+def finite_or_raise(value: float, what: str) -> float:
+    """``value``, or ``FloatingPointError`` when it is NaN or infinite (training diverged)."""
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{what} is {value}: training diverged (lower the learning rate)")
+    return value
+
+
+class Optimizer:
+    """AdamW with a linear warm-up to a constant learning rate, and global-norm gradient clipping."""
+
+    def __init__(self, model: torch.nn.Module, cfg: OptimConfig, *, lr: float | None = None) -> None:
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.max_grad_norm = cfg.max_grad_norm
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr if lr is None else lr,
+                                           weight_decay=cfg.weight_decay, betas=(cfg.beta1, cfg.beta2))
+        warm = max(0, cfg.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the last step."""
+        return float(self.scheduler.get_last_lr()[0])
+
+    def step(self) -> float:
+        """Clip the global gradient norm, step AdamW and the schedule, zero the gradients; returns the pre-clip norm."""
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+class Learner:
+    """The policy being trained, its optimizer and its microbatch steps (compiled when ``optim.compile``)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: OptimConfig) -> None:
+        self.model, self.tokenizer, self.optim = model, tokenizer, optim
+        self.optimizer = Optimizer(model, optim)
+        kw = dict(compile=optim.compile, share_prompt_prefix=optim.share_prompt_prefix,
+                  checkpoint_above_tokens=optim.checkpoint_above_tokens)
+        self.sft_step = make_train_step(model, "sft", **kw)
+        self.grpo_step = make_train_step(model, "grpo", **kw)
+        self.log_probs = make_log_probs_fn(model, compile=optim.compile, share_prompt_prefix=optim.share_prompt_prefix)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast on the policy's device when ``optim.autocast_bf16``."""
+        if not self.optim.autocast_bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16)
+
+    def reset_optimizer(self) -> None:
+        """A fresh AdamW and schedule (expert iteration's ``--fresh-optimizer``)."""
+        self.optimizer = Optimizer(self.model, self.optim)
+
+    def tokenize(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, Any]:
+        return tokenize_batch(prompts, responses, self.tokenizer, self.device)
+
+
+Microbatch = tuple[dict[str, Any], dict[str, Any]]
+"""A tokenized microbatch and the objective's keyword arguments for it."""
+
+
+def accumulate_and_step(
+    learner: Learner, step_fn: Callable[..., tuple[Tensor, dict[str, Any]]], microbatches: Sequence[Microbatch],
+    *, optimizer: Optimizer | None = None,
+) -> dict[str, float]:
+    """One optimizer step: the microbatch step (forward, loss, backward) on each microbatch, then clip +
+    AdamW. Returns ``train/`` metrics: the summed loss, the pre-clip gradient norm, the token entropy and
+    every scalar the objective reports (e.g. ``clip_fraction``), averaged over response tokens."""
+    optimizer = optimizer or learner.optimizer
+    learner.model.train()
+    loss_sum, tokens, entropy_sum = 0.0, 0, 0.0
+    weighted: dict[str, float] = defaultdict(float)
+    for tb, kwargs in microbatches:
+        with learner.autocast():
+            loss, meta = step_fn(tb["input_ids"], tb["labels"], tb["response_mask"], prefix_len=tb["prefix_len"],
+                                 return_token_entropy=True, **kwargs)
+        mask = tb["response_mask"]
+        n = int(mask.sum())
+        loss_sum += float(loss)
+        tokens += n
+        entropy_sum += float((meta["token_entropy"] * mask).sum())
+        for key, value in meta.items():
+            if isinstance(value, Tensor) and value.ndim == 0 and value.is_floating_point():
+                weighted[key] += float(value) * n
+    norm = optimizer.step()
+    metrics = {
+        "train/loss": finite_or_raise(loss_sum, "train loss"),
+        "train/grad_norm": finite_or_raise(norm, "gradient norm"),
+        "train/token_entropy": entropy_sum / max(tokens, 1),
+        "train/response_tokens": tokens,
+        "train/lr": optimizer.lr,
+    }
+    metrics.update({f"train/{k}": v / max(tokens, 1) for k, v in weighted.items()})
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------------ SFT
+
+
+def sft_update(
+    learner: Learner, batch: Sequence[SFTExample], *, gradient_accumulation_steps: int,
+    optimizer: Optimizer | None = None,
+) -> dict[str, float]:
+    """One optimizer step of SFT on ``batch``, cut into ``gradient_accumulation_steps`` equal microbatches.
+
+    Microbatches of similar length pad less, so the batch is sorted by length first; the step's gradient
+    does not depend on the split (each microbatch's loss is a mean over its examples divided by k).
+    """
+    k = gradient_accumulation_steps
+    if len(batch) % k:
+        raise ValueError(f"a batch of {len(batch)} cannot be cut into {k} equal microbatches")
+    micro = len(batch) // k
+    batch = sorted(batch, key=lambda e: len(e.prompt) + len(e.response))
+    parts = [batch[i * micro : (i + 1) * micro] for i in range(k)]
+    microbatches = [(learner.tokenize([e.prompt for e in p], [e.response for e in p]), {"gradient_accumulation_steps": k})
+                    for p in parts]
+    return accumulate_and_step(learner, learner.sft_step, microbatches, optimizer=optimizer)
+
+
+def warm_start(
+    learner: Learner, examples: Sequence[SFTExample], *, steps: int, batch_size: int, lr: float, seed: int,
+    run_dir: Path,
+) -> None:
+    """SFT on ``examples`` (r1_zero traces of the training questions) before RL, with its own AdamW at
+    ``lr``; logged to ``run_dir/warm_start_metrics.jsonl``."""
+    from shell.runlog import RunLogger
+
+    if not examples:
+        raise ValueError("warm start: the training data has no solutions to make SFT traces from")
+    optimizer = Optimizer(learner.model, learner.optim, lr=lr)
+    k = max(1, batch_size // 8)
+    while batch_size % k:
+        k -= 1
+    logger = RunLogger(run_dir, logger="none", metrics_name="warm_start_metrics.jsonl")
+    try:
+        for step in range(1, steps + 1):
+            idx = batch_indices(len(examples), batch_size, step - 1, seed=seed, stream="warm-start")
+            m = sft_update(learner, [examples[i] for i in idx], gradient_accumulation_steps=k, optimizer=optimizer)
+            logger.log({"train_step": step, **m})
+            say(f"[warm start {step}/{steps}] loss {m['train/loss']:.4f}")
+    finally:
+        logger.close()
+
+
+# ------------------------------------------------------------------------------------------------ GRPO
+
+
+@dataclass(frozen=True)
+class PolicyGradientSettings:
+    """What a policy-gradient update on one rollout batch needs (GRPO's flags)."""
+
+    loss_type: LossType
+    group_size: int
+    train_batch_size: int
+    gradient_accumulation_steps: int
+    epochs_per_rollout_batch: int = 1
+    cliprange: float = 0.2
+    length_normalization: LengthNormalization = "masked_mean"
+    normalize_constant: float | None = None
+    """``masked_normalize``'s constant (the maximum generation length)."""
+
+    def off_policy(self, rollout_batch_size: int) -> bool:
+        """More than one optimizer step per rollout batch: later steps train on another policy's samples."""
+        return self.epochs_per_rollout_batch > 1 or self.train_batch_size < rollout_batch_size
+
+
+def plan_microbatches(n: int, settings: PolicyGradientSettings, *, seed: int) -> list[list[list[list[int]]]]:
+    """Row indices of a rollout batch of ``n`` responses, as epochs → train batches → microbatches.
+
+    On-policy (one train batch, one epoch) keeps rollout order, so a microbatch of ``group_size`` rows is one
+    group sharing its prompt. Off-policy, each epoch visits the groups in its own seeded order (whole groups
+    stay together); every row appears exactly once per epoch.
+    """
+    g = settings.group_size
+    if n % g or n % settings.train_batch_size or settings.train_batch_size % settings.gradient_accumulation_steps:
+        raise ValueError(f"{n} rollouts do not split into groups of {g}, train batches of {settings.train_batch_size} "
+                         f"and {settings.gradient_accumulation_steps} microbatches each")
+    micro = settings.train_batch_size // settings.gradient_accumulation_steps
+    epochs = []
+    for e in range(settings.epochs_per_rollout_batch):
+        groups = list(range(n // g))
+        if settings.off_policy(n):
+            groups = [groups[i] for i in seeded_permutation(len(groups), derive_seed(seed, "microbatch-order", e))]
+        order = [q * g + j for q in groups for j in range(g)]
+        batches = []
+        for b in range(0, n, settings.train_batch_size):
+            rows = order[b : b + settings.train_batch_size]
+            batches.append([rows[m : m + micro] for m in range(0, len(rows), micro)])
+        epochs.append(batches)
+    return epochs
+
+
+def _policy_log_probs(learner: Learner, tokenized: Sequence[dict[str, Any]], *, entropy: bool = False) -> list[dict[str, Tensor]]:
+    """Log-probs (and entropies) of tokenized batches under the current policy, in inference mode."""
+    learner.model.eval()
+    out = []
+    with torch.inference_mode(), learner.autocast():
+        for tb in tokenized:
+            r = learner.log_probs(tb["input_ids"], tb["labels"], prefix_len=tb["prefix_len"], return_token_entropy=entropy)
+            out.append({k: v.float().clone() for k, v in r.items()})
+    return out
+
+
+def grpo_update(
+    learner: Learner, prompts: Sequence[str], responses: Sequence[str], raw_rewards: Tensor, advantages: Tensor,
+    settings: PolicyGradientSettings, *, seed: int,
+) -> list[dict[str, float]]:
+    """Epochs × train batches of policy-gradient steps on one rollout batch; ``train/`` metrics per optimizer step.
+
+    Off-policy losses that need them get the old log-probs once, before the first step (the sampling
+    policy's, under inference mode); on-policy the forward's own detached log-probs serve.
+    """
+    n = len(responses)
+    plan = plan_microbatches(n, settings, seed=seed)
+    keys = [tuple(mb) for epoch in plan for batch in epoch for mb in batch]
+    tokenized = {k: learner.tokenize([prompts[i] for i in k], [responses[i] for i in k]) for k in dict.fromkeys(keys)}
+    needs_old = settings.loss_type in ("grpo_clip", "grpo_no_clip")
+    old: dict[tuple[int, ...], Tensor] = {}
+    if needs_old and settings.off_policy(n):
+        order = list(tokenized)
+        old = {k: r["log_probs"] for k, r in zip(order, _policy_log_probs(learner, [tokenized[k] for k in order]))}
+    device = learner.device
+    metrics = []
+    for epoch in plan:
+        for batch in epoch:
+            microbatches = []
+            for mb in batch:
+                idx = torch.tensor(mb)
+                kwargs: dict[str, Any] = dict(
+                    gradient_accumulation_steps=settings.gradient_accumulation_steps, loss_type=settings.loss_type,
+                    raw_rewards=raw_rewards[idx].unsqueeze(-1).to(device), advantages=advantages[idx].unsqueeze(-1).to(device),
+                    cliprange=settings.cliprange, length_normalization=settings.length_normalization,
+                    normalize_constant=settings.normalize_constant,
+                )
+                if needs_old:
+                    if old:
+                        kwargs["old_log_probs"] = old[tuple(mb)]
+                    else:
+                        kwargs["old_log_probs_from_policy"] = True
+                microbatches.append((tokenized[tuple(mb)], kwargs))
+            m = accumulate_and_step(learner, learner.grpo_step, microbatches)
+            m.setdefault("train/clip_fraction", 0.0)
+            metrics.append(m)
+    return metrics
+
+
+def response_entropies(learner: Learner, prompts: Sequence[str], responses: Sequence[str], *, microbatch: int) -> list[float]:
+    """Each response's mean token entropy under the policy (inference mode, ``microbatch`` rows at a time):
+    the rollout and evaluation entropy where the sampler reports none (vLLM)."""
+    out: list[float] = []
+    for i in range(0, len(responses), max(1, microbatch)):
+        tb = learner.tokenize(prompts[i : i + microbatch], responses[i : i + microbatch])
+        ent = _policy_log_probs(learner, [tb], entropy=True)[0]["token_entropy"]
+        mask = tb["response_mask"]
+        per = (ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        out.extend(float(e) for e in per)
+    return out
+
+
+def mean_or_none(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are not None (None when there are none)."""
+    kept = [v for v in values if v is not None]
+    return statistics.fmean(kept) if kept else None
