@@ -14,6 +14,7 @@ import dataclasses
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
@@ -203,6 +204,10 @@ def cli(config_type: type[T], presets: Mapping[str, tuple[str, T]], *, descripti
         defaults={k: cfg for k, (_, cfg) in presets.items()},
         descriptions={k: d for k, (d, _) in presets.items()},
     )
+    if prog is None and sys.argv and sys.argv[0].endswith(".py"):
+        path = Path(sys.argv[0]).resolve()
+        if path.parent.name == "shell":
+            prog = f"python -m shell.{path.stem}"
     text = (f"{description}\n\nPresets (the first is the default): `--preset NAME` or `NAME`, then flags that "
             f"override its values; `NAME --help` lists every flag.")
     return tyro.cli(choices, default=presets[names[0]][1], args=argv, description=text, prog=prog)

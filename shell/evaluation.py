@@ -18,6 +18,7 @@ from shell.grading import grade_batch
 from shell.progress import say
 from shell.prompts import PromptTemplate
 from shell.sampling import Sampler, SamplingParams
+from shell.seeds import derive_seed
 
 if TYPE_CHECKING:
     import torch
@@ -162,16 +163,16 @@ def log_generations(
 
 def run_eval(
     run: Run, sampler: Sampler, model: torch.nn.Module, eval_set: Any, *, template: PromptTemplate,
-    sampling: SamplingConfig, grading: GradingConfig, seed: int, step: int, extra: dict[str, Any] | None = None,
+    sampling: SamplingConfig, grading: GradingConfig, step: int, extra: dict[str, Any] | None = None,
     entropy: EntropyFn | None = None, prefix: str = "eval",
 ) -> dict[str, Any]:
-    """A training loop's held-out evaluation: sync the policy's weights into the sampler, evaluate, append
-    the generations to ``generations.jsonl``, and log ``{prefix}/…`` metrics with ``eval_step`` = ``step``
-    (plus the ``extra`` keys)."""
+    """A training loop's held-out evaluation: sync the policy's weights into the sampler, evaluate (noise
+    seeded by the run's seed and ``step``), append the generations to ``generations.jsonl``, log
+    ``{prefix}/…`` metrics with ``eval_step`` = ``step`` (plus the ``extra`` keys) and redraw the figures."""
     model.eval()
     sampler.load_weights(model)
-    result = evaluate(sampler, eval_set, template=template, sampling=sampling, grading=grading, seed=seed,
-                      entropy=entropy, progress=True)
+    result = evaluate(sampler, eval_set, template=template, sampling=sampling, grading=grading,
+                      seed=derive_seed(run.run_cfg.seed, "eval", step), entropy=entropy, progress=True)
     s = result.summary
     stats = log_generations(result.records, run.dir / "generations.jsonl", step=step, max_samples=run.loop.log_generations)
     metrics = {
@@ -188,6 +189,7 @@ def run_eval(
         **(extra or {}),
     }
     run.log(metrics)
+    run.draw()
     say(f"[eval step {step}] answer {s['answer_reward']:.3f}  format {s['format_reward']:.3f}  "
         f"len {stats['mean_length'] or 0:.1f}  ({s['seconds']:.0f}s)")
     return metrics

@@ -215,14 +215,11 @@ def train(cfg: EIConfig) -> Path:
 
         def evaluate_now(k: int) -> None:
             run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
-                     seed=derive_seed(cfg.run.seed, "eval", k), step=k, extra={"eval/sft_steps": train_step},
+                     step=k, extra={"eval/sft_steps": train_step},
                      entropy=entropy)
-            run.draw()
 
         if run.start == 0:
-            if cfg.warm_start.steps > 0:
-                warm_start(learner, warm_examples, steps=cfg.warm_start.steps, batch_size=cfg.warm_start.batch_size,
-                           lr=cfg.warm_start.lr, seed=cfg.run.seed, run_dir=run.dir)
+            warm_start(learner, warm_examples, cfg.warm_start, seed=cfg.run.seed, run_dir=run.dir)
             evaluate_now(0)
         else:
             sampler.load_weights(model)

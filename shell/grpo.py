@@ -139,13 +139,10 @@ def train(cfg: GRPOConfig) -> Path:
 
         def evaluate_now(step: int) -> None:
             run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
-                     seed=derive_seed(cfg.run.seed, "eval", step), step=step, entropy=entropy)
-            run.draw()
+                     step=step, entropy=entropy)
 
         if run.start == 0:
-            if cfg.warm_start.steps > 0:
-                warm_start(learner, warm_examples, steps=cfg.warm_start.steps, batch_size=cfg.warm_start.batch_size,
-                           lr=cfg.warm_start.lr, seed=cfg.run.seed, run_dir=run.dir)
+            warm_start(learner, warm_examples, cfg.warm_start, seed=cfg.run.seed, run_dir=run.dir)
             evaluate_now(0)
         else:
             sampler.load_weights(model)

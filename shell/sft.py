@@ -131,8 +131,7 @@ def train(cfg: SFTConfig) -> Path:
 
         def evaluate_now(step: int) -> None:
             run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
-                     seed=derive_seed(cfg.run.seed, "eval", step), step=step)
-            run.draw()
+                     step=step)
 
         if run.start == 0:
             evaluate_now(0)

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from core import LengthNormalization, LossType
-from shell.config import OptimConfig
+from shell.config import OptimConfig, WarmStartConfig
 from shell.data import SFTExample
 from shell.progress import say
 from shell.seeds import batch_indices, derive_seed, seeded_permutation
@@ -173,17 +173,17 @@ def sft_update(
     return accumulate_and_step(learner, learner.sft_step, microbatches, optimizer=optimizer)
 
 
-def warm_start(
-    learner: Learner, examples: Sequence[SFTExample], *, steps: int, batch_size: int, lr: float, seed: int,
-    run_dir: Path,
-) -> None:
-    """SFT on ``examples`` (r1_zero traces of the training questions) before RL, with its own AdamW at
-    ``lr``; logged to ``run_dir/warm_start_metrics.jsonl``."""
+def warm_start(learner: Learner, examples: Sequence[SFTExample], cfg: WarmStartConfig, *, seed: int, run_dir: Path) -> None:
+    """``cfg.steps`` SFT steps on ``examples`` (r1_zero traces of the training questions) before RL, with their
+    own AdamW at ``cfg.lr``; logged to ``run_dir/warm_start_metrics.jsonl``. Nothing when ``cfg.steps`` is 0."""
     from shell.runlog import RunLogger
 
+    steps, batch_size = cfg.steps, cfg.batch_size
+    if steps <= 0:
+        return
     if not examples:
         raise ValueError("warm start: the training data has no solutions to make SFT traces from")
-    optimizer = Optimizer(learner.model, learner.optim, lr=lr)
+    optimizer = Optimizer(learner.model, learner.optim, lr=cfg.lr)
     k = max(1, batch_size // 8)
     while batch_size % k:
         k -= 1
