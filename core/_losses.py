@@ -279,6 +279,7 @@ def grpo_microbatch_loss(
 
     where ``\ell`` is :func:`compute_policy_gradient_loss`, ``w`` the ``importance_weights`` (1 when
     None), ``\kappa_{bt}`` :func:`compute_kl_penalty` against ``ref_log_probs`` and ``\beta = kl_coef``.
+    A response whose mask is all false (e.g. a truncated response under overlong masking) contributes 0.
     With ``token_mean``, ``c`` is the number of response tokens of the whole train batch (every
     microbatch of one optimizer step), and there is no ``1/k`` nor ``1/B``: the microbatch losses
     of one step sum to the mean per-token loss over all its response tokens, and their gradient
@@ -344,7 +345,10 @@ def grpo_microbatch_loss(
         loss = masked_normalize(per_token, response_mask, normalize_constant)
     else:
         if length_normalization == "masked_mean":
-            per_example = masked_mean(per_token, response_mask, dim=-1)
+            # masked_mean per response; a response with no response tokens (masked out, e.g. truncated)
+            # contributes 0 instead of 0/0.
+            counts = response_mask.sum(dim=-1).clamp(min=1).to(per_token.dtype)
+            per_example = masked_normalize(per_token, response_mask, 1.0, dim=-1) / counts
         else:
             per_example = masked_normalize(per_token, response_mask, normalize_constant, dim=-1)
         loss = per_example.mean() / gradient_accumulation_steps

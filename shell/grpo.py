@@ -19,7 +19,7 @@ from typing import Annotated, Any
 import torch
 import tyro
 
-from core import LengthNormalization, LossType
+from core import LengthNormalization, LossType, nonconstant_group_mask
 from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
     run_cli,
@@ -28,10 +28,10 @@ from shell.data import DataConfig, HeldOutConfig, held_out_config, load_dataset,
 from shell.evaluation import run_eval
 from shell.loop import Run, write_curves
 from shell.prompts import PromptName, load_prompt
-from shell.rollout import grade, group_advantages, rollout
+from shell.rollout import Rollouts, grade, group_advantages, rollout
 from shell.sampling import build_sampler
 from shell.seeds import batch_indices, derive_seed
-from shell.update import Learner, PolicyGradientSettings, grpo_update, response_entropies, warm_start
+from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update, response_entropies, warm_start
 
 
 @dataclass(frozen=True)
@@ -67,9 +67,24 @@ class GRPOConfig:
     use_std_normalization: bool = True
     """Divide advantages by the group std."""
     length_normalization: LengthNormalization = "masked_mean"
-    """masked_mean (per-response mean over its tokens) or masked_normalize (sum / sampling.max_tokens, Dr. GRPO)."""
+    """masked_mean (per-response mean over its tokens), masked_normalize (sum / sampling.max_tokens, Dr. GRPO)
+    or token_mean (sum over the train batch's response tokens / their number, DAPO)."""
     cliprange: float = 0.2
-    """grpo_clip's epsilon."""
+    """grpo_clip's epsilon (the lower side, and the upper side unless --cliprange-high)."""
+    cliprange_high: float | None = None
+    """grpo_clip's upper epsilon (DAPO's clip-higher, e.g. 0.28); None: --cliprange."""
+    kl_coef: float = 0.0
+    """Weight of a k3 KL penalty to a frozen copy of the starting policy (0: off, no reference loaded)."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling: weight each token's loss by min(exp(old - sampler log-prob), cap),
+    correcting the sampler/trainer mismatch (0: off; the mismatch is logged either way)."""
+    dynamic_sampling: bool = False
+    """Keep only groups whose rewards differ (DAPO): sample more questions until the rollout batch is full
+    or --max-sampling-rounds is reached (then fill it with constant groups, which carry no signal)."""
+    max_sampling_rounds: int = 3
+    """Rounds of sampling per step with --dynamic-sampling."""
+    mask_truncated: bool = False
+    """Responses that hit --sampling.max-tokens without the stop string get no loss (DAPO's overlong filtering)."""
     warm_start: WarmStartConfig = WarmStartConfig()
     loop: Annotated[LoopConfig, tyro.conf.OmitArgPrefixes] = LoopConfig(eval_every=10)
     eval: SamplingConfig = SamplingConfig()
@@ -94,6 +109,10 @@ def check_config(cfg: GRPOConfig) -> None:
         raise ValueError("use_std_normalization needs group_size >= 2")
     if cfg.loop.eval_every < 1:
         raise ValueError("eval_every must be >= 1")
+    if cfg.kl_coef < 0 or cfg.tis_cap < 0:
+        raise ValueError(f"kl_coef ({cfg.kl_coef}) and tis_cap ({cfg.tis_cap}) must be >= 0")
+    if cfg.max_sampling_rounds < 1:
+        raise ValueError(f"max_sampling_rounds must be >= 1, got {cfg.max_sampling_rounds}")
 
 
 def pg_settings(cfg: GRPOConfig) -> PolicyGradientSettings:
@@ -101,8 +120,9 @@ def pg_settings(cfg: GRPOConfig) -> PolicyGradientSettings:
     return PolicyGradientSettings(
         loss_type=cfg.loss_type, group_size=cfg.group_size, train_batch_size=cfg.train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, epochs_per_rollout_batch=cfg.epochs_per_rollout_batch,
-        cliprange=cfg.cliprange, length_normalization=cfg.length_normalization,
-        normalize_constant=float(cfg.sampling.max_tokens),
+        cliprange=cfg.cliprange, cliprange_high=cfg.cliprange_high, length_normalization=cfg.length_normalization,
+        normalize_constant=float(cfg.sampling.max_tokens), kl_coef=cfg.kl_coef, tis_cap=cfg.tis_cap,
+        mask_truncated=cfg.mask_truncated,
     )
 
 
@@ -135,7 +155,40 @@ def train(cfg: GRPOConfig) -> Path:
     def plot(run_dir: Path) -> None:
         write_curves(run_dir, extra_panels=[("train/reward", "train_step")])
 
+    def rollout_and_score(step: int) -> tuple[Rollouts, list[dict[str, float]], dict[str, float]]:
+        """n_questions × G graded responses; with --dynamic-sampling, rounds of fresh questions until as many
+        groups with differing rewards are found (or the rounds run out: constant groups fill the batch)."""
+        kept, spare, scores, spare_scores = Rollouts(), Rollouts(), [], []
+        info = {"rounds": 0, "groups": 0, "nonconstant": 0, "timeouts": 0.0}
+        while len(kept) < cfg.rollout_batch_size and info["rounds"] < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
+            r = info["rounds"]
+            idx = (batch_indices(len(train_set), n_questions, step - 1, seed=cfg.run.seed) if r == 0 else
+                   batch_indices(len(train_set), n_questions, (step - 1) * cfg.max_sampling_rounds + r, seed=cfg.run.seed,
+                                 stream="dynamic-sampling"))
+            model.eval()
+            batch = rollout(sampler, [train_set[i] for i in idx], template, cfg.sampling, group_size=cfg.group_size,
+                            seed=derive_seed(cfg.run.seed, "rollout", step, r), keys=idx)
+            batch_scores, grading = grade(batch, template, cfg.grading)
+            info["rounds"] += 1
+            info["groups"] += n_questions
+            info["timeouts"] += float(grading.get("timeouts", 0))
+            useful = nonconstant_group_mask(torch.tensor([x["reward"] for x in batch_scores]), group_size=cfg.group_size)
+            info["nonconstant"] += int(useful.sum()) // cfg.group_size
+            if not cfg.dynamic_sampling:
+                useful = torch.ones_like(useful)
+            take = [i for i in range(len(batch)) if useful[i]][: cfg.rollout_batch_size - len(kept)]
+            rest = [i for i in range(len(batch)) if not useful[i]]
+            kept.extend(batch.select(take))
+            scores += [batch_scores[i] for i in take]
+            spare.extend(batch.select(rest))
+            spare_scores += [batch_scores[i] for i in rest]
+        fill = cfg.rollout_batch_size - len(kept)
+        kept.extend(spare.select(range(fill)))
+        scores += spare_scores[:fill]
+        return kept, scores, info
+
     with Run(cfg, learner, total_steps=cfg.n_grpo_steps, closing=[sampler.close], plot=plot) as run:
+        reference: Reference | None = None
 
         def evaluate_now(step: int) -> None:
             run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
@@ -143,23 +196,25 @@ def train(cfg: GRPOConfig) -> Path:
 
         if run.start == 0:
             warm_start(learner, warm_examples, cfg.warm_start, seed=cfg.run.seed, run_dir=run.dir)
+            if cfg.kl_coef > 0:
+                reference = Reference.of(learner)
+                reference.save(run.dir / "reference")
             evaluate_now(0)
         else:
+            if cfg.kl_coef > 0:
+                if not (run.dir / "reference").is_dir():
+                    raise ValueError(f"--kl-coef {cfg.kl_coef}: {run.dir / 'reference'} is missing (the run began without a KL reference)")
+                reference = Reference.load(run.dir / "reference", learner)
             sampler.load_weights(model)
         for step in run.steps():
-            # Rollout: n_questions × G responses from the current (old) policy.
-            idx = batch_indices(len(train_set), n_questions, step - 1, seed=cfg.run.seed)
-            model.eval()
-            rollouts = rollout(sampler, [train_set[i] for i in idx], template, cfg.sampling, group_size=cfg.group_size,
-                               seed=derive_seed(cfg.run.seed, "rollout", step), keys=idx)
+            # Rollout and score: n_questions × G graded responses from the current (old) policy.
+            rollouts, scores, info = rollout_and_score(step)
             rollouts.fill_entropies(entropy)
-            # Score: rewards, group-normalised advantages.
-            scores, grading = grade(rollouts, template, cfg.grading)
             raw, advantages, stats = group_advantages(scores, group_size=cfg.group_size, advantage_eps=cfg.advantage_eps,
                                                       normalize_by_std=cfg.use_std_normalization)
             # Train: epochs × train batches of policy-gradient steps.
-            updates = grpo_update(learner, rollouts.prompts, rollouts.responses, raw, advantages, settings,
-                                  seed=derive_seed(cfg.run.seed, "update", step))
+            updates = grpo_update(learner, rollouts, raw, advantages, settings,
+                                  seed=derive_seed(cfg.run.seed, "update", step), reference=reference)
             # Log, sync, evaluate, checkpoint.
             common = {
                 "train_step": step,
@@ -170,13 +225,17 @@ def train(cfg: GRPOConfig) -> Path:
                 "train/zero_variance_group_fraction": stats["zero_variance_group_fraction"],
                 "train/response_length": statistics.fmean(rollouts.num_tokens),
                 "train/rollout_entropy": rollouts.mean_entropy,
-                "train/grading_timeouts": float(grading.get("timeouts", 0)),
+                "train/grading_timeouts": info["timeouts"],
             }
+            if cfg.dynamic_sampling:
+                common["train/sampling_rounds"] = info["rounds"]
+                common["train/kept_group_fraction"] = info["nonconstant"] / info["groups"]
             for i, u in enumerate(updates):
                 run.log({**common, "train/optimizer_step": (step - 1) * len(updates) + i + 1, **u})
             run.say(f"[grpo step {step}/{cfg.n_grpo_steps}] reward {stats['reward_mean']:.3f}  format "
                     f"{stats['format_reward_mean']:.3f}  zero-var {stats['zero_variance_group_fraction']:.2f}  "
-                    f"len {common['train/response_length']:.1f}  loss {updates[-1]['train/loss']:.4f}")
+                    f"len {common['train/response_length']:.1f}  loss {updates[-1]['train/loss']:.4f}"
+                    + (f"  rounds {info['rounds']}" if cfg.dynamic_sampling else ""))
             sampler.load_weights(model)
             if run.eval_due(step):
                 evaluate_now(step)
@@ -228,20 +287,49 @@ def _experiments() -> dict[str, tuple[str, GRPOConfig]]:
     return out
 
 
+def _modern() -> dict[str, tuple[str, GRPOConfig]]:
+    """Recipes of the papers peers ship (values and sources in the README's "Modern objectives")."""
+    dapo = _h100(
+        loss_type="grpo_clip", cliprange=0.2, cliprange_high=0.28, length_normalization="token_mean",
+        dynamic_sampling=True, max_sampling_rounds=3, mask_truncated=True, kl_coef=0.0, group_size=16,
+        rollout_batch_size=256, train_batch_size=64, gradient_accumulation_steps=32, name="grpo_dapo",
+    )
+    dapo = replace(dapo, optim=replace(dapo.optim, lr=1e-6, warmup_steps=10))
+    dr = _h100(
+        loss_type="grpo_clip", cliprange=0.2, use_std_normalization=False, length_normalization="masked_normalize",
+        kl_coef=0.0, rollout_batch_size=256, train_batch_size=128, gradient_accumulation_steps=64, name="grpo_dr_grpo",
+    )
+    dr = replace(dr, optim=replace(dr.optim, lr=1e-6))
+    return {
+        "dapo": ("DAPO (Yu et al. 2025): clip-higher 0.2/0.28, token-level loss, dynamic sampling, overlong masking, "
+                 "no KL, lr 1e-6, G 16, 4 updates per rollout batch", dapo),
+        "dr-grpo": ("Dr. GRPO (Liu et al. 2025): no std normalisation, sum / max tokens, grpo_clip 0.2, no KL, lr 1e-6, "
+                    "2 updates per rollout batch", dr),
+    }
+
+
+_LAPTOP = GRPOConfig(
+    n_grpo_steps=15, rollout_batch_size=64, group_size=8, train_batch_size=64, gradient_accumulation_steps=8,
+    loss_type="reinforce_with_baseline", use_std_normalization=True,
+    optim=OptimConfig(lr=2e-5, weight_decay=0.0, beta1=0.9, beta2=0.95, share_prompt_prefix=True),
+    sampling=SamplingConfig(min_tokens=4, max_tokens=48), eval=SamplingConfig(max_tokens=48),
+    loop=LoopConfig(eval_every=5), warm_start=WarmStartConfig(steps=3, batch_size=16, lr=3e-5),
+    run=RunConfig(name="grpo_laptop"),
+)
+
 PRESETS: dict[str, tuple[str, GRPOConfig]] = {
-    "laptop": (
-        "CPU, ≤15 min: SmolLM2-135M-Instruct on the embedded arithmetic task; a short SFT warm start, then GRPO",
-        GRPOConfig(
-            n_grpo_steps=15, rollout_batch_size=64, group_size=8, train_batch_size=64, gradient_accumulation_steps=8,
-            loss_type="reinforce_with_baseline", use_std_normalization=True,
-            optim=OptimConfig(lr=2e-5, weight_decay=0.0, beta1=0.9, beta2=0.95, share_prompt_prefix=True),
-            sampling=SamplingConfig(min_tokens=4, max_tokens=48), eval=SamplingConfig(max_tokens=48),
-            loop=LoopConfig(eval_every=5), warm_start=WarmStartConfig(steps=3, batch_size=16, lr=3e-5),
-            run=RunConfig(name="grpo_laptop"),
-        ),
+    "laptop": ("CPU, ≤15 min: SmolLM2-135M-Instruct on the embedded arithmetic task; a short SFT warm start, then GRPO",
+               _LAPTOP),
+    "laptop-dapo": (
+        "CPU, ≤15 min: the laptop run with DAPO's objective (clip-higher 0.2/0.28, token-level loss, dynamic "
+        "sampling, overlong masking; 2 updates per rollout batch)",
+        replace(_LAPTOP, loss_type="grpo_clip", cliprange=0.2, cliprange_high=0.28, length_normalization="token_mean",
+                dynamic_sampling=True, max_sampling_rounds=2, mask_truncated=True, train_batch_size=32,
+                gradient_accumulation_steps=4, run=RunConfig(name="grpo_laptop_dapo")),
     ),
     "h100": ("GPU: Qwen2.5-Math-1.5B on MATH, the handout's starting hyper-parameters", _h100()),
     **_experiments(),
+    **_modern(),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -31,6 +31,8 @@ class Rollouts:
     entropies: list[float | None] = field(default_factory=list)
     """Each response's mean token entropy (the sampler's, or filled in by the policy)."""
     finish_reasons: list[str] = field(default_factory=list)
+    sampler_token_ids: list[list[int]] = field(default_factory=list)
+    """The sampled token ids of each response (with a final eos where the sampler stopped on one)."""
     sampler_log_probs: list[list[float] | None] = field(default_factory=list)
     """Per-token log-probs of each response under the sampler (None where it gave none)."""
 
@@ -41,6 +43,15 @@ class Rollouts:
     def mean_entropy(self) -> float | None:
         kept = [e for e in self.entropies if e is not None]
         return statistics.fmean(kept) if kept else None
+
+    def select(self, rows: Sequence[int]) -> Rollouts:
+        """The rollouts of ``rows``, in that order."""
+        return Rollouts(**{f.name: [getattr(self, f.name)[i] for i in rows] for f in fields(self)})
+
+    def extend(self, other: Rollouts) -> None:
+        """Append ``other``'s rollouts."""
+        for f in fields(self):
+            getattr(self, f.name).extend(getattr(other, f.name))
 
     def fill_entropies(self, score: Callable[[Sequence[str], Sequence[str]], list[float]]) -> None:
         """Where the sampler gave no entropies (vLLM), take them from ``score(prompts, responses)``."""
@@ -71,6 +82,7 @@ def rollout(
             out.num_tokens.append(len(c.token_ids))
             out.entropies.append(statistics.fmean(c.entropies) if c.entropies else None)
             out.finish_reasons.append(c.finish_reason)
+            out.sampler_token_ids.append(list(c.token_ids))
             out.sampler_log_probs.append(c.logprobs)
     return out
 

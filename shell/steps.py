@@ -21,7 +21,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from core import get_response_log_probs, grpo_microbatch_loss, masked_mean, sft_microbatch_loss, tokenize_prompt_and_output
+from core import (
+    get_response_log_probs, grpo_microbatch_loss, masked_mean, sft_microbatch_loss, tokenize_prompt_and_output,
+    truncated_importance_weights,
+)
 from shell.models import cache_kwarg
 
 __all__ = [
@@ -226,6 +229,33 @@ _OBJECTIVES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
 }
 
 
+def _sampler_correction(
+    current: Tensor, response_mask: Tensor, loss_kwargs: dict[str, Any]
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Compare the trainer's old log-probs with the sampler's on the tokens where both are known
+    (``sampler_mask``), and with ``tis_cap > 0`` weight the per-token loss by truncated importance weights
+    (:func:`core.truncated_importance_weights`; weight 1 where the sampler's log-prob is unknown).
+
+    Returns the objective's keyword arguments (without the sampler's, with ``importance_weights`` when on)
+    and metadata: ``logprob_mismatch`` (mean |old - sampler| where known), ``sampler_known_fraction`` (of the
+    response tokens) and, with TIS, ``tis_capped_fraction``.
+    """
+    kwargs = dict(loss_kwargs)
+    sampler = kwargs.pop("sampler_log_probs")
+    known = kwargs.pop("sampler_mask") & response_mask
+    cap = kwargs.pop("tis_cap")
+    old = kwargs.get("old_log_probs")
+    old = current if old is None else old
+    n = known.sum().clamp(min=1)
+    meta = {"logprob_mismatch": torch.where(known, (old - sampler).abs(), 0.0).sum() / n,
+            "sampler_known_fraction": known.sum() / response_mask.sum().clamp(min=1)}
+    if cap > 0:
+        weights = torch.where(known, truncated_importance_weights(old, sampler, cap=cap), 1.0)
+        kwargs["importance_weights"] = weights
+        meta["tis_capped_fraction"] = (known & (weights >= cap)).sum() / n
+    return kwargs, meta
+
+
 def _compile(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
     return torch.compile(fn, dynamic=True) if enabled else fn
 
@@ -254,7 +284,9 @@ def make_train_step(
         ``step(input_ids, labels, response_mask, *, prefix_len=0, return_token_entropy=False,
         old_log_probs_from_policy=False, **objective_kwargs) -> (loss, metadata)``: ``input_ids``, ``labels``,
         ``response_mask`` are ``(batch, seq)``; ``old_log_probs_from_policy`` uses the forward's own detached
-        log-probs as the old ones (on-policy GRPO); the objective's keyword arguments (``gradient_accumulation_steps``, ``loss_type``,
+        log-probs as the old ones (on-policy GRPO); ``sampler_log_probs`` (batch, seq), ``sampler_mask``
+        (batch, seq) and ``tis_cap`` compare the old log-probs with the sampler's and, with ``tis_cap > 0``,
+        weight the loss by truncated importance weights; the objective's keyword arguments (``gradient_accumulation_steps``, ``loss_type``,
         ``advantages`` (batch, 1), ``old_log_probs`` (batch, seq) ...) pass through, per-token ones cut to
         the positions the forward covers. ``loss`` is detached; metadata holds the objective's metadata
         (detached), ``log_probs`` (batch, seq) and, when asked, ``token_entropy`` (batch, seq).
@@ -268,8 +300,11 @@ def make_train_step(
         out = forward(prefix_ids, input_ids, labels, return_token_entropy)
         if old_from_policy:  # on-policy: the sampling policy is the current one, so the ratio is 1 with its gradient
             loss_kwargs = {**loss_kwargs, "old_log_probs": out["log_probs"].detach()}
+        extra: dict[str, Tensor] = {}
+        if "sampler_log_probs" in loss_kwargs:
+            loss_kwargs, extra = _sampler_correction(out["log_probs"].detach(), response_mask, loss_kwargs)
         loss, meta = loss_fn(out["log_probs"], response_mask, **loss_kwargs)
-        return loss, out, meta
+        return loss, out, {**meta, **extra}
 
     compiled = _compile(forward_and_loss, compile)
 

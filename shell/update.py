@@ -9,6 +9,7 @@ Every training microbatch of every loop runs through :func:`shell.steps.make_tra
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import statistics
 from collections import defaultdict
@@ -24,6 +25,7 @@ from core import LengthNormalization, LossType
 from shell.config import OptimConfig, WarmStartConfig
 from shell.data import SFTExample
 from shell.progress import say
+from shell.rollout import Rollouts
 from shell.seeds import batch_indices, derive_seed, seeded_permutation
 from shell.steps import make_log_probs_fn, make_train_step, tokenize_batch
 
@@ -31,6 +33,7 @@ __all__ = [
     "Learner",
     "Optimizer",
     "PolicyGradientSettings",
+    "Reference",
     "accumulate_and_step",
     "finite_or_raise",
     "grpo_update",
@@ -127,6 +130,8 @@ def accumulate_and_step(
     loss_sum, tokens, entropy_sum = 0.0, 0, 0.0
     weighted: dict[str, float] = defaultdict(float)
     for tb, kwargs in microbatches:
+        if not bool(tb["response_mask"].any()):
+            continue  # nothing to learn from (every response masked out): no forward, no gradient
         with learner.autocast():
             loss, meta = step_fn(tb["input_ids"], tb["labels"], tb["response_mask"], prefix_len=tb["prefix_len"],
                                  return_token_entropy=True, **kwargs)
@@ -211,9 +216,17 @@ class PolicyGradientSettings:
     gradient_accumulation_steps: int
     epochs_per_rollout_batch: int = 1
     cliprange: float = 0.2
+    cliprange_high: float | None = None
+    """grpo_clip's upper epsilon (DAPO's clip-higher); None: ``cliprange``."""
     length_normalization: LengthNormalization = "masked_mean"
     normalize_constant: float | None = None
     """``masked_normalize``'s constant (the maximum generation length)."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL penalty to the reference policy (0: none)."""
+    tis_cap: float = 0.0
+    """Truncated importance sampling of the sampler/trainer mismatch: the weights' cap (0: off)."""
+    mask_truncated: bool = False
+    """Responses that hit the token limit (finish reason "length") get no loss."""
 
     def off_policy(self, rollout_batch_size: int) -> bool:
         """More than one optimizer step per rollout batch: later steps train on another policy's samples."""
@@ -257,45 +270,119 @@ def _policy_log_probs(learner: Learner, tokenized: Sequence[dict[str, Any]], *, 
     return out
 
 
+class Reference:
+    """A frozen copy of the policy at the start of RL (the KL penalty's reference), kept on disk in the run
+    folder so that a resumed run compares against the same weights."""
+
+    def __init__(self, model: torch.nn.Module, optim: OptimConfig) -> None:
+        self.model = model.eval().requires_grad_(False)
+        self.log_probs = make_log_probs_fn(self.model, compile=optim.compile, share_prompt_prefix=optim.share_prompt_prefix)
+
+    @classmethod
+    def of(cls, learner: Learner) -> Reference:
+        """A frozen copy of the learner's current policy."""
+        return cls(copy.deepcopy(learner.model), learner.optim)
+
+    @classmethod
+    def load(cls, folder: Path, learner: Learner) -> Reference:
+        """The reference saved in ``folder`` (by :meth:`save`), in a copy of the learner's model."""
+        from shell.checkpoint import load_model_weights
+
+        model = copy.deepcopy(learner.model)
+        load_model_weights(model, folder)
+        return cls(model, learner.optim)
+
+    def save(self, folder: Path) -> None:
+        from shell.checkpoint import save_pretrained_atomic
+
+        save_pretrained_atomic(self.model, None, folder)
+
+
+def _sampler_tensors(tb: dict[str, Any], token_ids: Sequence[Sequence[int] | None],
+                     log_probs: Sequence[Sequence[float] | None]) -> tuple[Tensor, Tensor]:
+    """The sampler's per-token log-probs laid out like ``tb`` (batch, seq), and where they are known: on the
+    rows whose re-tokenized response is exactly the sampled tokens (a trailing eos, kept by the sampler but not
+    in the text, is dropped)."""
+    mask = tb["response_mask"]
+    values = torch.zeros(mask.shape, dtype=torch.float32)
+    known = torch.zeros(mask.shape, dtype=torch.bool)
+    for r, (ids, lps) in enumerate(zip(token_ids, log_probs)):
+        if ids is None or lps is None:
+            continue
+        positions = mask[r].nonzero().squeeze(-1).cpu()
+        labels = tb["labels"][r, positions].tolist()
+        ids, lps = list(ids), list(lps)
+        if len(ids) == len(labels) + 1 and ids[:-1] == labels:  # sampled eos, not part of the text
+            ids, lps = ids[:-1], lps[:-1]
+        if ids == labels:
+            values[r, positions] = torch.tensor(lps, dtype=torch.float32)
+            known[r, positions] = True
+    device = mask.device
+    return values.to(device), known.to(device)
+
+
 def grpo_update(
-    learner: Learner, prompts: Sequence[str], responses: Sequence[str], raw_rewards: Tensor, advantages: Tensor,
-    settings: PolicyGradientSettings, *, seed: int,
+    learner: Learner, rollouts: Rollouts, raw_rewards: Tensor, advantages: Tensor, settings: PolicyGradientSettings,
+    *, seed: int, reference: Reference | None = None,
 ) -> list[dict[str, float]]:
     """Epochs × train batches of policy-gradient steps on one rollout batch; ``train/`` metrics per optimizer step.
 
     Off-policy losses that need them get the old log-probs once, before the first step (the sampling
-    policy's, under inference mode); on-policy the forward's own detached log-probs serve.
+    policy's, under inference mode); on-policy the forward's own detached log-probs serve. With a
+    ``reference`` (``kl_coef > 0``) its log-probs are computed once too. Every step logs the mean
+    |old - sampler| log-prob mismatch where the sampler reported log-probs; ``tis_cap > 0`` corrects for it.
     """
-    n = len(responses)
+    n = len(rollouts)
     plan = plan_microbatches(n, settings, seed=seed)
     keys = [tuple(mb) for epoch in plan for batch in epoch for mb in batch]
-    tokenized = {k: learner.tokenize([prompts[i] for i in k], [responses[i] for i in k]) for k in dict.fromkeys(keys)}
-    needs_old = settings.loss_type in ("grpo_clip", "grpo_no_clip")
+    tokenized = {k: learner.tokenize([rollouts.prompts[i] for i in k], [rollouts.responses[i] for i in k])
+                 for k in dict.fromkeys(keys)}
+    truncated = [reason == "length" for reason in rollouts.finish_reasons] if settings.mask_truncated else [False] * n
+    for k, tb in tokenized.items():
+        rows = [j for j, i in enumerate(k) if truncated[i]]
+        if rows:
+            tb["response_mask"][rows] = False
+    needs_old = settings.loss_type in ("grpo_clip", "grpo_no_clip") or settings.tis_cap > 0
+    order = list(tokenized)
     old: dict[tuple[int, ...], Tensor] = {}
     if needs_old and settings.off_policy(n):
-        order = list(tokenized)
         old = {k: r["log_probs"] for k, r in zip(order, _policy_log_probs(learner, [tokenized[k] for k in order]))}
+    ref: dict[tuple[int, ...], Tensor] = {}
+    if reference is not None and settings.kl_coef > 0:
+        with torch.inference_mode(), learner.autocast():
+            for k in order:
+                tb = tokenized[k]
+                ref[k] = reference.log_probs(tb["input_ids"], tb["labels"], prefix_len=tb["prefix_len"])["log_probs"].float().clone()
     device = learner.device
     metrics = []
     for epoch in plan:
         for batch in epoch:
+            batch_tokens = sum(int(tokenized[tuple(mb)]["response_mask"].sum()) for mb in batch)
+            constant = float(max(1, batch_tokens)) if settings.length_normalization == "token_mean" else settings.normalize_constant
             microbatches = []
             for mb in batch:
                 idx = torch.tensor(mb)
+                tb = tokenized[tuple(mb)]
                 kwargs: dict[str, Any] = dict(
                     gradient_accumulation_steps=settings.gradient_accumulation_steps, loss_type=settings.loss_type,
                     raw_rewards=raw_rewards[idx].unsqueeze(-1).to(device), advantages=advantages[idx].unsqueeze(-1).to(device),
-                    cliprange=settings.cliprange, length_normalization=settings.length_normalization,
-                    normalize_constant=settings.normalize_constant,
+                    cliprange=settings.cliprange, cliprange_high=settings.cliprange_high,
+                    length_normalization=settings.length_normalization, normalize_constant=constant,
                 )
-                if needs_old:
-                    if old:
-                        kwargs["old_log_probs"] = old[tuple(mb)]
-                    else:
-                        kwargs["old_log_probs_from_policy"] = True
-                microbatches.append((tokenized[tuple(mb)], kwargs))
+                if old:
+                    kwargs["old_log_probs"] = old[tuple(mb)]
+                elif needs_old:
+                    kwargs["old_log_probs_from_policy"] = True
+                if ref:
+                    kwargs.update(ref_log_probs=ref[tuple(mb)], kl_coef=settings.kl_coef)
+                if rollouts.sampler_log_probs and any(rollouts.sampler_log_probs[i] is not None for i in mb):
+                    values, known = _sampler_tensors(tb, [rollouts.sampler_token_ids[i] for i in mb],
+                                                     [rollouts.sampler_log_probs[i] for i in mb])
+                    kwargs.update(sampler_log_probs=values, sampler_mask=known, tis_cap=settings.tis_cap)
+                microbatches.append((tb, kwargs))
             m = accumulate_and_step(learner, learner.grpo_step, microbatches)
             m.setdefault("train/clip_fraction", 0.0)
+            m["train/truncated_fraction"] = sum(truncated[i] for mb in batch for i in mb) / sum(len(mb) for mb in batch)
             metrics.append(m)
     return metrics
 

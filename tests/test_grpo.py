@@ -3,6 +3,7 @@ prefix + checkpointing + off-policy combination, config checks, and an exact res
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,13 +16,21 @@ from shell.config import OptimConfig
 from shell.grpo import GRPOConfig, check_config, pg_settings
 from shell.runlog import read_metrics
 from shell.steps import make_log_probs_fn, tokenize_batch
-from shell.update import Learner, PolicyGradientSettings, grpo_update, plan_microbatches
+from shell.rollout import Rollouts
+from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update, plan_microbatches
 
 
 def _group(prompt="Q: 2+3=", good=" 5 </answer>", bad=" 7 </answer>", g=4):
     responses = [good if i % 2 == 0 else bad for i in range(g)]
     raw = torch.tensor([1.0 if i % 2 == 0 else 0.0 for i in range(g)])
     return [prompt] * g, responses, raw
+
+
+def _rollouts(prompts, responses, finish=None):
+    n = len(responses)
+    return Rollouts(prompts=list(prompts), responses=list(responses), truths=["5"] * n, num_tokens=[1] * n,
+                    entropies=[None] * n, finish_reasons=list(finish or ["stop"] * n),
+                    sampler_token_ids=[None] * n, sampler_log_probs=[None] * n)
 
 
 def _seq_log_prob(model, tok, prompt, response):
@@ -45,7 +54,7 @@ def test_grpo_update_raises_log_prob_of_higher_reward_response(loss_type):
     before_bad = _seq_log_prob(model, tok, prompts[1], responses[1])
     learner = Learner(model, tok, OptimConfig(lr=3e-3, autocast_bf16=False))
     for _ in range(3):
-        metrics = grpo_update(learner, prompts, responses, raw, adv, _settings(loss_type=loss_type), seed=0)
+        metrics = grpo_update(learner, _rollouts(prompts, responses), raw, adv, _settings(loss_type=loss_type), seed=0)
     after_good = _seq_log_prob(model, tok, prompts[0], responses[0])
     after_bad = _seq_log_prob(model, tok, prompts[1], responses[1])
     assert after_good > before_good
@@ -59,10 +68,11 @@ def test_on_policy_single_epoch_has_ratio_one_and_no_clipping():
     prompts, responses, raw = _group()
     learner = Learner(model, tok, OptimConfig(lr=1e-2, autocast_bf16=False))
     on = _settings(loss_type="grpo_clip", cliprange=0.01, gradient_accumulation_steps=1)
-    metrics = grpo_update(learner, prompts, responses, raw, raw - raw.mean(), on, seed=0)
+    metrics = grpo_update(learner, _rollouts(prompts, responses), raw, raw - raw.mean(), on, seed=0)
     assert metrics[0]["train/clip_fraction"] == 0.0
     # off-policy: the second epoch sees a moved policy against the stored old log-probs, so it clips
-    metrics = grpo_update(learner, prompts, responses, raw, raw - raw.mean(), replace(on, epochs_per_rollout_batch=3), seed=0)
+    metrics = grpo_update(learner, _rollouts(prompts, responses), raw, raw - raw.mean(), replace(on, epochs_per_rollout_batch=3),
+                          seed=0)
     assert metrics[0]["train/clip_fraction"] == 0.0
     assert metrics[-1]["train/clip_fraction"] > 0.0
 
@@ -97,8 +107,65 @@ def test_off_policy_clip_with_prefix_sharing_and_checkpointing(compile, no_shape
     learner = Learner(model, tok, OptimConfig(lr=1e-3, autocast_bf16=False, share_prompt_prefix=True,
                                               checkpoint_above_tokens=0, compile=compile))
     off = _settings(loss_type="grpo_clip", train_batch_size=2, gradient_accumulation_steps=1, epochs_per_rollout_batch=2)
-    metrics = grpo_update(learner, prompts, responses, raw, raw - raw.mean(), off, seed=0)
+    metrics = grpo_update(learner, _rollouts(prompts, responses), raw, raw - raw.mean(), off, seed=0)
     assert len(metrics) == 4 and all(m["train/grad_norm"] > 0 for m in metrics)
+
+
+def test_truncated_responses_get_no_loss():
+    """--mask-truncated: a response that hit the token limit contributes nothing (no gradient from it)."""
+    model, tok = tiny_policy(seed=6)
+    prompts, responses, raw = _group(g=4)
+    adv = raw - raw.mean()
+    settings = _settings(gradient_accumulation_steps=1, mask_truncated=True)
+
+    def grads(finish):
+        model.zero_grad(set_to_none=True)
+        learner = Learner(model, tok, OptimConfig(lr=0.0, autocast_bf16=False, max_grad_norm=1e9))
+        learner.optimizer.step = lambda: 0.0  # keep the gradients for inspection
+        m = grpo_update(learner, _rollouts(prompts, responses, finish), raw, adv, settings, seed=0)
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, m
+
+    all_stop, m0 = grads(["stop"] * 4)
+    two_cut, m1 = grads(["stop", "stop", "length", "length"])
+    only_first_two = {k: v for k, v in all_stop.items()}
+    assert m0[0]["train/truncated_fraction"] == 0.0 and m1[0]["train/truncated_fraction"] == 0.5
+    # Same loss as training on the first two responses alone (the batch mean still divides by 4).
+    model.zero_grad(set_to_none=True)
+    learner = Learner(model, tok, OptimConfig(lr=0.0, autocast_bf16=False))
+    learner.optimizer.step = lambda: 0.0
+    half = _settings(group_size=2, train_batch_size=2, gradient_accumulation_steps=1)
+    grpo_update(learner, _rollouts(prompts[:2], responses[:2]), raw[:2], adv[:2], half, seed=0)
+    first_two = {n: p.grad.clone() / 2 for n, p in model.named_parameters() if p.grad is not None}
+    for name in first_two:
+        torch.testing.assert_close(two_cut[name], first_two[name], rtol=1e-5, atol=1e-7)
+    assert any(not torch.allclose(two_cut[n], only_first_two[n]) for n in two_cut)
+
+
+@pytest.mark.parametrize(("shift", "weight", "capped"), [(0.0, 1.0, 0.0), (0.1, math.exp(-0.1), 0.0), (-math.log(3), 2.0, 1.0)])
+def test_sampler_mismatch_tis_weights_and_kl(shift, weight, capped):
+    """Sampler log-probs = the policy's + ``shift``: the logged mismatch is |shift|, the TIS weights
+    min(exp(-shift), cap 2) (hand-worked), and a reference equal to the policy gives KL 0 (then > 0 once the
+    policy has moved)."""
+    model, tok = tiny_policy(seed=7)
+    prompts, responses, raw = _group(g=4)
+    learner = Learner(model, tok, OptimConfig(lr=1e-2, autocast_bf16=False))
+    tb = learner.tokenize(prompts, responses)
+    with torch.no_grad():
+        lp = make_log_probs_fn(model)(tb["input_ids"], tb["labels"])["log_probs"]
+    ro = _rollouts(prompts, responses)
+    for r in range(4):
+        pos = tb["response_mask"][r].nonzero().squeeze(-1)
+        ro.sampler_token_ids[r] = tb["labels"][r, pos].tolist()
+        ro.sampler_log_probs[r] = (lp[r, pos] + shift).tolist()
+    settings = _settings(loss_type="grpo_clip", gradient_accumulation_steps=1, kl_coef=0.1, tis_cap=2.0)
+    reference = Reference.of(learner)
+    [m] = grpo_update(learner, ro, raw, raw - 0.5, settings, seed=0, reference=reference)
+    assert m["train/logprob_mismatch"] == pytest.approx(abs(shift), abs=1e-5)
+    assert m["train/tis_weight_mean"] == pytest.approx(weight, rel=1e-5)
+    assert m["train/tis_capped_fraction"] == capped
+    assert m["train/kl"] == pytest.approx(0.0, abs=1e-7)
+    [m] = grpo_update(learner, ro, raw, raw - 0.5, settings, seed=0, reference=reference)
+    assert m["train/kl"] > 1e-6
 
 
 @pytest.mark.parametrize(
@@ -134,6 +201,25 @@ def _args(tiny: Path, runs: Path, name: str, steps: int) -> list[str]:
         "--sampling.max-tokens", "6", "--eval-every", "2", "--warm-start.steps", "1", "--warm-start.batch-size", "8",
         "--optim.lr", "1e-3",
     ]
+
+
+def test_modern_objective_flags_run_and_log(tmp_path):
+    """--kl-coef, --tis-cap, --cliprange-high, token_mean, --dynamic-sampling, --mask-truncated through the loop."""
+    from shell import grpo
+
+    tiny = save_tiny_policy(tmp_path / "tiny")
+    grpo.main([*_args(tiny, tmp_path, "modern", 2), "--kl-coef", "0.01", "--tis-cap", "2", "--cliprange-high", "0.28",
+               "--length-normalization", "token_mean", "--dynamic-sampling", "--max-sampling-rounds", "2",
+               "--warm-start.steps", "0"])
+    rows = [r for r in read_metrics(tmp_path / "modern") if "train_step" in r]
+    keys = {"train/kl", "train/tis_weight_mean", "train/tis_capped_fraction", "train/logprob_mismatch",
+            "train/sampler_known_fraction", "train/sampling_rounds", "train/kept_group_fraction", "train/truncated_fraction"}
+    assert keys <= set(rows[0]), keys - set(rows[0])
+    assert all(1 <= r["train/sampling_rounds"] <= 2 for r in rows)
+    assert (tmp_path / "modern" / "reference").is_dir()
+    grpo.main([*_args(tiny, tmp_path, "masked", 1), "--mask-truncated", "--eval-every", "1"])
+    rows = [r for r in read_metrics(tmp_path / "masked") if "train_step" in r]
+    assert rows and all(0.0 <= r["train/truncated_fraction"] <= 1.0 for r in rows)
 
 
 def test_grpo_resume_equals_uninterrupted(tmp_path):
