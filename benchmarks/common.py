@@ -54,10 +54,8 @@ def print_table(rows: list[dict[str, object]], columns: list[str]) -> None:
 
 
 def write_json(name: str, payload: dict[str, object]) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
-    os.replace(tmp, path)
+    from shell.files import atomic_write_text
+
+    path = atomic_write_text(RESULTS / f"{name}.json", json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
     print(f"wrote {path}")
     return path

@@ -1,17 +1,21 @@
 """Atomic checkpoints with everything needed for an exact resume.
 
 A checkpoint is ``run_dir/checkpoints/step_XXXXXX/``: the policy and tokenizer (``save_pretrained``),
-and ``trainer_state.pt`` with the optimizer and schedule, RNG states and the loop's own state.
-It is written into a temporary folder and renamed into place (:func:`shell.files.publish_dir`), so a
-run killed while saving keeps its previous checkpoint. ``run_dir/final/`` holds the policy and
-tokenizer at the end of a run.
+``trainer_state.pt`` with the optimizer and schedule, RNG states and the loop's own state, and
+``manifest.json`` with every file's size and SHA-256. It is written into a temporary folder, fsync'ed and
+renamed into place (:func:`shell.files.publish_dir`), so a run killed while saving keeps its previous
+checkpoint. Loading verifies the manifest; a damaged newest checkpoint is reported by path and the newest
+intact one is used instead. ``run_dir/final/`` holds the policy and tokenizer at the end of a run.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +25,15 @@ import torch
 
 from shell.files import publish_dir
 
-__all__ = ["Checkpoint", "list_checkpoints", "load_latest_checkpoint", "load_model_weights", "rng_state",
-           "save_checkpoint", "save_pretrained_atomic", "set_rng_state"]
+__all__ = ["Checkpoint", "CheckpointError", "list_checkpoints", "load_latest_checkpoint", "load_model_weights",
+           "remove_stale_temporaries", "rng_state", "save_checkpoint", "save_pretrained_atomic", "set_rng_state",
+           "verify_manifest"]
+
+MANIFEST = "manifest.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used (damaged, or no intact one left): the message names the path."""
 
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
@@ -77,11 +88,48 @@ def save_checkpoint(
     def fill(tmp: Path) -> None:
         _save_pretrained(model, tokenizer, tmp)
         torch.save({"step": step, "rng": rng_state(), **state}, tmp / "trainer_state.pt")
+        write_manifest(tmp)
 
     final = publish_dir(Path(run_dir) / "checkpoints" / f"step_{step:06d}", fill)
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """``manifest.json``: the size and SHA-256 of every other file in ``folder`` (recursively)."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    entries = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1) + "\n")
+
+
+def verify_manifest(folder: Path) -> None:
+    """Raise :class:`CheckpointError` naming the file when a file of ``folder`` is missing, has another size
+    or another checksum than its manifest says (a checkpoint without a manifest passes unverified)."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return
+    try:
+        entries = json.loads(path.read_text())["files"]
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f"{path}: unreadable manifest ({e})") from None
+    for name, want in entries.items():
+        f = folder / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing")
+        size = f.stat().st_size
+        if size != want["bytes"]:
+            raise CheckpointError(f"{f}: {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)")
+        if _sha256(f) != want["sha256"]:
+            raise CheckpointError(f"{f}: checksum differs from the manifest (the file is corrupted)")
 
 
 def list_checkpoints(run_dir: Path | str) -> list[Path]:
@@ -93,17 +141,41 @@ def list_checkpoints(run_dir: Path | str) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def remove_stale_temporaries(run_dir: Path | str) -> list[Path]:
+    """Delete the temporary folders a killed run left behind (``.step_N.tmp``, ``.final.tmp``): they are never
+    used and can hold gigabytes. Returns what was removed."""
+    run_dir = Path(run_dir)
+    stale = [p for folder in (run_dir, run_dir / "checkpoints") if folder.is_dir()
+             for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith((".tmp", ".old")) and p.is_dir()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def load_latest_checkpoint(run_dir: Path | str, *, model: torch.nn.Module, restore_rng: bool = True) -> Checkpoint | None:
-    """Load the newest checkpoint of ``run_dir`` into ``model`` and return its state; None if there is none."""
+    """Load the newest intact checkpoint of ``run_dir`` into ``model`` and return its state; None if there is none.
+
+    Each candidate is verified against its manifest and loaded; a damaged one is reported (a warning naming its
+    path and the problem) and the next older one is tried. Raises :class:`CheckpointError` when checkpoints
+    exist but none is intact.
+    """
     found = list_checkpoints(run_dir)
-    if not found:
-        return None
-    path = found[-1]
-    load_model_weights(model, path)
-    state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-    if restore_rng:
-        set_rng_state(state["rng"])
-    return Checkpoint(path=path, step=int(state["step"]), state=state)
+    problems = []
+    for path in reversed(found):
+        try:
+            verify_manifest(path)
+            load_model_weights(model, path)
+            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - any damage: fall back to an older checkpoint
+            problems.append(f"{path}: {e}")
+            warnings.warn(f"checkpoint {path} is damaged ({e}); trying the previous one", stacklevel=2)
+            continue
+        if restore_rng:
+            set_rng_state(state["rng"])
+        return Checkpoint(path=path, step=int(state["step"]), state=state)
+    if found:
+        raise CheckpointError("no intact checkpoint in " + str(Path(run_dir) / "checkpoints") + ": " + "; ".join(problems))
+    return None
 
 
 def load_model_weights(model: torch.nn.Module, folder: Path | str) -> None:

@@ -21,6 +21,8 @@ T = TypeVar("T")
 
 __all__ = [
     "GradingConfig",
+    "at_least",
+    "require",
     "LoopConfig",
     "ModelConfig",
     "OptimConfig",
@@ -32,6 +34,25 @@ __all__ = [
     "cli",
     "run_cli",
 ]
+
+
+def require(ok: bool, message: str) -> None:
+    """``ValueError(message)`` unless ``ok``: the configuration checks that run before any model loads."""
+    if not ok:
+        raise ValueError(message)
+
+
+def at_least(value: float | None, minimum: float, flag: str, *, optional: bool = False) -> None:
+    """``flag`` (as the user spells it, e.g. ``--group-size``) must be ``>= minimum`` (or None when ``optional``)."""
+    if value is None and optional:
+        return
+    require(value is not None and value >= minimum, f"{flag} must be >= {minimum:g}, got {value}")
+
+
+def flag(prefix: str, field: str) -> str:
+    """The command-line spelling of ``field`` under ``prefix`` (``""`` for top-level or prefix-less fields)."""
+    name = field.replace("_", "-")
+    return f"--{prefix}.{name}" if prefix else f"--{name}"
 
 
 @dataclass(frozen=True)
@@ -63,6 +84,11 @@ class SamplerConfig:
     enforce_eager: bool = False
     """vLLM: disable CUDA graphs (faster start, slower decode)."""
 
+    def check(self, prefix: str = "sampler") -> None:
+        at_least(self.batch_size, 1, flag(prefix, "batch_size"))
+        require(0 < self.gpu_memory_utilization <= 1,
+                f"{flag(prefix, 'gpu_memory_utilization')} must be in (0, 1], got {self.gpu_memory_utilization}")
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -77,6 +103,19 @@ class SamplingConfig:
     max_tokens: int = 1024
     """Most tokens generated per response."""
 
+    def check(self, prefix: str, *, trains: bool = False) -> None:
+        """Ranges; ``trains``: these samples are trained on (rollouts), so the temperature must be > 0 (at 0 every
+        response of a group is the same, every advantage 0, and nothing is learned)."""
+        if trains:
+            require(self.temperature > 0, f"{flag(prefix, 'temperature')} must be > 0 for rollouts that train "
+                                          f"(at 0 every group's responses are identical, so every advantage is 0), got {self.temperature}")
+        at_least(self.temperature, 0, flag(prefix, "temperature"))
+        require(0 < self.top_p <= 1, f"{flag(prefix, 'top_p')} must be in (0, 1], got {self.top_p}")
+        at_least(self.max_tokens, 1, flag(prefix, "max_tokens"))
+        at_least(self.min_tokens, 0, flag(prefix, "min_tokens"))
+        require(self.min_tokens <= self.max_tokens,
+                f"{flag(prefix, 'min_tokens')} ({self.min_tokens}) must be <= {flag(prefix, 'max_tokens')} ({self.max_tokens})")
+
 
 @dataclass(frozen=True)
 class GradingConfig:
@@ -86,6 +125,10 @@ class GradingConfig:
     """Per-item grading time limit; an item past it counts as wrong."""
     workers: int | None = None
     """Grader processes (None: one per core; 0: grade in this process)."""
+
+    def check(self, prefix: str = "grading") -> None:
+        require(self.timeout_s > 0, f"{flag(prefix, 'timeout_s')} must be > 0, got {self.timeout_s}")
+        at_least(self.workers, 0, flag(prefix, "workers"), optional=True)
 
 
 @dataclass(frozen=True)
@@ -119,6 +162,15 @@ class OptimConfig:
     peak without, 7.8 GB with, no slower on a 2-core CPU). Such a microbatch does not share its prompt
     prefix. 0: always; None: never."""
 
+    def check(self, prefix: str = "optim") -> None:
+        require(self.lr > 0, f"{flag(prefix, 'lr')} must be > 0, got {self.lr}")
+        at_least(self.weight_decay, 0, flag(prefix, "weight_decay"))
+        for name in ("beta1", "beta2"):
+            require(0 <= getattr(self, name) < 1, f"{flag(prefix, name)} must be in [0, 1), got {getattr(self, name)}")
+        at_least(self.warmup_steps, 0, flag(prefix, "warmup_steps"))
+        require(self.max_grad_norm > 0, f"{flag(prefix, 'max_grad_norm')} must be > 0, got {self.max_grad_norm}")
+        at_least(self.checkpoint_above_tokens, 0, flag(prefix, "checkpoint_above_tokens"), optional=True)
+
 
 @dataclass(frozen=True)
 class WarmStartConfig:
@@ -130,6 +182,11 @@ class WarmStartConfig:
     """Examples per SFT step."""
     lr: float = 3e-5
     """Its own AdamW's learning rate."""
+
+    def check(self, prefix: str = "warm-start") -> None:
+        at_least(self.steps, 0, flag(prefix, "steps"))
+        at_least(self.batch_size, 1, flag(prefix, "batch_size"))
+        require(self.lr > 0, f"{flag(prefix, 'lr')} must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)
@@ -146,6 +203,19 @@ class LoopConfig:
     """Samples written to generations.jsonl at each evaluation."""
     resume: bool = False
     """Continue from the run folder's last checkpoint, as if the run had never stopped."""
+    allow_config_change: bool = False
+    """With --resume: accept flags that change training mid-run (learning rate, batch sizes, loss, sampling,
+    model, data) and apply them from here on; each change is appended to config_history.jsonl."""
+    budget_hours: float | None = None
+    """Wall-clock budget of the whole run (across resumes): stop cleanly after the step that reaches it,
+    with a checkpoint and the final evaluation (None: no budget)."""
+
+    def check(self) -> None:
+        at_least(self.eval_every, 1, "--eval-every")
+        at_least(self.checkpoint_every, 0, "--checkpoint-every")
+        at_least(self.keep_checkpoints, 1, "--keep-checkpoints")
+        at_least(self.log_generations, 0, "--log-generations")
+        require(self.budget_hours is None or self.budget_hours > 0, f"--budget-hours must be > 0, got {self.budget_hours}")
 
 
 @dataclass(frozen=True)
@@ -161,6 +231,9 @@ class RunConfig:
     seed: int = 0
     """Seed of every random choice of the run (data order, sampling, shuffles); the data's own
     choices (subsets, the embedded task) are seeded by --data.seed."""
+
+    def check(self) -> None:
+        require(bool(self.name.strip()) and self.name not in (".", ".."), f"--run.name must name a folder, got {self.name!r}")
 
 
 def asdict(config: Any) -> dict[str, Any]:
@@ -217,11 +290,15 @@ def run_cli(
     config_type: type[T], presets: Mapping[str, tuple[str, T]], train: Callable[[T], Any], *, description: str,
     args: Sequence[str] | None = None,
 ) -> Any:
-    """An entry point's ``main``: parse the preset CLI and run ``train(config)``; bad input
-    (``ValueError`` and its subclasses such as ``DataError``, or divergence) exits 2 with the message."""
+    """An entry point's ``main``: parse the preset CLI and run ``train(config)``. Bad input (``ValueError`` and
+    its subclasses such as ``DataError``: flags, data, a run folder in use, a refused resume) and divergence
+    exit 2 with the message; an I/O error (a full disk, a read-only folder) exits 1 with the message."""
     cfg = cli(config_type, presets, description=description, args=args)
     try:
         return train(cfg)
     except (ValueError, FloatingPointError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
+    except OSError as e:  # a full disk, a read-only folder: the message names the path
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -6,13 +6,15 @@ under ``<runs_dir>/<run name>/`` → print the summary table.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from shell.config import GradingConfig, ModelConfig, RunConfig, SamplerConfig, SamplingConfig, asdict, run_cli
-from shell.data import DataConfig, load_dataset
+from shell.data import DataConfig, load_dataset, questions_within_context
 from shell.evaluation import EvalResult, evaluate, format_summary, write_results
+from shell.models import prompt_token_limit
 from shell.prompts import PromptName, load_prompt
 from shell.sampling import build_sampler
 
@@ -33,16 +35,41 @@ class EvaluateConfig:
     run: RunConfig = RunConfig(name="zero_shot", logger="none")
 
 
+def check_config(cfg: EvaluateConfig) -> None:
+    """Every flag's range, before anything loads; each message names the flag."""
+    cfg.data.check("data")
+    cfg.eval.check("eval")
+    cfg.grading.check()
+    cfg.sampler.check()
+    cfg.run.check()
+
+
+def check_writable(run_dir: Path) -> None:
+    """Refuse, before any sampling, an output folder that cannot be written (the results would be lost)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test.{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"cannot write the results to {run_dir}: {e.strerror or e} "
+                         "(choose another --run.runs-dir or --run.name)") from None
+
+
 def main_with(cfg: EvaluateConfig) -> EvalResult:
     """Evaluate as configured; writes and prints the results."""
-    # Phase 0: prompt and data, before the model loads.
+    # Phase 0: flags, prompt, data and the output folder, before the model loads.
+    check_config(cfg)
     run_dir = Path(cfg.run.runs_dir) / cfg.run.name
     template = load_prompt(cfg.prompt)
     dataset = load_dataset(cfg.data)
+    check_writable(run_dir)
     print(f"evaluating {cfg.model.name_or_path} on {len(dataset)} problems from {dataset.source}"
           + (f" ({dataset.skipped} skipped: empty answer)" if dataset.skipped else ""), flush=True)
     # Phase 1: sample and grade.
-    _, _, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
+    model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
+    dataset = questions_within_context(dataset, template, tokenizer, what="evaluation set", limit=prompt_token_limit(
+        model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
     try:
         result = evaluate(sampler, dataset, template=template, sampling=cfg.eval, grading=cfg.grading,
                           seed=cfg.run.seed, progress=True)

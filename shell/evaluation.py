@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shell.config import GradingConfig, SamplingConfig
-from shell.data import Dataset
+from shell.data import Dataset, HeldOutConfig
 from shell.files import atomic_write_jsonl, atomic_write_text
 from shell.grading import grade_batch
 from shell.progress import say
@@ -25,11 +25,25 @@ if TYPE_CHECKING:
 
     from shell.loop import Run
 
-__all__ = ["EvalResult", "evaluate", "format_summary", "log_generations", "mean_or_none", "run_eval", "summarize",
-           "write_results"]
+__all__ = ["EvalResult", "FinalEvalConfig", "evaluate", "final_evaluation", "format_summary", "log_generations",
+           "mean_or_none", "run_eval", "summarize", "write_results"]
 
 EntropyFn = Callable[[Sequence[str], Sequence[str]], list[float]]
 """``score(prompts, responses) -> mean token entropy of each response`` under the policy."""
+
+
+@dataclass(frozen=True)
+class FinalEvalConfig:
+    """An evaluation of the final model on a whole held-out set, after the last step (a leaderboard's score)."""
+
+    enabled: bool = False
+    """Run it (writes <run>/final_eval/summary.json and results.jsonl, the format of shell.evaluate)."""
+    data: HeldOutConfig = HeldOutConfig(limit=None)
+    """The problems: by default every problem of the validation split that goes with --data."""
+    sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=1024)
+    """How each response is drawn (the leaderboard's rules: T=1, top-p 1, 1024 tokens)."""
+    greedy: bool = False
+    """Also evaluate greedily (T=0), written to final_eval/greedy/."""
 
 
 @dataclass
@@ -193,6 +207,36 @@ def run_eval(
     say(f"[eval step {step}] answer {s['answer_reward']:.3f}  format {s['format_reward']:.3f}  "
         f"len {stats['mean_length'] or 0:.1f}  ({s['seconds']:.0f}s)")
     return metrics
+
+
+def final_evaluation(
+    run: Run, sampler: Sampler, model: torch.nn.Module, eval_set: Any, *, template: PromptTemplate,
+    cfg: FinalEvalConfig, grading: GradingConfig, entropy: EntropyFn | None = None,
+) -> dict[str, EvalResult]:
+    """Evaluate the final policy on ``eval_set`` as ``cfg`` says (and greedily when asked), write
+    ``<run>/final_eval/{summary.json, results.jsonl}`` (``greedy/`` for the greedy pass), log ``final/…``
+    metrics and print the tables."""
+    model.eval()
+    sampler.load_weights(model)
+    passes = {"": cfg.sampling}
+    if cfg.greedy:
+        passes["greedy"] = SamplingConfig(temperature=0.0, top_p=1.0, min_tokens=cfg.sampling.min_tokens,
+                                          max_tokens=cfg.sampling.max_tokens)
+    out = {}
+    for name, sampling in passes.items():
+        result = evaluate(sampler, eval_set, template=template, sampling=sampling, grading=grading,
+                          seed=derive_seed(run.run_cfg.seed, "final-eval"), entropy=entropy, progress=True)
+        folder = run.dir / "final_eval" / name if name else run.dir / "final_eval"
+        write_results(folder, result, {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                       "max_tokens": sampling.max_tokens, "step": run.completed})
+        key = "final_greedy" if name else "final"
+        run.log({"eval_step": run.completed, f"{key}/answer_reward": result.summary["answer_reward"],
+                 f"{key}/format_reward": result.summary["format_reward"], f"{key}/num_examples": len(eval_set),
+                 f"{key}/seconds": result.summary["seconds"]})
+        say(f"final evaluation{' (greedy)' if name else f' (T={sampling.temperature:g})'} on {len(eval_set)} problems "
+            f"-> {folder / 'summary.json'}\n{format_summary(result.summary)}")
+        out[name or "sampled"] = result
+    return out
 
 
 def write_results(run_dir: Path, result: EvalResult, config: dict[str, Any]) -> None:

@@ -29,9 +29,12 @@ import tyro
 
 from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
-    run_cli,
+    at_least, flag, require, run_cli,
 )
-from shell.data import DataConfig, HeldOutConfig, SFTExample, held_out_config, load_dataset, make_sft_examples
+from shell.data import (
+    DataConfig, HeldOutConfig, SFTExample, held_out_config, load_dataset, make_sft_examples, questions_within_context,
+)
+from shell.models import prompt_token_limit
 from shell.evaluation import mean_or_none, run_eval
 from shell.loop import Run, write_curves
 from shell.prompts import PromptName, load_prompt
@@ -86,21 +89,25 @@ class EIConfig:
 
 
 def check_config(cfg: EIConfig) -> None:
-    """Clear messages for inconsistent sizes."""
+    """Every flag's range and the sizes that must divide, before anything loads; each message names the flag."""
     for name in ("n_ei_steps", "ei_batch_size", "group_size", "sft_batch_size", "sft_gradient_accumulation_steps"):
-        if getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
-    if cfg.loop.eval_every < 1:
-        raise ValueError(f"eval_every must be >= 1, got {cfg.loop.eval_every}")
-    if cfg.sft_batch_size % cfg.sft_gradient_accumulation_steps:
-        raise ValueError(f"sft_batch_size ({cfg.sft_batch_size}) must be divisible by "
-                         f"sft_gradient_accumulation_steps ({cfg.sft_gradient_accumulation_steps})")
-    if cfg.sft_epochs <= 0:
-        raise ValueError(f"sft_epochs must be > 0, got {cfg.sft_epochs}")
-    if cfg.sft_max_steps is not None and cfg.sft_max_steps < 0:
-        raise ValueError(f"sft_max_steps must be >= 0, got {cfg.sft_max_steps}")
-    if not 0 <= cfg.sampling.min_tokens <= cfg.sampling.max_tokens:
-        raise ValueError(f"sampling.min_tokens ({cfg.sampling.min_tokens}) must be in [0, sampling.max_tokens]")
+        at_least(getattr(cfg, name), 1, flag("", name))
+    require(cfg.sft_batch_size % cfg.sft_gradient_accumulation_steps == 0,
+            f"--sft-batch-size ({cfg.sft_batch_size}) must be divisible by --sft-gradient-accumulation-steps "
+            f"({cfg.sft_gradient_accumulation_steps})")
+    require(cfg.sft_epochs > 0, f"--sft-epochs must be > 0, got {cfg.sft_epochs}")
+    at_least(cfg.sft_max_steps, 0, "--sft-max-steps", optional=True)
+    at_least(cfg.entropy_fallback_responses, 0, "--entropy-fallback-responses")
+    cfg.data.check("data")
+    cfg.eval_data.check("eval-data")
+    cfg.sampling.check("sampling", trains=True)
+    cfg.eval.check("eval")
+    cfg.optim.check()
+    cfg.warm_start.check()
+    cfg.loop.check()
+    cfg.grading.check()
+    cfg.sampler.check()
+    cfg.run.check()
 
 
 # ------------------------------------------------------------------------------------------ pure pieces
@@ -195,34 +202,39 @@ def train(cfg: EIConfig) -> Path:
     train_set = load_dataset(cfg.data)
     held_cfg, held_note = held_out_config(cfg.data, cfg.eval_data)
     eval_set = load_dataset(held_cfg)
-    warm_examples = make_sft_examples(train_set, template) if cfg.warm_start.steps > 0 else []
-    if cfg.warm_start.steps > 0 and not cfg.loop.resume and not warm_examples:
-        raise ValueError("warm start: the training data has no solutions to make SFT traces from")
+    if cfg.warm_start.steps > 0 and not any(ex.solution is not None for ex in train_set):
+        raise ValueError("--warm-start.steps: the training data has no solutions to make SFT traces from")
     print(f"expert iteration: {cfg.n_ei_steps} steps × {cfg.ei_batch_size} questions × G={cfg.group_size}, "
           f"SFT {cfg.sft_epochs:g} epoch(s) on the correct ones; {held_note} ({len(eval_set)} problems)", flush=True)
 
-    # Phase 1: policy, sampler, run (resume).
-    model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
-    learner = Learner(model, tokenizer, cfg.optim)
-    micro = max(1, cfg.sft_batch_size // cfg.sft_gradient_accumulation_steps)
+    # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
+    with Run(cfg, total_steps=cfg.n_ei_steps, unit="EI step", step_keys=("train/ei_step", "eval_step"),
+             plot=write_plots) as run:
+        model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
+        train_set = questions_within_context(train_set, template, tokenizer, what="training questions", limit=prompt_token_limit(
+            model, reserve=cfg.sampling.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
+        eval_set = questions_within_context(eval_set, template, tokenizer, what="held-out set", limit=prompt_token_limit(
+            model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
+        learner = Learner(model, tokenizer, cfg.optim)
+        run.begin(learner, closing=[sampler.close])
+        run.state.setdefault("train_step", 0)  # SFT steps across EI steps: saved with every checkpoint
+        micro = max(1, cfg.sft_batch_size // cfg.sft_gradient_accumulation_steps)
 
-    def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return response_entropies(learner, prompts, responses, microbatch=micro)
-
-    with Run(cfg, learner, total_steps=cfg.n_ei_steps, unit="EI step", step_keys=("train/ei_step", "eval_step"),
-             plot=write_plots, closing=[sampler.close]) as run:
-        train_step = int(run.state.get("train_step", 0))
+        def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+            return response_entropies(learner, prompts, responses, microbatch=micro)
 
         def evaluate_now(k: int) -> None:
             run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
-                     step=k, extra={"eval/sft_steps": train_step},
-                     entropy=entropy)
+                     step=k, extra={"eval/sft_steps": run.state["train_step"]}, entropy=entropy)
 
+        # Phase 2: a fresh run warm-starts and evaluates (EI step 0); a resumed one syncs the sampler.
         if run.start == 0:
-            warm_start(learner, warm_examples, cfg.warm_start, seed=cfg.run.seed, run_dir=run.dir)
+            warm_start(learner, make_sft_examples(train_set, template), cfg.warm_start, seed=cfg.run.seed, run_dir=run.dir)
             evaluate_now(0)
         else:
             sampler.load_weights(model)
+
+        # Phase 3: EI steps.
         for k in run.steps():
             # Rollout: D_b questions × G responses from the current policy.
             t0 = time.perf_counter()
@@ -250,13 +262,13 @@ def train(cfg: EIConfig) -> Path:
             for j in range(plan.steps):
                 bidx = batch_indices(len(kept), plan.batch_size, j, seed=plan.seed)
                 m = sft_update(learner, [kept[i] for i in bidx], gradient_accumulation_steps=plan.gradient_accumulation_steps)
-                train_step += 1
+                run.state["train_step"] += 1
                 losses.append(m["train/loss"])
-                run.log({"train_step": train_step, "train/ei_step": k, **m})
+                run.log({"train_step": run.state["train_step"], "train/ei_step": k, **m})
             t_sft = time.perf_counter() - t1
             # Log, sync, evaluate, checkpoint.
             run.log({
-                "train_step": train_step, "train/ei_step": k, **summary,
+                "train_step": run.state["train_step"], "train/ei_step": k, **summary,
                 "train/ei_sft_steps": plan.steps, "train/ei_sft_batch_size": plan.batch_size if plan.steps else 0,
                 "train/ei_sft_loss": mean_or_none(losses), "train/ei_grading_timeouts": float(grading.get("timeouts", 0)),
                 "train/ei_rollout_seconds": t_rollout, "train/ei_sft_seconds": t_sft,
@@ -270,8 +282,8 @@ def train(cfg: EIConfig) -> Path:
                 evaluate_now(k)  # syncs the new weights into the sampler
             else:
                 sampler.load_weights(model)
-            run.checkpoint_if_due(k, train_step=train_step)
-        return run.finish(train_step=train_step)
+            run.checkpoint_if_due(k)
+        return run.finish()
 
 
 def _h100(**overrides: Any) -> EIConfig:

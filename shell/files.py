@@ -73,9 +73,10 @@ def atomic_write_text(path: Path | str, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_jsonl(path: Path | str, records: Iterable[dict[str, Any]]) -> int:
-    """Write ``records`` as JSON lines, atomically; returns how many."""
-    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in records]
+def atomic_write_jsonl(path: Path | str, records: Iterable[dict[str, Any]], *, ensure_ascii: bool = True) -> int:
+    """Write ``records`` as JSON lines, atomically; returns how many. ``ensure_ascii`` as in ``json.dumps`` (the
+    logs' appended lines use its default, so a rewritten log reads byte for byte like an appended one)."""
+    lines = [json.dumps(r, ensure_ascii=ensure_ascii) + "\n" for r in records]
     atomic_write_text(path, "".join(lines))
     return len(lines)
 

@@ -32,6 +32,7 @@ import logging
 import multiprocessing
 import os
 import pickle
+import signal
 import threading
 import time
 import warnings
@@ -123,6 +124,9 @@ def _quiet_libraries() -> None:
 
 def _worker_main(conn: Connection) -> None:
     """Worker loop: ``("fn", payload, fast)`` configures, ``("item", index, response, truth)`` grades."""
+    # Ctrl-C reaches the whole process group: the parent decides what to do (finish the step, then stop);
+    # a worker that died of it would fail its items as wrong answers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _quiet_libraries()
     conn.send(("ready", os.getpid()))
     fn: RewardFn | None = None

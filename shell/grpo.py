@@ -22,10 +22,11 @@ import tyro
 from core import LengthNormalization, LossType, nonconstant_group_mask
 from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
-    run_cli,
+    at_least, flag, require, run_cli,
 )
-from shell.data import DataConfig, HeldOutConfig, held_out_config, load_dataset, make_sft_examples
-from shell.evaluation import run_eval
+from shell.data import DataConfig, HeldOutConfig, held_out_config, load_dataset, make_sft_examples, questions_within_context
+from shell.models import prompt_token_limit
+from shell.evaluation import FinalEvalConfig, final_evaluation, run_eval
 from shell.loop import Run, write_curves
 from shell.prompts import PromptName, load_prompt
 from shell.rollout import Rollouts, grade, group_advantages, rollout
@@ -86,6 +87,8 @@ class GRPOConfig:
     mask_truncated: bool = False
     """Responses that hit --sampling.max-tokens without the stop string get no loss (DAPO's overlong filtering)."""
     warm_start: WarmStartConfig = WarmStartConfig()
+    final_eval: FinalEvalConfig = FinalEvalConfig()
+    """After the last step (or the --budget-hours stop): the final model on a whole held-out set."""
     loop: Annotated[LoopConfig, tyro.conf.OmitArgPrefixes] = LoopConfig(eval_every=10)
     eval: SamplingConfig = SamplingConfig()
     """How held-out responses are sampled."""
@@ -95,24 +98,37 @@ class GRPOConfig:
 
 
 def check_config(cfg: GRPOConfig) -> None:
-    """Clear messages for inconsistent batch sizes."""
-    if cfg.rollout_batch_size % cfg.group_size:
-        raise ValueError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be divisible by group_size ({cfg.group_size})")
-    if cfg.train_batch_size % cfg.gradient_accumulation_steps:
-        raise ValueError(f"train_batch_size ({cfg.train_batch_size}) must be divisible by "
-                         f"gradient_accumulation_steps ({cfg.gradient_accumulation_steps})")
-    if cfg.train_batch_size < cfg.group_size:
-        raise ValueError(f"train_batch_size ({cfg.train_batch_size}) must be >= group_size ({cfg.group_size})")
-    if cfg.rollout_batch_size % cfg.train_batch_size:
-        raise ValueError(f"rollout_batch_size ({cfg.rollout_batch_size}) must be divisible by train_batch_size ({cfg.train_batch_size})")
-    if cfg.use_std_normalization and cfg.group_size < 2:
-        raise ValueError("use_std_normalization needs group_size >= 2")
-    if cfg.loop.eval_every < 1:
-        raise ValueError("eval_every must be >= 1")
-    if cfg.kl_coef < 0 or cfg.tis_cap < 0:
-        raise ValueError(f"kl_coef ({cfg.kl_coef}) and tis_cap ({cfg.tis_cap}) must be >= 0")
-    if cfg.max_sampling_rounds < 1:
-        raise ValueError(f"max_sampling_rounds must be >= 1, got {cfg.max_sampling_rounds}")
+    """Every flag's range and the sizes that must divide, before anything loads; each message names the flag."""
+    for name in ("n_grpo_steps", "rollout_batch_size", "group_size", "train_batch_size", "gradient_accumulation_steps",
+                 "epochs_per_rollout_batch", "max_sampling_rounds"):
+        at_least(getattr(cfg, name), 1, flag("", name))
+    require(cfg.rollout_batch_size % cfg.group_size == 0,
+            f"--rollout-batch-size ({cfg.rollout_batch_size}) must be divisible by --group-size ({cfg.group_size})")
+    require(cfg.train_batch_size % cfg.gradient_accumulation_steps == 0,
+            f"--train-batch-size ({cfg.train_batch_size}) must be divisible by --gradient-accumulation-steps "
+            f"({cfg.gradient_accumulation_steps})")
+    require(cfg.train_batch_size >= cfg.group_size,
+            f"--train-batch-size ({cfg.train_batch_size}) must be >= --group-size ({cfg.group_size})")
+    require(cfg.rollout_batch_size % cfg.train_batch_size == 0,
+            f"--rollout-batch-size ({cfg.rollout_batch_size}) must be divisible by --train-batch-size ({cfg.train_batch_size})")
+    require(not cfg.use_std_normalization or cfg.group_size >= 2, "--use-std-normalization needs --group-size >= 2")
+    require(cfg.cliprange > 0, f"--cliprange must be > 0, got {cfg.cliprange}")
+    require(cfg.cliprange_high is None or cfg.cliprange_high > 0, f"--cliprange-high must be > 0, got {cfg.cliprange_high}")
+    at_least(cfg.advantage_eps, 0, "--advantage-eps")
+    at_least(cfg.kl_coef, 0, "--kl-coef")
+    at_least(cfg.tis_cap, 0, "--tis-cap")
+    cfg.data.check("data")
+    cfg.eval_data.check("eval-data")
+    cfg.sampling.check("sampling", trains=True)
+    cfg.eval.check("eval")
+    cfg.optim.check()
+    cfg.warm_start.check()
+    cfg.final_eval.data.check("final-eval.data")
+    cfg.final_eval.sampling.check("final-eval.sampling")
+    cfg.loop.check()
+    cfg.grading.check()
+    cfg.sampler.check()
+    cfg.run.check()
 
 
 def pg_settings(cfg: GRPOConfig) -> PolicyGradientSettings:
@@ -126,89 +142,108 @@ def pg_settings(cfg: GRPOConfig) -> PolicyGradientSettings:
     )
 
 
+def sample_batch(sampler: Any, train_set: Any, template: Any, cfg: GRPOConfig, step: int
+                 ) -> tuple[Rollouts, list[dict[str, float]], dict[str, float]]:
+    """A rollout batch for GRPO step ``step``: n_questions × G graded responses from the sampler's (old)
+    policy. With --dynamic-sampling, rounds of fresh questions until that many groups with differing rewards
+    are found, or the rounds run out (then constant groups, which carry no signal, fill the batch).
+
+    Returns the rollouts, their scores and ``rounds``, ``groups`` (sampled), ``nonconstant`` (groups) and
+    ``timeouts`` (grading)."""
+    n_questions = cfg.rollout_batch_size // cfg.group_size
+    kept, spare, scores, spare_scores = Rollouts(), Rollouts(), [], []
+    info = {"rounds": 0, "groups": 0, "nonconstant": 0, "timeouts": 0.0}
+    rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
+    while len(kept) < cfg.rollout_batch_size and info["rounds"] < rounds:
+        r = info["rounds"]
+        idx = (batch_indices(len(train_set), n_questions, step - 1, seed=cfg.run.seed) if r == 0 else
+               batch_indices(len(train_set), n_questions, (step - 1) * cfg.max_sampling_rounds + r, seed=cfg.run.seed,
+                             stream="dynamic-sampling"))
+        batch = rollout(sampler, [train_set[i] for i in idx], template, cfg.sampling, group_size=cfg.group_size,
+                        seed=derive_seed(cfg.run.seed, "rollout", step, r), keys=idx)
+        batch_scores, grading = grade(batch, template, cfg.grading)
+        useful = nonconstant_group_mask(torch.tensor([x["reward"] for x in batch_scores]), group_size=cfg.group_size)
+        info["rounds"] += 1
+        info["groups"] += n_questions
+        info["nonconstant"] += int(useful.sum()) // cfg.group_size
+        info["timeouts"] += float(grading.get("timeouts", 0))
+        if not cfg.dynamic_sampling:
+            useful = torch.ones_like(useful)
+        take = [i for i in range(len(batch)) if useful[i]][: cfg.rollout_batch_size - len(kept)]
+        rest = [i for i in range(len(batch)) if not useful[i]]
+        kept.extend(batch.select(take))
+        scores += [batch_scores[i] for i in take]
+        spare.extend(batch.select(rest))
+        spare_scores += [batch_scores[i] for i in rest]
+    fill = cfg.rollout_batch_size - len(kept)
+    kept.extend(spare.select(range(fill)))
+    return kept, scores + spare_scores[:fill], info
+
+
 def train(cfg: GRPOConfig) -> Path:
     """Run GRPO as configured; returns the run folder."""
-    # Phase 0: configuration and data, before anything is written.
+    # Phase 0: configuration and data, before anything is written or loaded.
     check_config(cfg)
     torch.manual_seed(cfg.run.seed)
     template = load_prompt(cfg.prompt)
     train_set = load_dataset(cfg.data)
     held_cfg, held_note = held_out_config(cfg.data, cfg.eval_data)
     eval_set = load_dataset(held_cfg)
-    warm_examples = make_sft_examples(train_set, template) if cfg.warm_start.steps > 0 else []
-    if cfg.warm_start.steps > 0 and not cfg.loop.resume and not warm_examples:
-        raise ValueError("warm start: the training data has no solutions to make SFT traces from")
+    final_set = load_dataset(held_out_config(cfg.data, cfg.final_eval.data)[0]) if cfg.final_eval.enabled else None
+    if cfg.warm_start.steps > 0 and not any(ex.solution is not None for ex in train_set):
+        raise ValueError("--warm-start.steps: the training data has no solutions to make SFT traces from")
     settings = pg_settings(cfg)
-    n_questions = cfg.rollout_batch_size // cfg.group_size
-    print(f"GRPO: {cfg.n_grpo_steps} steps × {n_questions} questions × G={cfg.group_size}, loss {cfg.loss_type}, "
-          f"{'off' if settings.off_policy(cfg.rollout_batch_size) else 'on'}-policy; {held_note} ({len(eval_set)} problems)",
-          flush=True)
+    print(f"GRPO: {cfg.n_grpo_steps} steps × {cfg.rollout_batch_size // cfg.group_size} questions × G={cfg.group_size}, "
+          f"loss {cfg.loss_type}, {'off' if settings.off_policy(cfg.rollout_batch_size) else 'on'}-policy; {held_note} "
+          f"({len(eval_set)} problems)", flush=True)
 
-    # Phase 1: policy, sampler, run (resume).
-    model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
-    learner = Learner(model, tokenizer, cfg.optim)
-    micro = max(1, cfg.train_batch_size // cfg.gradient_accumulation_steps)
+    # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
+    with Run(cfg, total_steps=cfg.n_grpo_steps, plot=lambda d: write_curves(d, extra_panels=[("train/reward", "train_step")])) as run:
+        model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
+        train_set = questions_within_context(train_set, template, tokenizer, what="training questions", limit=prompt_token_limit(
+            model, reserve=cfg.sampling.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
+        eval_set = questions_within_context(eval_set, template, tokenizer, what="held-out set", limit=prompt_token_limit(
+            model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
+        if final_set is not None:
+            final_set = questions_within_context(final_set, template, tokenizer, what="final evaluation set",
+                                                 limit=prompt_token_limit(model, reserve=cfg.final_eval.sampling.max_tokens,
+                                                                          max_prompt_tokens=cfg.data.max_prompt_tokens))
+        learner = Learner(model, tokenizer, cfg.optim)
+        run.begin(learner, closing=[sampler.close])
+        micro = max(1, cfg.train_batch_size // cfg.gradient_accumulation_steps)
 
-    def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return response_entropies(learner, prompts, responses, microbatch=micro)
-
-    def plot(run_dir: Path) -> None:
-        write_curves(run_dir, extra_panels=[("train/reward", "train_step")])
-
-    def rollout_and_score(step: int) -> tuple[Rollouts, list[dict[str, float]], dict[str, float]]:
-        """n_questions × G graded responses; with --dynamic-sampling, rounds of fresh questions until as many
-        groups with differing rewards are found (or the rounds run out: constant groups fill the batch)."""
-        kept, spare, scores, spare_scores = Rollouts(), Rollouts(), [], []
-        info = {"rounds": 0, "groups": 0, "nonconstant": 0, "timeouts": 0.0}
-        while len(kept) < cfg.rollout_batch_size and info["rounds"] < (cfg.max_sampling_rounds if cfg.dynamic_sampling else 1):
-            r = info["rounds"]
-            idx = (batch_indices(len(train_set), n_questions, step - 1, seed=cfg.run.seed) if r == 0 else
-                   batch_indices(len(train_set), n_questions, (step - 1) * cfg.max_sampling_rounds + r, seed=cfg.run.seed,
-                                 stream="dynamic-sampling"))
-            model.eval()
-            batch = rollout(sampler, [train_set[i] for i in idx], template, cfg.sampling, group_size=cfg.group_size,
-                            seed=derive_seed(cfg.run.seed, "rollout", step, r), keys=idx)
-            batch_scores, grading = grade(batch, template, cfg.grading)
-            info["rounds"] += 1
-            info["groups"] += n_questions
-            info["timeouts"] += float(grading.get("timeouts", 0))
-            useful = nonconstant_group_mask(torch.tensor([x["reward"] for x in batch_scores]), group_size=cfg.group_size)
-            info["nonconstant"] += int(useful.sum()) // cfg.group_size
-            if not cfg.dynamic_sampling:
-                useful = torch.ones_like(useful)
-            take = [i for i in range(len(batch)) if useful[i]][: cfg.rollout_batch_size - len(kept)]
-            rest = [i for i in range(len(batch)) if not useful[i]]
-            kept.extend(batch.select(take))
-            scores += [batch_scores[i] for i in take]
-            spare.extend(batch.select(rest))
-            spare_scores += [batch_scores[i] for i in rest]
-        fill = cfg.rollout_batch_size - len(kept)
-        kept.extend(spare.select(range(fill)))
-        scores += spare_scores[:fill]
-        return kept, scores, info
-
-    with Run(cfg, learner, total_steps=cfg.n_grpo_steps, closing=[sampler.close], plot=plot) as run:
-        reference: Reference | None = None
+        def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+            return response_entropies(learner, prompts, responses, microbatch=micro)
 
         def evaluate_now(step: int) -> None:
-            run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
-                     step=step, entropy=entropy)
+            m = run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
+                         step=step, entropy=entropy)
+            if final_set is not None:  # keep room in --budget-hours for the final evaluation, scaled from this one
+                passes = 2 if cfg.final_eval.greedy else 1
+                run.reserve_s = m["eval/seconds"] / max(1, len(eval_set)) * len(final_set) * passes
 
+        # Phase 2: a fresh run warm-starts, fixes its KL reference and evaluates; a resumed one reloads them.
+        reference: Reference | None = None
         if run.start == 0:
-            warm_start(learner, warm_examples, cfg.warm_start, seed=cfg.run.seed, run_dir=run.dir)
+            warm_start(learner, make_sft_examples(train_set, template), cfg.warm_start, seed=cfg.run.seed, run_dir=run.dir)
             if cfg.kl_coef > 0:
                 reference = Reference.of(learner)
                 reference.save(run.dir / "reference")
             evaluate_now(0)
         else:
-            if cfg.kl_coef > 0:
-                if not (run.dir / "reference").is_dir():
-                    raise ValueError(f"--kl-coef {cfg.kl_coef}: {run.dir / 'reference'} is missing (the run began without a KL reference)")
+            if cfg.kl_coef > 0 and (run.dir / "reference").is_dir():
                 reference = Reference.load(run.dir / "reference", learner)
+            elif cfg.kl_coef > 0:  # --kl-coef added on resume (--allow-config-change): the reference starts here
+                reference = Reference.of(learner)
+                reference.save(run.dir / "reference")
+                run.say(f"--kl-coef: the run had no reference; the policy at step {run.start} is the reference from here on")
             sampler.load_weights(model)
+
+        # Phase 3: GRPO steps.
         for step in run.steps():
             # Rollout and score: n_questions × G graded responses from the current (old) policy.
-            rollouts, scores, info = rollout_and_score(step)
+            model.eval()
+            rollouts, scores, info = sample_batch(sampler, train_set, template, cfg, step)
             rollouts.fill_entropies(entropy)
             raw, advantages, stats = group_advantages(scores, group_size=cfg.group_size, advantage_eps=cfg.advantage_eps,
                                                       normalize_by_std=cfg.use_std_normalization)
@@ -240,7 +275,12 @@ def train(cfg: GRPOConfig) -> Path:
             if run.eval_due(step):
                 evaluate_now(step)
             run.checkpoint_if_due(step)
-        return run.finish()
+        folder = run.finish()
+        # Phase 4: the final model on the whole final set.
+        if final_set is not None:
+            final_evaluation(run, sampler, model, final_set, template=template, cfg=cfg.final_eval, grading=cfg.grading,
+                             entropy=entropy)
+        return folder
 
 
 def _h100(**overrides: Any) -> GRPOConfig:

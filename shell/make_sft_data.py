@@ -55,7 +55,7 @@ def main(cfg: MakeSFTDataConfig) -> dict[str, int]:
         )
     )
     sft = make_sft_examples(data, cfg.template)
-    written = atomic_write_jsonl(cfg.output, (ex.to_json() for ex in sft))
+    written = atomic_write_jsonl(cfg.output, (ex.to_json() for ex in sft), ensure_ascii=False)
     stats = {
         "written": written,
         "skipped_no_answer": data.skipped,

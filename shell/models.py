@@ -255,3 +255,11 @@ def set_attn_implementation(model: Any, attn_implementation: str) -> None:
         except (ValueError, ImportError, AttributeError):
             pass
     model.config._attn_implementation = attn_implementation
+
+
+def prompt_token_limit(model: Any, *, reserve: int, max_prompt_tokens: int | None) -> int:
+    """How many tokens a prompt may have: the model's context (``max_position_embeddings``) minus the
+    ``reserve`` kept for the response, and at most ``max_prompt_tokens`` when given."""
+    context = int(getattr(model.config, "max_position_embeddings", None) or 2048)
+    limit = context - reserve
+    return limit if max_prompt_tokens is None else min(limit, max_prompt_tokens)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -21,18 +22,33 @@ from shell.files import atomic_write_bytes, atomic_write_jsonl, atomic_write_tex
 LoggerName = Literal["wandb", "none"]
 
 
+def read_jsonl_records(path: Path | str) -> list[dict[str, Any]]:
+    """The records of a jsonl log (a missing file gives []). A torn last line (the process was killed while
+    writing it) is dropped with a warning; a bad line elsewhere raises ``ValueError`` naming ``file:line``."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    rows = []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) or all(not x.strip() for x in lines[i:]):
+                warnings.warn(f"{path}:{i}: dropped a torn last line (the run was killed while writing it)", stacklevel=2)
+                break
+            raise ValueError(f"{path}:{i}: not a JSON record ({e.msg})") from None
+    return rows
+
+
 def read_metrics(path: Path | str) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl (a missing file gives [])."""
+    """The records of a metrics.jsonl (or of ``<folder>/metrics.jsonl``); see :func:`read_jsonl_records`."""
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
-            rows.append(json.loads(line))
-    return rows
+    return read_jsonl_records(path)
 
 
 def _jsonable(value: Any) -> Any:
@@ -60,7 +76,7 @@ class RunLogger:
     Args:
         run_dir: the run's folder (created).
         logger: ``"wandb"`` (offline unless a key is configured) or ``"none"``.
-        config: the run's configuration, saved as ``config.json`` and sent to wandb.
+        config: the run's configuration, sent to wandb (and saved as ``config.json`` with ``save_config``).
         resume_step: on resume, the step of the checkpoint: later records (from the part of the run
             that was lost) are dropped so the file reads as if the run never stopped.
         step_keys: the keys holding a record's step, for ``resume_step`` (the first one present counts).
@@ -79,6 +95,7 @@ class RunLogger:
         elapsed_offset: float = 0.0,
         project: str = "reasoning-rl",
         metrics_name: str = "metrics.jsonl",
+        save_config: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -89,7 +106,7 @@ class RunLogger:
         else:
             kept = [r for r in read_metrics(self.metrics_path) if step_of(r, step_keys) <= resume_step]
             atomic_write_jsonl(self.metrics_path, kept)
-        if config is not None:
+        if config is not None and save_config:
             atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
         self._wandb = None
         if logger == "wandb":

@@ -18,9 +18,14 @@ import torch
 import tyro
 
 from shell.config import (
-    GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, run_cli,
+    GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, at_least, require,
+    run_cli,
 )
-from shell.data import DataConfig, DataError, HeldOutConfig, SFTExample, held_out_config, load_dataset, sft_examples_for
+from shell.data import (
+    DataConfig, DataError, HeldOutConfig, SFTExample, held_out_config, keep_within_context, load_dataset,
+    questions_within_context, sft_examples_for,
+)
+from shell.models import prompt_token_limit
 from shell.evaluation import run_eval
 from shell.grading import grade_batch
 from shell.loop import Run, write_curves
@@ -70,13 +75,22 @@ class SFTConfig:
 
 
 def check_config(cfg: SFTConfig) -> None:
-    """Clear messages for sizes that cannot work, before anything loads."""
-    if cfg.batch_size % cfg.gradient_accumulation_steps:
-        raise ValueError(
-            f"batch_size ({cfg.batch_size}) must be divisible by gradient_accumulation_steps ({cfg.gradient_accumulation_steps})"
-        )
-    if cfg.loop.eval_every < 1:
-        raise ValueError("eval_every must be >= 1")
+    """Every flag's range and the sizes that must divide, before anything loads; each message names the flag."""
+    at_least(cfg.batch_size, 1, "--batch-size")
+    at_least(cfg.gradient_accumulation_steps, 1, "--gradient-accumulation-steps")
+    at_least(cfg.num_steps, 1, "--num-steps", optional=True)
+    require(cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}")
+    require(cfg.batch_size % cfg.gradient_accumulation_steps == 0,
+            f"--batch-size ({cfg.batch_size}) must be divisible by --gradient-accumulation-steps ({cfg.gradient_accumulation_steps})")
+    at_least(cfg.data.num_examples, 1, "--data.num-examples", optional=True)
+    cfg.data.check("data")
+    cfg.eval_data.check("eval-data")
+    cfg.optim.check()
+    cfg.loop.check()
+    cfg.eval.check("eval")
+    cfg.grading.check()
+    cfg.sampler.check()
+    cfg.run.check()
 
 
 def validate_sft_examples(examples: Sequence[SFTExample], prompt: str) -> None:
@@ -124,10 +138,15 @@ def train(cfg: SFTConfig) -> Path:
     print(f"SFT: {len(examples)} pairs, {num_steps} steps of {cfg.batch_size}; {held_note} ({len(eval_set)} problems)",
           flush=True)
 
-    # Phase 1: policy, sampler, run (resume).
-    model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
-    learner = Learner(model, tokenizer, cfg.optim)
-    with Run(cfg, learner, total_steps=num_steps, closing=[sampler.close], plot=write_curves) as run:
+    # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
+    with Run(cfg, total_steps=num_steps, plot=write_curves) as run:
+        model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
+        examples = keep_within_context(examples, [e.prompt + e.response for e in examples], tokenizer, what="training pairs",
+                                       limit=prompt_token_limit(model, reserve=0, max_prompt_tokens=None))
+        eval_set = questions_within_context(eval_set, template, tokenizer, what="held-out set", limit=prompt_token_limit(
+            model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
+        learner = Learner(model, tokenizer, cfg.optim)
+        run.begin(learner, closing=[sampler.close])
 
         def evaluate_now(step: int) -> None:
             run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,

@@ -12,7 +12,7 @@ import contextlib
 import copy
 import math
 import statistics
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +30,7 @@ from shell.seeds import batch_indices, derive_seed, seeded_permutation
 from shell.steps import make_log_probs_fn, make_train_step, tokenize_batch
 
 __all__ = [
+    "DivergenceGuard",
     "Learner",
     "Optimizer",
     "PolicyGradientSettings",
@@ -65,8 +66,8 @@ class Optimizer:
 
     @property
     def lr(self) -> float:
-        """The learning rate of the last step."""
-        return float(self.scheduler.get_last_lr()[0])
+        """The learning rate of the next step."""
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def step(self) -> float:
         """Clip the global gradient norm, step AdamW and the schedule, zero the gradients; returns the pre-clip norm."""
@@ -79,17 +80,69 @@ class Optimizer:
     def state_dict(self) -> dict[str, Any]:
         return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
 
+    def apply(self, cfg: OptimConfig) -> None:
+        """Take ``cfg``'s learning rate, betas, weight decay and clipping from now on (after a resume restored
+        the old ones); the schedule continues from its step with the new base learning rate."""
+        self.max_grad_norm = cfg.max_grad_norm
+        self.scheduler.base_lrs = [cfg.lr for _ in self.optimizer.param_groups]
+        factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+        for group in self.optimizer.param_groups:
+            group.update(initial_lr=cfg.lr, lr=cfg.lr * factor, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay)
+
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+class DivergenceGuard:
+    """Stops a run that is blowing up before it can save a destroyed model: after each optimizer step the
+    loss and gradient norm must be finite, the gradient norm within ``grad_factor`` × the median of the recent
+    steps', a positive loss within ``loss_factor`` × its recent median, and every weight within
+    ``weight_factor`` × the largest initial weight. Raises ``FloatingPointError`` naming what happened."""
+
+    def __init__(self, params: Sequence[Tensor], *, window: int = 20, grad_factor: float = 100.0,
+                 loss_factor: float = 10.0, weight_factor: float = 100.0) -> None:
+        self.params = list(params)
+        self.weight_limit = weight_factor * max(1.0, self.max_weight())
+        self.grad_factor, self.loss_factor = grad_factor, loss_factor
+        self.grad_norms: deque[float] = deque(maxlen=window)
+        self.losses: deque[float] = deque(maxlen=window)
+
+    def max_weight(self) -> float:
+        with torch.no_grad():
+            return float(torch.stack([p.detach().abs().max() for p in self.params]).max())
+
+    def check(self, loss: float, grad_norm: float) -> None:
+        finite_or_raise(loss, "train loss")
+        finite_or_raise(grad_norm, "gradient norm")
+        if len(self.grad_norms) >= 3:
+            typical = statistics.median(self.grad_norms)
+            if grad_norm > self.grad_factor * max(typical, 0.1):
+                raise FloatingPointError(f"training diverged: gradient norm {grad_norm:.3g} is over {self.grad_factor:g}× "
+                                         f"its recent median {typical:.3g} (lower the learning rate)")
+        if len(self.losses) >= 3 and loss > 0 and all(x > 0 for x in self.losses):
+            typical = statistics.median(self.losses)
+            if loss > self.loss_factor * typical:
+                raise FloatingPointError(f"training diverged: train loss {loss:.4g} is over {self.loss_factor:g}× "
+                                         f"its recent median {typical:.4g} (lower the learning rate)")
+        largest = self.max_weight()
+        if not largest <= self.weight_limit:
+            raise FloatingPointError(f"training diverged: a weight reached {largest:.3g}, beyond {self.weight_limit:.3g} "
+                                     f"(100× the largest initial weight; lower the learning rate)")
+        if grad_norm > 0:  # a step with no signal (all advantages 0) says nothing about the scale
+            self.grad_norms.append(grad_norm)
+        self.losses.append(loss)
+
+
 class Learner:
-    """The policy being trained, its optimizer and its microbatch steps (compiled when ``optim.compile``)."""
+    """The policy being trained, its optimizer, its microbatch steps (compiled when ``optim.compile``) and
+    its divergence guard."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: OptimConfig) -> None:
         self.model, self.tokenizer, self.optim = model, tokenizer, optim
         self.optimizer = Optimizer(model, optim)
+        self.guard = DivergenceGuard(self.optimizer.params)
         kw = dict(compile=optim.compile, share_prompt_prefix=optim.share_prompt_prefix,
                   checkpoint_above_tokens=optim.checkpoint_above_tokens)
         self.sft_step = make_train_step(model, "sft", **kw)
@@ -144,9 +197,10 @@ def accumulate_and_step(
             if isinstance(value, Tensor) and value.ndim == 0 and value.is_floating_point():
                 weighted[key] += float(value) * n
     norm = optimizer.step()
+    learner.guard.check(loss_sum, norm)
     metrics = {
-        "train/loss": finite_or_raise(loss_sum, "train loss"),
-        "train/grad_norm": finite_or_raise(norm, "gradient norm"),
+        "train/loss": loss_sum,
+        "train/grad_norm": norm,
         "train/token_entropy": entropy_sum / max(tokens, 1),
         "train/response_tokens": tokens,
         "train/lr": optimizer.lr,

@@ -353,3 +353,44 @@ def test_real_data_counts() -> None:
     assert all(re.fullmatch(r"-?\d+(\.\d+)?", ex.answer) for ex in gsm_train)
     assert not any("<<" in (ex.solution or "") for ex in gsm_train)
     assert gsm_train[0].answer == "72"
+
+
+# ---------------------------------------------------------------- the held-out set follows the training data
+
+
+def test_held_out_set_follows_the_training_data(tmp_path):
+    from shell.data import HeldOutConfig, held_out_config
+
+    cfg, note = held_out_config(DataConfig(difficulty=3), HeldOutConfig())
+    assert (cfg.path, cfg.split, cfg.difficulty, cfg.limit) == (None, "validation", 3, 128) and "difficulty 3" in note
+    folder = tmp_path / "math"
+    folder.mkdir()
+    for name in ("train.jsonl", "validation.jsonl"):
+        (folder / name).write_text('{"problem": "1+1", "answer": "2"}\n')
+    cfg, note = held_out_config(DataConfig(path=str(folder / "train.jsonl")), HeldOutConfig())
+    assert cfg.path == str(folder / "validation.jsonl") and "beside --data.path" in note
+    cfg, _ = held_out_config(DataConfig(path=str(folder)), HeldOutConfig(limit=None))
+    assert load_dataset(cfg).source == str(folder / "validation.jsonl")
+    sft = tmp_path / "data" / "sft.jsonl"
+    sft.parent.mkdir()
+    sft.write_text('{"prompt": "p", "response": "r"}\n')
+    cfg, note = held_out_config(DataConfig(path=str(sft)), HeldOutConfig())
+    assert cfg.path is None and "set --eval-data.path" in note  # said at start-up, not silently
+    cfg, _ = held_out_config(DataConfig(difficulty=3), HeldOutConfig(path="embedded", difficulty=1))
+    assert (cfg.path, cfg.difficulty) == (None, 1)
+    cfg, _ = held_out_config(DataConfig(), HeldOutConfig(path=str(folder)))
+    assert cfg.path == str(folder)
+
+
+def test_varied_phrasing_keeps_the_arithmetic_and_varies_the_words():
+    plain = [arithmetic_problem(i) for i in range(200)]
+    varied = [arithmetic_problem(i, phrasing="varied") for i in range(200)]
+    for p, v in zip(plain, varied):
+        assert (p.answer, p.solution, p.meta["expression"], p.meta["split"]) == (v.answer, v.solution, v.meta["expression"],
+                                                                                 v.meta["split"])
+        numbers = re.findall(r"\d+", p.meta["expression"])
+        assert re.findall(r"\d+", v.question) == numbers  # the same numbers, in the same order
+    openings = {v.question.split()[1] for v in varied}
+    assert len(openings) > 10 and len({v.question.split("?")[0].split(".")[-1].split()[0] for v in varied}) > 3
+    assert all(p.question.startswith(p.question.split()[0] + " has ") for p in plain)
+    assert embedded_dataset(n=5, phrasing="varied").source.endswith("phrasing=varied)")

@@ -48,9 +48,9 @@ def test_sft_plan_scales_down_to_the_kept_responses():
 
 
 def test_config_checks():
-    with pytest.raises(ValueError, match="divisible"):
+    with pytest.raises(ValueError, match="--sft-batch-size \\(10\\) must be divisible by --sft-gradient-accumulation-steps"):
         ei.check_config(ei.EIConfig(sft_batch_size=10, sft_gradient_accumulation_steps=3))
-    with pytest.raises(ValueError, match="group_size"):
+    with pytest.raises(ValueError, match="--group-size must be >= 1, got 0"):
         ei.check_config(ei.EIConfig(group_size=0))
 
 

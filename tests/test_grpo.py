@@ -171,9 +171,11 @@ def test_sampler_mismatch_tis_weights_and_kl(shift, weight, capped):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"rollout_batch_size": 10, "group_size": 4}, "divisible by group_size"),
-        ({"train_batch_size": 256, "gradient_accumulation_steps": 100}, "divisible by gradient_accumulation_steps"),
-        ({"rollout_batch_size": 8, "group_size": 8, "train_batch_size": 4, "gradient_accumulation_steps": 2}, ">= group_size"),
+        ({"rollout_batch_size": 10, "group_size": 4}, "--rollout-batch-size \\(10\\) must be divisible by --group-size"),
+        ({"train_batch_size": 256, "gradient_accumulation_steps": 100}, "divisible by --gradient-accumulation-steps"),
+        ({"rollout_batch_size": 8, "group_size": 8, "train_batch_size": 4, "gradient_accumulation_steps": 2}, ">= --group-size"),
+        ({"cliprange_high": -0.1}, "--cliprange-high must be > 0"),
+        ({"max_sampling_rounds": 0}, "--max-sampling-rounds must be >= 1"),
     ],
 )
 def test_config_checks(changes, message):

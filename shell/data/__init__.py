@@ -19,6 +19,7 @@ usable ground truth (MATH's two empty answers) are skipped and counted in ``Data
 """
 
 from shell.data.arithmetic import DEFAULT_EMBEDDED_SIZES
+from shell.data.arithmetic import Phrasing
 from shell.data.arithmetic import Split
 from shell.data.arithmetic import arithmetic_problem
 from shell.data.arithmetic import arithmetic_split
@@ -31,11 +32,14 @@ from shell.data.jsonl import load_jsonl_dataset
 from shell.data.jsonl import load_sft_examples
 from shell.data.jsonl import read_jsonl
 from shell.data.loading import DataConfig
+from shell.data.loading import keep_within_context
 from shell.data.loading import HeldOutConfig
 from shell.data.loading import held_out_config
 from shell.data.loading import load_dataset
 from shell.data.loading import overlap
+from shell.data.loading import questions_within_context
 from shell.data.loading import resolve_data_path
+from shell.data.loading import within_token_limit
 from shell.data.records import DataError
 from shell.data.records import DataFileNotFoundError
 from shell.data.records import Dataset
@@ -55,6 +59,7 @@ __all__ = [
     "FORMATS",
     "Format",
     "HeldOutConfig",
+    "Phrasing",
     "SFTExample",
     "Split",
     "arithmetic_problem",
@@ -62,14 +67,17 @@ __all__ = [
     "detect_format",
     "embedded_dataset",
     "held_out_config",
+    "keep_within_context",
     "last_boxed_content",
     "load_dataset",
     "load_jsonl_dataset",
     "load_sft_examples",
     "make_sft_examples",
     "overlap",
+    "questions_within_context",
     "read_jsonl",
     "resolve_data_path",
     "sft_examples_for",
     "sft_response",
+    "within_token_limit",
 ]

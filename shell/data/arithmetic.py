@@ -12,6 +12,7 @@ from shell.data.records import DataError, Dataset, Example
 
 __all__ = [
     "DEFAULT_EMBEDDED_SIZES",
+    "Phrasing",
     "Split",
     "arithmetic_problem",
     "arithmetic_split",
@@ -31,6 +32,52 @@ _NAMES = (("Mia", "she"), ("Tom", "he"), ("Ava", "she"), ("Leo", "he"), ("Zoe", 
 _ITEMS = ("apples", "coins", "pens", "cards", "books", "stamps", "shells", "marbles", "stickers", "cookies")
 _ADD = ("gets {n} more.", "buys {n} more.", "finds {n} more.")
 _SUB = ("gives away {n}.", "loses {n}.", "sells {n}.")
+
+Phrasing = Literal["plain", "varied"]
+"""``plain``: the task's one sentence shape (the held-out metric everyone reports); ``varied``: the same
+arithmetic told with many names, items, verbs and sentence shapes, so that what is learned is the arithmetic
+rather than the template."""
+
+# The varied phrasing: (name, pronoun, object pronoun, possessive).
+_V_NAMES = tuple(
+    (n, "she", "her", "her") for n in ("Mia", "Ava", "Zoe", "Ivy", "Eva", "Lily", "Emma", "Nora", "Ruth", "Anna", "Rosa",
+                                       "Lena", "Maya", "Sara", "Chloe", "Grace", "Hana", "Priya", "Aisha", "Keiko")
+) + tuple(
+    (n, "he", "him", "his") for n in ("Tom", "Leo", "Sam", "Max", "Ben", "Omar", "Raj", "Ivan", "Luis", "Jack", "Noah",
+                                      "Ethan", "Hugo", "Kofi", "Yusuf", "Diego", "Felix", "Arjun", "Kenji", "Paul")
+)
+_V_ITEMS = ("apples", "coins", "pens", "cards", "books", "stamps", "shells", "marbles", "stickers", "cookies",
+            "pencils", "buttons", "beads", "candies", "crayons", "rocks", "toy cars", "oranges", "eggs", "flowers",
+            "balloons", "postcards", "seeds", "blocks", "ribbons", "keys", "cups", "plates", "socks", "hats",
+            "tickets", "badges", "coupons", "erasers", "puzzles", "songs", "photos", "letters", "bottles", "bricks")
+_V_FRIENDS = ("a friend", "a neighbour", "an older sister", "a younger brother", "the teacher", "a classmate", "an aunt",
+              "a cousin", "the shopkeeper", "grandpa")
+_V_PLACES = ("box", "bag", "drawer", "basket", "jar", "backpack", "shelf", "album")
+_V_START = (
+    "{Name} has {n} {item}.", "{Name} had {n} {item}.", "{Name} starts with {n} {item}.", "{Name} owns {n} {item}.",
+    "{Name} collected {n} {item}.", "At first, {Name} has {n} {item}.", "There are {n} {item} in {Name}'s {place}.",
+    "{Name} keeps {n} {item} in a {place}.", "In the morning {Name} counts {n} {item}.", "{Name}'s {place} holds {n} {item}.",
+)
+# (present, past) of events that add or remove k items.
+_V_ADD = (
+    ("{Pron} gets {k} more.", "got {k} more"), ("{Pron} buys {k} more.", "bought {k} more"),
+    ("{Pron} finds {k} more.", "found {k} more"), ("Then {pron} receives {k} more {item}.", "received {k} more {item}"),
+    ("{Friend} gives {obj} {k} more.", "was given {k} more"), ("{Pron} adds {k} {item} to the {place}.", "added {k} {item}"),
+    ("Later {pron} wins {k} {item}.", "won {k} {item}"), ("{Pron} picks up another {k}.", "picked up another {k}"),
+    ("{Friend} brings {k} {item} for {obj}.", "was brought {k} {item}"), ("{Pron} makes {k} more {item}.", "made {k} more {item}"),
+)
+_V_SUB = (
+    ("{Pron} gives away {k}.", "gave away {k}"), ("{Pron} loses {k}.", "lost {k}"), ("{Pron} sells {k}.", "sold {k}"),
+    ("{Pron} gives {k} {item} to {friend}.", "gave {k} {item} to {friend}"), ("{Pron} uses {k} of them.", "used {k} of them"),
+    ("{Friend} takes {k} {item} from {obj}.", "had {k} {item} taken away"), ("{Pron} donates {k} {item}.", "donated {k} {item}"),
+    ("Then {pron} trades away {k}.", "traded away {k}"), ("{Pron} throws out {k} old {item}.", "threw out {k} old {item}"),
+    ("{Pron} shares {k} with {friend}.", "shared {k} with {friend}"),
+)
+_V_QUESTION = (
+    "How many {item} does {Name} have now?", "How many {item} does {pron} have now?", "Now how many {item} does {Name} have?",
+    "How many {item} does {Name} end up with?", "What is the number of {item} {Name} has now?",
+    "How many {item} are there now?", "How many {item} does {Name} have after that?", "Count {poss} {item} now: how many are there?",
+)
 
 
 @dataclass(frozen=True)
@@ -59,13 +106,16 @@ def _digits(rng: random.Random, k: int) -> int:
     return rng.randint(10 ** (k - 1) if k > 1 else 1, 10**k - 1)
 
 
-def arithmetic_problem(index: int, *, difficulty: int = 1, seed: int = 0) -> Example:
-    """The embedded task's problem number ``index`` (a pure function of index, difficulty and seed).
+def arithmetic_problem(index: int, *, difficulty: int = 1, seed: int = 0, phrasing: Phrasing = "plain") -> Example:
+    """The embedded task's problem number ``index`` (a pure function of index, difficulty, seed and phrasing).
 
     Difficulty 1: "Mia has 45 apples. She gets 23 more. How many apples does she have now?" (two 2-digit
     numbers, + or -); 2: two +/- steps; 3: two steps with 3-digit numbers; 4: "has 7 boxes of 24 apples"
     (multiplication) then one 3-digit step; 5: 2x2-digit multiplication then two 3-digit steps; above 5,
     more steps and digits. Every intermediate amount is non-negative; the answer is an exact integer.
+    ``phrasing="varied"`` tells the same arithmetic (the same expression, answer and solution for the same
+    index) in one of many sentence shapes, e.g. "Kofi had 45 marbles and then lost 23. How many marbles does
+    Kofi end up with?"
     """
     lv = _level(difficulty)
     rng = random.Random(f"arith:{seed}:{difficulty}:{index}")
@@ -98,8 +148,9 @@ def arithmetic_problem(index: int, *, difficulty: int = 1, seed: int = 0) -> Exa
         solution = f"{expr} = {total}."
     else:
         solution = " ".join(steps_text)
+    question = " ".join(sentences) if phrasing == "plain" else _varied_question(expr, index, difficulty, seed)
     return Example(
-        question=" ".join(sentences),
+        question=question,
         answer=str(total),
         solution=solution,
         meta={
@@ -109,8 +160,36 @@ def arithmetic_problem(index: int, *, difficulty: int = 1, seed: int = 0) -> Exa
             "seed": seed,
             "expression": expr,
             "split": arithmetic_split(expr),
+            "phrasing": phrasing,
         },
     )
+
+
+def _varied_question(expr: str, index: int, difficulty: int, seed: int) -> str:
+    """``expr`` ("45 + 23", "7 * 24 - 130") as a story in one of the varied shapes, drawn from its own random
+    stream (so the arithmetic is the plain phrasing's)."""
+    rng = random.Random(f"phrase:{seed}:{difficulty}:{index}")
+    name, pron, obj, poss = rng.choice(_V_NAMES)
+    item, friend, place = rng.choice(_V_ITEMS), rng.choice(_V_FRIENDS), rng.choice(_V_PLACES)
+    tokens = expr.split()
+    slots = {"Name": name, "pron": pron, "Pron": pron.capitalize(), "obj": obj, "poss": poss, "item": item,
+             "friend": friend, "Friend": friend[0].upper() + friend[1:], "place": place}
+    if len(tokens) >= 3 and tokens[1] == "*":
+        start = f"{name} has {tokens[0]} {rng.choice(('boxes', 'bags', 'packs', 'rows'))} of {tokens[2]} {item}."
+        rest = tokens[3:]
+    else:
+        start, rest = rng.choice(_V_START).format(n=tokens[0], **slots), tokens[1:]
+    events = [(op, k) for op, k in zip(rest[0::2], rest[1::2])]
+    if len(events) == 1 and "*" not in expr and rng.random() < 0.3:  # one sentence: "X had 45 apples and then lost 23."
+        op, k = events[0]
+        past = rng.choice(_V_SUB if op == "-" else _V_ADD)[1].format(k=k, **slots)
+        opening = f"{name} had {tokens[0]} {item} and then {past}."
+        return f"{opening} {rng.choice(_V_QUESTION).format(**slots)}"
+    sentences = [start]
+    for op, k in events:
+        sentences.append(rng.choice(_V_SUB if op == "-" else _V_ADD)[0].format(k=k, **slots))
+    sentences.append(rng.choice(_V_QUESTION).format(**slots))
+    return " ".join(sentences)
 
 
 def arithmetic_split(expression: str) -> Split:
@@ -129,6 +208,7 @@ def embedded_dataset(
     difficulty: int = 1,
     seed: int = 0,
     shuffle: bool = False,
+    phrasing: Phrasing = "plain",
 ) -> Dataset:
     """The first ``n`` distinct problems of ``split`` (default size DEFAULT_EMBEDDED_SIZES[split])."""
     n = DEFAULT_EMBEDDED_SIZES[split] if n is None else n
@@ -142,7 +222,7 @@ def embedded_dataset(
             raise DataError(
                 f"embedded task (difficulty {difficulty}): only {len(out)} distinct {split} problems found"
             )
-        ex = arithmetic_problem(index, difficulty=difficulty, seed=seed)
+        ex = arithmetic_problem(index, difficulty=difficulty, seed=seed, phrasing=phrasing)
         index += 1
         if ex.meta["split"] == split and ex.question not in seen:
             seen.add(ex.question)
@@ -151,6 +231,7 @@ def embedded_dataset(
         random.Random(seed).shuffle(out)
     return Dataset(
         examples=tuple(out),
-        source=f"embedded:arithmetic(difficulty={difficulty}, split={split}, seed={seed})",
+        source=f"embedded:arithmetic(difficulty={difficulty}, split={split}, seed={seed}"
+               + (f", phrasing={phrasing})" if phrasing != "plain" else ")"),
         format="embedded",
     )

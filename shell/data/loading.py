@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
-from shell.data.arithmetic import Split, embedded_dataset
+T = TypeVar("T")
+
+from shell.data.arithmetic import Phrasing, Split, embedded_dataset
 from shell.data.jsonl import Format, load_jsonl_dataset
-from shell.data.records import DataFileNotFoundError, Dataset, Example
+from shell.data.records import DataError, DataFileNotFoundError, Dataset, Example
 
-__all__ = ["DataConfig", "HeldOutConfig", "held_out_config", "load_dataset", "overlap", "resolve_data_path"]
+__all__ = ["DataConfig", "HeldOutConfig", "held_out_config", "keep_within_context", "load_dataset", "overlap",
+           "questions_within_context", "resolve_data_path", "within_token_limit"]
 
 EMBEDDED = "embedded"
 """The ``--eval-data.path`` value that names the embedded task explicitly."""
@@ -35,11 +39,26 @@ class DataConfig:
     """Seeds the embedded generator and the shuffle."""
     difficulty: int = 1
     """Embedded task only: 1 = 2-digit +/- ... 5 = multiplication and three steps (see arithmetic_problem)."""
+    phrasing: Phrasing = "plain"
+    """Embedded task only: "plain" (its one sentence shape) or "varied" (the same arithmetic in many names, items,
+    verbs and sentence shapes)."""
     format: Format = "auto"
     """File format; auto = detected from the first record's fields."""
+    max_prompt_tokens: int | None = None
+    """Skip (and count) examples whose prompt is longer than this many tokens (None: the model's context
+    minus the response budget). Prompts far longer are skipped without being tokenised."""
 
     def with_split(self, split: Split) -> DataConfig:
         return dataclasses.replace(self, split=split)
+
+    def check(self, prefix: str = "data") -> None:
+        """Ranges, with each message naming the flag."""
+        for name in ("limit", "max_prompt_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{prefix}.{name.replace('_', '-')} must be >= 1 (or None), got {value}")
+        if self.difficulty < 1:
+            raise ValueError(f"--{prefix}.difficulty must be >= 1, got {self.difficulty}")
 
 
 @dataclass(frozen=True)
@@ -58,8 +77,16 @@ class HeldOutConfig:
     """Seeds the shuffle (and the embedded generator)."""
     difficulty: int | None = None
     """Embedded held-out set only: None follows --data.difficulty."""
+    phrasing: Phrasing | None = None
+    """Embedded held-out set only: None follows --data.phrasing."""
     format: Format = "auto"
     """File format; auto = detected from the first record's fields."""
+
+    def check(self, prefix: str = "eval-data") -> None:
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--{prefix}.limit must be >= 1 (or None), got {self.limit}")
+        if self.difficulty is not None and self.difficulty < 1:
+            raise ValueError(f"--{prefix}.difficulty must be >= 1, got {self.difficulty}")
 
 
 def held_out_config(train: DataConfig, held: HeldOutConfig) -> tuple[DataConfig, str]:
@@ -70,13 +97,16 @@ def held_out_config(train: DataConfig, held: HeldOutConfig) -> tuple[DataConfig,
     a training file. A training file with no such sibling (e.g. an SFT jsonl) falls back to the embedded
     task, and the sentence says so.
     """
-    common = dict(split="validation", limit=held.limit, shuffle=held.shuffle, seed=held.seed, format=held.format)
+    common = dict(split="validation", limit=held.limit, shuffle=held.shuffle, seed=held.seed, format=held.format,
+                  max_prompt_tokens=train.max_prompt_tokens)
     difficulty = train.difficulty if held.difficulty is None else held.difficulty
     if held.path is not None and held.path != EMBEDDED:
         return DataConfig(path=held.path, **common), f"held-out set: {held.path} (--eval-data.path)"
-    embedded = DataConfig(path=None, difficulty=difficulty, **common)
+    phrasing = train.phrasing if held.phrasing is None else held.phrasing
+    embedded = DataConfig(path=None, difficulty=difficulty, phrasing=phrasing, **common)
     if held.path == EMBEDDED or train.path is None:
-        return embedded, f"held-out set: embedded task, validation split, difficulty {difficulty}"
+        return embedded, (f"held-out set: embedded task, validation split, difficulty {difficulty}"
+                          + ("" if phrasing == "plain" else f", {phrasing} phrasing"))
     p = Path(train.path).expanduser()
     folder = p if p.is_dir() else p.parent
     for name in ("validation.jsonl", "test.jsonl"):
@@ -85,6 +115,48 @@ def held_out_config(train: DataConfig, held: HeldOutConfig) -> tuple[DataConfig,
             return DataConfig(path=target, **common), f"held-out set: {folder / name} (beside --data.path)"
     return embedded, (f"held-out set: embedded task, validation split, difficulty {difficulty} -- no validation.jsonl "
                       f"or test.jsonl beside --data.path {train.path}; set --eval-data.path to evaluate on other data")
+
+
+CHARS_PER_TOKEN_BOUND = 32
+"""No token of the tokenizers used here spans more characters: a text longer than ``limit × this`` is over
+``limit`` tokens without being tokenised (a 50 MB "problem" must not reach the tokenizer)."""
+
+
+def within_token_limit(texts: Sequence[str], tokenizer: Any, limit: int) -> list[bool]:
+    """Whether each text is at most ``limit`` tokens; texts over ``limit × 32`` characters are refused
+    without tokenising them."""
+    out = []
+    for text in texts:
+        if len(text) > limit * CHARS_PER_TOKEN_BOUND:
+            out.append(False)
+        else:
+            out.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= limit)
+    return out
+
+
+def keep_within_context(items: Sequence[T], texts: Sequence[str], tokenizer: Any, *, limit: int, what: str) -> list[T]:
+    """The items whose text (``texts[i]``: a formatted prompt, or prompt + response) is at most ``limit`` tokens;
+    the others are skipped, counted and reported (a 50 MB "problem" is refused before it is tokenised).
+    Raises ``DataError`` when nothing is left."""
+    if limit < 1:
+        raise DataError(f"{what}: no room for a prompt ({limit} tokens; lower the response budget or raise --data.max-prompt-tokens)")
+    fits = within_token_limit(texts, tokenizer, limit)
+    kept = [item for item, ok in zip(items, fits) if ok]
+    if len(kept) < len(items):
+        print(f"{what}: skipped {len(items) - len(kept)} of {len(items)} whose prompt is over {limit} tokens "
+              "(--data.max-prompt-tokens, or the model's context)", flush=True)
+    if not kept:
+        raise DataError(f"{what}: every prompt is over {limit} tokens (--data.max-prompt-tokens, or the model's context)")
+    return kept
+
+
+def questions_within_context(dataset: Dataset, template: Any, tokenizer: Any, *, limit: int, what: str) -> Dataset:
+    """:func:`keep_within_context` of a question set, on its prompts as ``template`` formats them."""
+    kept = keep_within_context(list(dataset.examples), [template.format(ex.question) for ex in dataset.examples],
+                               tokenizer, limit=limit, what=what)
+    if len(kept) == len(dataset):
+        return dataset
+    return dataclasses.replace(dataset, examples=tuple(kept), skipped=dataset.skipped + len(dataset) - len(kept))
 
 
 def load_dataset(cfg: DataConfig, *, split: Split | None = None) -> Dataset:
@@ -96,7 +168,7 @@ def load_dataset(cfg: DataConfig, *, split: Split | None = None) -> Dataset:
         raise ValueError(f"limit must be a positive integer or None, not {cfg.limit}")
     if cfg.path is None or cfg.path == EMBEDDED:
         return embedded_dataset(
-            split=split, n=cfg.limit, difficulty=cfg.difficulty, seed=cfg.seed, shuffle=cfg.shuffle
+            split=split, n=cfg.limit, difficulty=cfg.difficulty, seed=cfg.seed, shuffle=cfg.shuffle, phrasing=cfg.phrasing
         )
     return load_jsonl_dataset(
         resolve_data_path(cfg.path, split),
