@@ -94,7 +94,7 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
     )
     torch.manual_seed(0)
     template = load_prompt("r1_zero")
-    model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=0)
+    model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=0, training=True)
     learner = Learner(model, tokenizer, cfg.optim)
     settings = grpo.pg_settings(cfg)
     nostop = config == "ours-nostop"

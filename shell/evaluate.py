@@ -11,12 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shell.config import GradingConfig, ModelConfig, RunConfig, SamplerConfig, SamplingConfig, asdict, run_cli
+from shell.config import (
+    GradingConfig, ModelConfig, RunConfig, SamplerConfig, SamplingConfig, asdict, at_least, run_cli,
+)
 from shell.data import DataConfig, load_dataset, questions_within_context
 from shell.evaluation import EvalResult, evaluate, format_summary, write_results
 from shell.models import prompt_token_limit
 from shell.prompts import PromptName, load_prompt
 from shell.sampling import build_sampler
+from shell.steps import mean_token_entropies
 
 
 @dataclass(frozen=True)
@@ -32,11 +35,15 @@ class EvaluateConfig:
     """How each response is sampled (stop after </answer>, kept)."""
     grading: GradingConfig = GradingConfig()
     sampler: SamplerConfig = SamplerConfig()
+    entropy_microbatch: int = 8
+    """Where the sampler reports no token entropies (vLLM), the policy scores each response's entropy, this many
+    rows at a time (inference mode; 0: leave them out)."""
     run: RunConfig = RunConfig(name="zero_shot", logger="none")
 
 
 def check_config(cfg: EvaluateConfig) -> None:
     """Every flag's range, before anything loads; each message names the flag."""
+    at_least(cfg.entropy_microbatch, 0, "--entropy-microbatch")
     cfg.data.check("data")
     cfg.eval.check("eval")
     cfg.grading.check()
@@ -67,12 +74,16 @@ def main_with(cfg: EvaluateConfig) -> EvalResult:
     print(f"evaluating {cfg.model.name_or_path} on {len(dataset)} problems from {dataset.source}"
           + (f" ({dataset.skipped} skipped: empty answer)" if dataset.skipped else ""), flush=True)
     # Phase 1: sample and grade.
-    model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
+    model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed, training=False)
     dataset = questions_within_context(dataset, template, tokenizer, what="evaluation set", limit=prompt_token_limit(
         model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
+
+    def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        return mean_token_entropies(model, tokenizer, prompts, responses, microbatch=cfg.entropy_microbatch)
+
     try:
         result = evaluate(sampler, dataset, template=template, sampling=cfg.eval, grading=cfg.grading,
-                          seed=cfg.run.seed, progress=True)
+                          seed=cfg.run.seed, entropy=entropy if cfg.entropy_microbatch else None, progress=True)
     finally:
         sampler.close()
     # Phase 2: write and report.
@@ -88,11 +99,12 @@ PRESETS: dict[str, tuple[str, EvaluateConfig]] = {
         EvaluateConfig(eval=SamplingConfig(max_tokens=128)),
     ),
     "h100": (
-        "GPU: Qwen2.5-Math-1.5B on the 5K MATH validation set through vLLM (T=1, top-p 1, 1024 tokens)",
+        "GPU: Qwen2.5-Math-1.5B (bf16) on the 5K MATH validation set through vLLM on the same GPU at 0.85 (T=1, "
+        "top-p 1, 1024 tokens); the policy scores each response's entropy",
         EvaluateConfig(
             model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
-            data=DataConfig(path="../shared/data/math/validation.jsonl"),
-            sampler=SamplerConfig(backend="vllm"),
+            data=DataConfig(path="../shared/data/math/validation.jsonl", limit=None),
+            sampler=SamplerConfig(backend="vllm", placement="colocate", gpu_memory_utilization=0.85, sleep=False),
             run=RunConfig(name="zero_shot_math", logger="none"),
         ),
     ),

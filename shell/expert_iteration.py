@@ -210,7 +210,7 @@ def train(cfg: EIConfig) -> Path:
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
     with Run(cfg, total_steps=cfg.n_ei_steps, unit="EI step", step_keys=("train/ei_step", "eval_step"),
              plot=write_plots) as run:
-        model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
+        model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed, training=True)
         train_set = questions_within_context(train_set, template, tokenizer, what="training questions", limit=prompt_token_limit(
             model, reserve=cfg.sampling.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
         eval_set = questions_within_context(eval_set, template, tokenizer, what="held-out set", limit=prompt_token_limit(
@@ -243,6 +243,7 @@ def train(cfg: EIConfig) -> Path:
             rollouts = rollout(sampler, [train_set[i] for i in idx], template, cfg.sampling, group_size=cfg.group_size,
                                seed=derive_seed(cfg.run.seed, "rollout", k), keys=idx)
             t_rollout = time.perf_counter() - t0
+            sampler.sleep()  # a colocated vLLM frees its KV cache while the policy trains
             # Score: grade, keep the correct responses.
             scores, grading = grade(rollouts, template, cfg.grading)
             rewards = [s["reward"] for s in scores]
@@ -295,7 +296,7 @@ def _h100(**overrides: Any) -> EIConfig:
         sft_epochs=1.0, sft_batch_size=64, sft_gradient_accumulation_steps=32,
         optim=OptimConfig(lr=2e-5, warmup_steps=10, compile=True),
         eval=SamplingConfig(max_tokens=1024), loop=LoopConfig(eval_every=1, checkpoint_every=1, keep_checkpoints=1),
-        sampler=SamplerConfig(backend="vllm", gpu_memory_utilization=0.3),
+        sampler=SamplerConfig(backend="vllm", placement="colocate"),
         run=RunConfig(name="ei_h100"),
     )
     name = overrides.pop("name", None)
@@ -316,9 +317,18 @@ PRESETS: dict[str, tuple[str, EIConfig]] = {
             run=RunConfig(name="ei_laptop"),
         ),
     ),
-    "h100": ("GPU: Qwen2.5-Math-1.5B on MATH, 5 EI steps, D_b 512, G 4, 1 SFT epoch, vLLM sampling", _h100()),
+    "h100": ("GPU: Qwen2.5-Math-1.5B on MATH, 5 EI steps, D_b 512, G 4, 1 SFT epoch; one GPU (vLLM colocated at "
+             "0.3, asleep during SFT)", _h100()),
+    "h100x2": ("2 GPUs: the h100 run with vLLM on a GPU of its own (cuda:1, 0.85), the course's set-up",
+               _h100(sampler=SamplerConfig(backend="vllm", placement="dedicated"), name="ei_h100x2")),
     "h100-db1024": ("the D_b sweep: D_b 1024 (else as h100)", _h100(ei_batch_size=1024, name="ei_h100_db1024")),
     "h100-db2048": ("the D_b sweep: D_b 2048 (else as h100)", _h100(ei_batch_size=2048, name="ei_h100_db2048")),
+    "h100-g8": ("the rollouts sweep: G 8 responses per question (else as h100: G 4)",
+                _h100(group_size=8, name="ei_h100_g8")),
+    "h100-sft-epochs2": ("the SFT epochs sweep: 2 epochs on each EI step's correct responses (else as h100: 1)",
+                         _h100(sft_epochs=2.0, name="ei_h100_sft_epochs2")),
+    "h100-g8-sft-epochs2": ("both: G 8 and 2 SFT epochs (else as h100)",
+                            _h100(group_size=8, sft_epochs=2.0, name="ei_h100_g8_sft_epochs2")),
 }
 
 

@@ -199,7 +199,7 @@ def train(cfg: GRPOConfig) -> Path:
 
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
     with Run(cfg, total_steps=cfg.n_grpo_steps, plot=lambda d: write_curves(d, extra_panels=[("train/reward", "train_step")])) as run:
-        model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
+        model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed, training=True)
         train_set = questions_within_context(train_set, template, tokenizer, what="training questions", limit=prompt_token_limit(
             model, reserve=cfg.sampling.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
         eval_set = questions_within_context(eval_set, template, tokenizer, what="held-out set", limit=prompt_token_limit(
@@ -245,6 +245,7 @@ def train(cfg: GRPOConfig) -> Path:
             model.eval()
             rollouts, scores, info = sample_batch(sampler, train_set, template, cfg, step)
             rollouts.fill_entropies(entropy)
+            sampler.sleep()  # a colocated vLLM frees its KV cache while the policy trains
             raw, advantages, stats = group_advantages(scores, group_size=cfg.group_size, advantage_eps=cfg.advantage_eps,
                                                       normalize_by_std=cfg.use_std_normalization)
             # Train: epochs × train batches of policy-gradient steps.
@@ -293,7 +294,7 @@ def _h100(**overrides: Any) -> GRPOConfig:
         sampling=SamplingConfig(min_tokens=4, max_tokens=1024),
         optim=OptimConfig(lr=1e-5, weight_decay=0.0, beta1=0.9, beta2=0.95, compile=True),
         eval=SamplingConfig(max_tokens=1024), loop=LoopConfig(eval_every=10, checkpoint_every=50),
-        sampler=SamplerConfig(backend="vllm", gpu_memory_utilization=0.3),
+        sampler=SamplerConfig(backend="vllm", placement="colocate"),
         run=RunConfig(name="grpo_h100"),
     )
     name = overrides.pop("name", None)
@@ -313,9 +314,21 @@ def _experiments() -> dict[str, tuple[str, GRPOConfig]]:
                                       _h100(length_normalization="masked_normalize", name="grpo_masked_normalize"))
     out["std-off"] = ("std normalisation off (mean-only advantages, Dr. GRPO)",
                       _h100(use_std_normalization=False, name="grpo_no_std"))
+    sizes = {256: 128, 128: 64, 64: 32}  # train batch -> microbatches: 2 rows each, the same memory at every size
+    for tb, gas in sizes.items():
+        for epochs in (1, 2, 4):
+            what = ("on-policy reference (1 optimizer step per rollout batch)" if (epochs, tb) == (1, 256) else
+                    f"{epochs * 256 // tb} optimizer steps per rollout batch")
+            out[f"off-policy-broad-e{epochs}-tb{tb}"] = (
+                f"off-policy broad sweep, 40 steps: grpo_clip, {epochs} epoch(s), train batch {tb}: {what}",
+                _h100(loss_type="grpo_clip", epochs_per_rollout_batch=epochs, train_batch_size=tb,
+                      gradient_accumulation_steps=gas, n_grpo_steps=40, name=f"grpo_broad_e{epochs}_tb{tb}"),
+            )
     for epochs, tb, gas in ((1, 256, 128), (2, 256, 128), (4, 256, 128), (1, 128, 64), (2, 128, 64), (1, 64, 32)):
+        what = ("the on-policy reference point (train batch = rollout batch, one epoch: 1 optimizer step per rollout "
+                "batch, ratio 1)" if (epochs, tb) == (1, 256) else f"{epochs * 256 // tb} optimizer steps per rollout batch")
         out[f"off-policy-e{epochs}-tb{tb}"] = (
-            f"off-policy sweep: grpo_clip, {epochs} epoch(s) per rollout batch, train batch {tb}",
+            f"off-policy focused sweep, 200 steps: grpo_clip, {epochs} epoch(s), train batch {tb}: {what}",
             _h100(loss_type="grpo_clip", epochs_per_rollout_batch=epochs, train_batch_size=tb,
                   gradient_accumulation_steps=gas, name=f"grpo_offpolicy_e{epochs}_tb{tb}"),
         )
@@ -348,6 +361,23 @@ def _modern() -> dict[str, tuple[str, GRPOConfig]]:
     }
 
 
+def _leaderboard() -> GRPOConfig:
+    """The leaderboard run (2 H100s, 4 hours; values and sources in the README's "Leaderboard")."""
+    validation = "../shared/data/math/validation.jsonl"
+    cfg = _h100(
+        n_grpo_steps=1000,  # --budget-hours ends it
+        loss_type="grpo_clip", cliprange=0.2, use_std_normalization=False, length_normalization="masked_normalize",
+        rollout_batch_size=256, group_size=8, train_batch_size=128, gradient_accumulation_steps=32,
+        eval_data=HeldOutConfig(path=validation, limit=1024, shuffle=True, seed=0),
+        final_eval=FinalEvalConfig(enabled=True, data=HeldOutConfig(path=validation, limit=None),
+                                   sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=1024)),
+        loop=LoopConfig(eval_every=10, checkpoint_every=20, keep_checkpoints=1, budget_hours=4.0),
+        sampler=SamplerConfig(backend="vllm", placement="dedicated"),
+        name="grpo_leaderboard",
+    )
+    return replace(cfg, optim=replace(cfg.optim, lr=1e-5, checkpoint_above_tokens=8192))
+
+
 _LAPTOP = GRPOConfig(
     n_grpo_steps=15, rollout_batch_size=64, group_size=8, train_batch_size=64, gradient_accumulation_steps=8,
     loss_type="reinforce_with_baseline", use_std_normalization=True,
@@ -367,7 +397,13 @@ PRESETS: dict[str, tuple[str, GRPOConfig]] = {
                 dynamic_sampling=True, max_sampling_rounds=2, mask_truncated=True, train_batch_size=32,
                 gradient_accumulation_steps=4, run=RunConfig(name="grpo_laptop_dapo")),
     ),
-    "h100": ("GPU: Qwen2.5-Math-1.5B on MATH, the handout's starting hyper-parameters", _h100()),
+    "h100": ("GPU: Qwen2.5-Math-1.5B on MATH, the handout's starting hyper-parameters; one GPU (vLLM colocated at "
+             "0.3, asleep while the policy trains)", _h100()),
+    "h100x2": ("2 GPUs: the h100 run with vLLM on a GPU of its own (cuda:1, 0.85), the course's set-up",
+               _h100(sampler=SamplerConfig(backend="vllm", placement="dedicated"), name="grpo_h100x2")),
+    "leaderboard": ("2 H100s, 4 hours (--budget-hours 4): best MATH validation accuracy; grpo_clip, 2 optimizer steps "
+                    "per rollout batch, Dr. GRPO normalisation, lr 1e-5; validation every 10 steps on a fixed 1,024, "
+                    "then all 5,000 (r1_zero, T 1, top-p 1, 1024 tokens)", _leaderboard()),
     **_experiments(),
     **_modern(),
 }

@@ -46,9 +46,10 @@ from shell.update import Learner
 __all__ = ["FREE_TO_CHANGE", "Run", "RunLocked", "config_changes", "write_curves"]
 
 FREE_TO_CHANGE = ("loop.", "run.logger", "run.runs_dir", "grading.", "sampler.batch_size", "model.device",
-                  "num_steps", "n_grpo_steps", "n_ei_steps", "epochs")
+                  "sampler.placement", "sampler.gpu_memory_utilization", "sampler.vllm_device", "sampler.sleep",
+                  "sampler.kv_cache_gib", "sampler.enforce_eager", "num_steps", "n_grpo_steps", "n_ei_steps", "epochs")
 """Config fields (dotted prefixes) a resumed run may change freely: they do not change what is trained
-(the schedule flags, logging, grading workers, the number of steps)."""
+(the schedule flags, logging, grading workers, where vLLM runs and its memory, the number of steps)."""
 
 
 class RunLocked(ValueError):

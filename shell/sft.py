@@ -32,7 +32,7 @@ from shell.loop import Run, write_curves
 from shell.prompts import PromptName, load_prompt
 from shell.sampling import build_sampler
 from shell.seeds import batch_indices, derive_seed, seeded_permutation
-from shell.update import Learner, sft_update
+from shell.update import Learner, response_entropies, sft_update
 
 
 @dataclass(frozen=True)
@@ -140,17 +140,22 @@ def train(cfg: SFTConfig) -> Path:
 
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
     with Run(cfg, total_steps=num_steps, plot=write_curves) as run:
-        model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed)
+        model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed, training=True)
         examples = keep_within_context(examples, [e.prompt + e.response for e in examples], tokenizer, what="training pairs",
                                        limit=prompt_token_limit(model, reserve=0, max_prompt_tokens=None))
         eval_set = questions_within_context(eval_set, template, tokenizer, what="held-out set", limit=prompt_token_limit(
             model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
         learner = Learner(model, tokenizer, cfg.optim)
         run.begin(learner, closing=[sampler.close])
+        micro = max(1, cfg.batch_size // cfg.gradient_accumulation_steps)
+
+        def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+            return response_entropies(learner, prompts, responses, microbatch=micro)
 
         def evaluate_now(step: int) -> None:
             run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
-                     step=step)
+                     step=step, entropy=entropy)
+            sampler.sleep()  # a colocated vLLM frees its KV cache while the policy trains
 
         if run.start == 0:
             evaluate_now(0)
@@ -167,6 +172,21 @@ def train(cfg: SFTConfig) -> Path:
         return run.finish()
 
 
+def _h100(*, num_examples: int | None = None, filter_correct: bool = False, name: str = "sft_math",
+          sampler: SamplerConfig = SamplerConfig(backend="vllm", placement="colocate")) -> SFTConfig:
+    """The GPU SFT run (Qwen2.5-Math-1.5B on MATH traces), and its sweeps by the number of traces and filtering."""
+    return SFTConfig(
+        model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
+        data=SFTDataConfig(path="data/sft_math.jsonl", num_examples=num_examples, filter_correct=filter_correct),
+        eval_data=HeldOutConfig(path="../shared/data/math/validation.jsonl", limit=None),
+        batch_size=64, gradient_accumulation_steps=32, epochs=2.0,
+        loop=LoopConfig(eval_every=25, checkpoint_every=100),
+        optim=OptimConfig(lr=2e-5, warmup_steps=10, compile=True),
+        sampler=sampler,
+        run=RunConfig(name=name),
+    )
+
+
 PRESETS: dict[str, tuple[str, SFTConfig]] = {
     "laptop": (
         "CPU, minutes: SmolLM2-135M-Instruct on r1_zero traces of the embedded arithmetic task",
@@ -177,19 +197,16 @@ PRESETS: dict[str, tuple[str, SFTConfig]] = {
             run=RunConfig(name="sft_laptop"),
         ),
     ),
-    "h100": (
-        "GPU: Qwen2.5-Math-1.5B on MATH SFT traces (lr 2e-5, batch 64 in microbatches of 2, bf16), vLLM eval on 5K validation",
-        SFTConfig(
-            model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
-            data=SFTDataConfig(path="data/sft_math.jsonl"),
-            eval_data=HeldOutConfig(path="../shared/data/math/validation.jsonl", limit=None),
-            batch_size=64, gradient_accumulation_steps=32, epochs=2.0,
-            loop=LoopConfig(eval_every=25, checkpoint_every=100),
-            optim=OptimConfig(lr=2e-5, warmup_steps=10, compile=True),
-            sampler=SamplerConfig(backend="vllm", gpu_memory_utilization=0.3),
-            run=RunConfig(name="sft_math"),
-        ),
-    ),
+    "h100": ("GPU: Qwen2.5-Math-1.5B on every MATH SFT trace (lr 2e-5, batch 64 in microbatches of 2, float32 "
+             "master weights + bf16 autocast, 2 epochs); vLLM eval on 5K validation, colocated at 0.3", _h100()),
+    "h100x2": ("2 GPUs: the h100 run with vLLM on a GPU of its own (cuda:1, 0.85), the course's set-up",
+               _h100(sampler=SamplerConfig(backend="vllm", placement="dedicated"), name="sft_math_h100x2")),
+    **{f"size-{n}": (f"the dataset-size sweep: {n} unique traces (seeded subset), else as h100 (2 epochs: "
+                     f"{max(1, math.ceil(2 * n / 64))} steps)", _h100(num_examples=n, name=f"sft_math_n{n}"))
+       for n in (128, 256, 512, 1024)},
+    "size-full": ("the dataset-size sweep: every trace (as h100)", _h100(name="sft_math_full")),
+    "filtered": ("filtered SFT: only the traces whose answer is correct (the kept size is printed), else as h100",
+                 _h100(filter_correct=True, name="sft_math_filtered")),
 }
 
 

@@ -6,6 +6,7 @@
   ``backward``), ``torch.compile``'d when asked: the step every training loop runs.
 * :func:`make_log_probs_fn` -- the same forward without a loss, for old and reference log-probs.
 * :func:`tokenize_batch` -- a tokenized microbatch plus the prompt prefix its rows share.
+* :func:`mean_token_entropies` -- each response's mean token entropy under a model (where a sampler reports none).
 
 Per-token tensors (log-probs, entropies, old and reference log-probs, masks) always cover every position
 of the tokenized batch: where a shared prompt prefix is run once without gradient, its positions hold 0
@@ -35,6 +36,7 @@ __all__ = [
     "grpo_microbatch_train_step",
     "make_log_probs_fn",
     "make_train_step",
+    "mean_token_entropies",
     "sft_microbatch_train_step",
     "tokenize_batch",
 ]
@@ -347,6 +349,35 @@ def make_log_probs_fn(
         return _full_width(out, p)
 
     return log_probs
+
+
+def mean_token_entropies(
+    model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, microbatch: int,
+    log_probs: Callable[..., dict[str, Tensor]] | None = None, autocast_bf16: bool = False,
+) -> list[float]:
+    """Each response's mean token entropy under ``model`` (inference mode, ``microbatch`` rows at a time): the
+    rollout and evaluation entropy where the sampler reports none (vLLM).
+
+    ``log_probs``: the model's :func:`make_log_probs_fn` (e.g. a learner's compiled one; default an eager one);
+    ``autocast_bf16``: score in bf16 autocast. An empty response has entropy 0.
+    """
+    fn = log_probs if log_probs is not None else make_log_probs_fn(model)
+    device = next(model.parameters()).device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if autocast_bf16 else contextlib.nullcontext()
+    was_training = model.training
+    model.eval()
+    out: list[float] = []
+    try:
+        for i in range(0, len(responses), max(1, microbatch)):
+            tb = tokenize_batch(prompts[i : i + microbatch], responses[i : i + microbatch], tokenizer, device)
+            with torch.inference_mode(), autocast:
+                ent = fn(tb["input_ids"], tb["labels"], prefix_len=tb["prefix_len"], return_token_entropy=True)["token_entropy"]
+            mask = tb["response_mask"]
+            per = (ent.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+            out.extend(float(e) for e in per)
+    finally:
+        model.train(was_training)
+    return out
 
 
 def compiled_graph_count() -> int:

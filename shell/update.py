@@ -27,7 +27,7 @@ from shell.data import SFTExample
 from shell.progress import say
 from shell.rollout import Rollouts
 from shell.seeds import batch_indices, derive_seed, seeded_permutation
-from shell.steps import make_log_probs_fn, make_train_step, tokenize_batch
+from shell.steps import make_log_probs_fn, make_train_step, mean_token_entropies, tokenize_batch
 
 __all__ = [
     "DivergenceGuard",
@@ -442,16 +442,10 @@ def grpo_update(
 
 
 def response_entropies(learner: Learner, prompts: Sequence[str], responses: Sequence[str], *, microbatch: int) -> list[float]:
-    """Each response's mean token entropy under the policy (inference mode, ``microbatch`` rows at a time):
-    the rollout and evaluation entropy where the sampler reports none (vLLM)."""
-    out: list[float] = []
-    for i in range(0, len(responses), max(1, microbatch)):
-        tb = learner.tokenize(prompts[i : i + microbatch], responses[i : i + microbatch])
-        ent = _policy_log_probs(learner, [tb], entropy=True)[0]["token_entropy"]
-        mask = tb["response_mask"]
-        per = (ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        out.extend(float(e) for e in per)
-    return out
+    """Each response's mean token entropy under the learner's policy (:func:`shell.steps.mean_token_entropies`
+    with its log-probs function and autocast): the rollout and evaluation entropy where the sampler reports none."""
+    return mean_token_entropies(learner.model, learner.tokenizer, prompts, responses, microbatch=microbatch,
+                                log_probs=learner.log_probs, autocast_bf16=learner.optim.autocast_bf16)
 
 
 def mean_or_none(values: Sequence[float | None]) -> float | None:

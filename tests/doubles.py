@@ -15,16 +15,24 @@ TINY_EOS = "<|endoftext|>"
 TINY_PAD = "<|pad|>"
 
 
-def tiny_tokenizer() -> Any:
+def tiny_tokenizer(vocab_size: int | None = None) -> Any:
     """A hermetic byte-level tokenizer: one token per byte (256) plus ``<|endoftext|>`` (eos) and ``<|pad|>``.
 
     Any text round-trips; every ASCII character is exactly one token. Built in-process (no files, no hub).
+    ``vocab_size``: pad the vocabulary with multi-byte filler tokens (never produced by encoding, decodable) up to
+    this size, so that a model with a wide vocabulary (Qwen's 151,936) samples only ids the tokenizer knows.
     """
+    import itertools
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {symbol: i for i, symbol in enumerate(sorted(alphabet))}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {symbol: i for i, symbol in enumerate(alphabet)}
+    if vocab_size is not None:
+        fillers = ("".join(t) for n in itertools.count(2) for t in itertools.product(alphabet, repeat=n))
+        for token in itertools.islice(fillers, max(0, vocab_size - 2 - len(vocab))):
+            vocab[token] = len(vocab)
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
@@ -160,3 +168,104 @@ def save_tiny_policy(path: str | os.PathLike[str], seed: int = 0, model: Any | N
         model = model if model is not None else m
         tokenizer = tokenizer if tokenizer is not None else t
     return save_policy(model, tokenizer, path)
+
+
+# ------------------------------------------------------------------------------------------ a fake vllm module
+
+
+class FakeLLM:
+    """A stand-in for ``vllm.LLM`` that records every call in ``calls`` (name, details) and samples with the HF
+    backend from the same folder, so the loops run end to end on CPU as they would on a GPU with vLLM.
+
+    ``sleep`` needs ``enable_sleep_mode``; ``generate`` and ``reload_weights`` while asleep raise (a real engine
+    has no KV cache or weights on the GPU then). ``world_size`` is ``torch.distributed.get_world_size()`` as seen
+    while the engine was built, when ``torch.distributed`` is initialised."""
+
+    calls: list[tuple[str, Any]] = []
+
+    def __init__(self, model: str, **kwargs: Any) -> None:
+        from shell.models import load_policy
+        from shell.sampling.hf import HFSampler
+
+        self.kwargs = {"model": model, **kwargs}
+        self.world_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else None
+        self.calls.append(("LLM", self.kwargs))
+        self.model, tokenizer = load_policy(model, device="cpu", dtype="float32")
+        self.sampler = HFSampler(self.model, tokenizer)
+        self.asleep = False
+        self.llm_engine = None
+
+    def generate(self, prompts: list[str], params: list[Any], use_tqdm: bool = False) -> list[Any]:
+        from types import SimpleNamespace
+
+        from shell.sampling.api import SamplingParams
+
+        if self.asleep:
+            raise RuntimeError("generate while asleep")
+        self.calls.append(("generate", len(prompts)))
+        outputs = []
+        for prompt, p in zip(prompts, params):
+            [group] = self.sampler.generate([prompt], SamplingParams(
+                n=p.n, temperature=p.temperature, top_p=p.top_p, max_tokens=p.max_tokens, min_tokens=p.min_tokens,
+                stop=tuple(p.stop or ()), seed=p.seed, logprobs=p.logprobs is not None))
+            outs = []
+            for j, c in enumerate(group):
+                logprobs = None if c.logprobs is None else [
+                    {t: SimpleNamespace(logprob=lp)} for t, lp in zip(c.token_ids, c.logprobs)]
+                outs.append(SimpleNamespace(index=j, token_ids=c.token_ids, text=c.text, logprobs=logprobs,
+                                            finish_reason="length" if c.finish_reason == "length" else "stop",
+                                            stop_reason=next((x for x in p.stop or () if c.text.endswith(x)), None)
+                                            if c.finish_reason == "stop" else None))
+            outputs.append(SimpleNamespace(outputs=outs))
+        return outputs
+
+    def sleep(self, level: int = 1) -> None:
+        if not self.kwargs.get("enable_sleep_mode"):
+            raise RuntimeError("sleep without enable_sleep_mode")
+        self.calls.append(("sleep", level))
+        self.asleep = True
+
+    def wake_up(self, tags: list[str] | None = None) -> bool:
+        self.calls.append(("wake_up", tags))
+        self.asleep = False
+        return True
+
+    def collective_rpc(self, method: str, kwargs: dict[str, Any] | None = None) -> list[Any]:
+        if self.asleep:
+            raise RuntimeError(f"{method} while asleep")
+        self.calls.append((method, None))
+        if method == "reload_weights":
+            state = dict((kwargs or {})["weights_iterator"])
+            with torch.no_grad():
+                for name, tensor in self.model.state_dict().items():
+                    tensor.copy_(state[name])
+        return [None]
+
+    def reset_prefix_cache(self) -> bool:
+        self.calls.append(("reset_prefix_cache", None))
+        return True
+
+
+def install_fake_vllm(monkeypatch: Any, *, platform: str = "gpu", sleep_available: bool = True) -> list[tuple[str, Any]]:
+    """Make ``import vllm`` give a fake module whose ``LLM`` is :class:`FakeLLM` and whose platform is ``platform``
+    ("gpu" or "cpu", with or without sleep mode); returns the list every engine call is recorded in."""
+    import dataclasses
+    import sys
+    import types
+
+    vllm = types.ModuleType("vllm")
+    platforms = types.ModuleType("vllm.platforms")
+    platforms.current_platform = types.SimpleNamespace(is_cpu=lambda: platform == "cpu",
+                                                       is_sleep_mode_available=lambda: sleep_available)
+    vllm.platforms = platforms
+    vllm.SamplingParams = lambda **kw: types.SimpleNamespace(**kw)
+    vllm.EngineArgs = dataclasses.make_dataclass("EngineArgs", [(name, Any, None) for name in (
+        "model", "dtype", "seed", "device_ids", "gpu_memory_utilization", "kv_cache_memory_bytes",
+        "enable_sleep_mode", "enable_chunked_prefill")])
+    calls: list[tuple[str, Any]] = []
+    vllm.LLM = type("LLM", (FakeLLM,), {"calls": calls})
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setitem(sys.modules, "vllm.platforms", platforms)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # restored after the test, as VLLMSampler sets it
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    return calls

@@ -3,7 +3,8 @@
 * :class:`SamplingParams` -- what to sample (n, temperature, top_p, max/min tokens, stop strings, seed, logprobs).
 * :class:`Completion` -- one sample: text, token ids, optional per-token log-probs and entropies, finish reason.
 * :class:`Sampler` -- ``generate(prompts, params) -> list[list[Completion]]`` (prompts in order, then the n
-  samples), ``load_weights(model)`` (take the policy's current weights), ``close()``.
+  samples), ``load_weights(model)`` (take the policy's current weights), ``sleep()`` (free what it holds on the
+  accelerator while the policy trains; the next call wakes it), ``close()``.
 
 Semantics shared by both backends (vLLM's): the text is cut right after the first stop string (the stop string
 is kept) and ``token_ids`` end with the token that completes it; an eos token ends a sample (its id is kept in
@@ -81,6 +82,11 @@ class Sampler(Protocol):
 
     def load_weights(self, model: torch.nn.Module) -> None:
         """Take ``model``'s current weights (in place)."""
+        ...
+
+    def sleep(self) -> None:
+        """Free what the backend holds on the accelerator until its next ``generate`` or ``load_weights`` (a
+        loop calls it before training): colocated vLLM frees its KV cache; a no-op where nothing is held."""
         ...
 
     def close(self) -> None:

@@ -33,19 +33,28 @@ def make_sampler(
     raise ValueError(f"unknown sampler backend {backend!r}; use 'hf' or 'vllm'")
 
 
-def build_sampler(model_cfg: Any, sampler_cfg: Any, *, seed: int = 0) -> tuple[Any, Any, Sampler]:
-    """Load the policy of ``model_cfg`` (a :class:`shell.config.ModelConfig`) and wrap it in the sampler of
-    ``sampler_cfg`` (a :class:`shell.config.SamplerConfig`): ``(model, tokenizer, sampler)``."""
+def build_sampler(model_cfg: Any, sampler_cfg: Any, *, seed: int = 0, training: bool) -> tuple[Any, Any, Sampler]:
+    """Load the policy of ``model_cfg`` (a :class:`shell.config.ModelConfig`; ``training``: float32 master weights
+    on GPU under ``--model.dtype auto``) and wrap it in the sampler of ``sampler_cfg`` (a
+    :class:`shell.config.SamplerConfig`): ``(model, tokenizer, sampler)``. A colocated vLLM engine goes on the
+    policy's GPU, a dedicated one on ``--sampler.vllm-device``."""
+    import torch
+
     from shell.models import load_policy, resolve_model_path
 
-    model, tokenizer = load_policy(model_cfg.name_or_path, device=model_cfg.device, dtype=model_cfg.dtype)
+    model, tokenizer = load_policy(model_cfg.name_or_path, device=model_cfg.device, dtype=model_cfg.dtype, training=training)
     if sampler_cfg.backend == "hf":
         sampler = make_sampler("hf", model, tokenizer, batch_size=sampler_cfg.batch_size,
                                generation_dtype=sampler_cfg.generation_dtype)
-    else:
-        kw: dict[str, Any] = {"gpu_memory_utilization": sampler_cfg.gpu_memory_utilization, "seed": seed,
-                              "enforce_eager": sampler_cfg.enforce_eager}
-        if sampler_cfg.vllm_device:
-            kw["device"] = sampler_cfg.vllm_device
-        sampler = make_sampler("vllm", model_path=str(resolve_model_path(model_cfg.name_or_path)), **kw)
+        return model, tokenizer, sampler
+    policy_device = next(model.parameters()).device
+    device = str(policy_device) if sampler_cfg.placement == "colocate" else sampler_cfg.vllm_device
+    if policy_device.type == "cuda" and sampler_cfg.placement == "dedicated" and torch.device(device) == policy_device:
+        raise ValueError(f"--sampler.placement dedicated: --sampler.vllm-device {device} is the policy's GPU "
+                         f"(--model.device); give vLLM another GPU or use --sampler.placement colocate")
+    sampler = make_sampler(
+        "vllm", model_path=str(resolve_model_path(model_cfg.name_or_path)), placement=sampler_cfg.placement,
+        device=device, gpu_memory_utilization=sampler_cfg.gpu_memory_utilization, sleep=sampler_cfg.sleep,
+        kv_cache_gib=sampler_cfg.kv_cache_gib, seed=seed, enforce_eager=sampler_cfg.enforce_eager,
+    )
     return model, tokenizer, sampler

