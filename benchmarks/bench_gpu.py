@@ -1,0 +1,205 @@
+"""The GPU path end to end on random weights of Qwen2.5-Math-1.5B's exact shape (built from its config: no download).
+
+    python benchmarks/bench_gpu.py                 # a GPU: the h100 shapes, then 2 GRPO steps of the h100 preset
+    python benchmarks/bench_gpu.py --tiny          # a CPU: the same code paths at toy size (< 2 minutes)
+
+Part 1, the train phase of the project's GRPO microbatch step (:class:`shell.update.Learner`'s ``grpo_step``,
+the h100 preset's objective and optimizer settings: forward, chunked log-probs, loss, backward), eager vs
+``torch.compile``'d, with bf16 weights vs float32 master weights + bf16 autocast, at the h100 microbatch shapes
+(2 × 1024 and 8 × 1024 tokens). One AdamW step runs first, so its state is allocated as in training; then the
+median of ``--repeats`` microbatch steps gives tokens/s, and one more optimizer step is timed apart. MFU counts
+6 × N FLOPs per token, N = every parameter that is a matmul weight (the tied embedding counted once, as the LM
+head; 1.54 B for this shape), against 989 TFLOP/s (an H100 SXM's dense bf16 peak); attention's own FLOPs
+(~6 × layers × seq × hidden per token, +~6% at 1,024 tokens) are not counted. Peak memory is
+``torch.cuda.max_memory_allocated`` over the microbatch steps, AdamW state included.
+
+Part 2, 2 GRPO steps of the h100 preset (``shell.grpo``, its flags but the rollout batch and lengths of
+``--rollouts``/``--max-tokens``) on the same random model saved to a temporary folder with a byte-level
+tokenizer padded to the model's vocabulary (prompts are therefore ~4× longer in tokens than Qwen's): vLLM
+when installed (``h100x2``, vLLM on its own GPU, when two GPUs are visible), else the HF sampler. MATH train
+when ``../shared/data/math`` exists (and not ``--tiny``), else the embedded arithmetic task; 64 held-out
+problems (4 with ``--tiny``), evaluated before the first step and after the last. A random model never writes
+``</answer>``, so every response runs to ``--max-tokens``.
+
+Writes ``benchmarks/results/gpu.json`` (``gpu_tiny.json`` with ``--tiny``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import importlib.util
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+from benchmarks.common import print_table, timeit, write_json  # noqa: E402
+
+# Qwen2.5-Math-1.5B's published config.json (huggingface.co/Qwen/Qwen2.5-Math-1.5B; the same values in the
+# verbatim mirror huggingface.co/mlx-community/Qwen2.5-Math-1.5B-bf16, config.json at c4eab3af): Qwen2ForCausalLM.
+QWEN25_MATH_15B: dict[str, Any] = dict(
+    vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+    num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151643, hidden_act="silu",
+)
+TINY: dict[str, Any] = dict(
+    vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+    num_key_value_heads=1, max_position_embeddings=1024, rope_theta=10000.0, rms_norm_eps=1e-6,
+    tie_word_embeddings=True, hidden_act="silu",
+)
+PEAK_FLOPS = 989e12
+"""An H100 SXM's dense bf16 tensor-core peak (FLOP/s)."""
+
+
+def build_model(shape: dict[str, Any], dtype: torch.dtype, device: str) -> torch.nn.Module:
+    """A random ``Qwen2ForCausalLM`` of ``shape``, built on ``device`` in ``dtype`` (seed 0)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(**shape)
+    config._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen2ForCausalLM(config)
+    return model.to(dtype)
+
+
+def matmul_params(model: torch.nn.Module) -> int:
+    """Parameters that are matmul weights: all but the norms (a tied embedding is counted once, as the LM head)."""
+    return sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2)
+
+
+def train_phase(shape: dict[str, Any], *, weights: str, compile: bool, sizes: list[tuple[int, int]], device: str,
+                repeats: int) -> list[dict[str, Any]]:
+    """Rows of tokens/s, MFU and peak memory of the GRPO microbatch step for each (batch, seq) of ``sizes``."""
+    from shell.grpo import PRESETS
+    from shell.update import Learner
+
+    optim = dataclasses.replace(PRESETS["h100"][1].optim, compile=compile)
+    model = build_model(shape, torch.float32 if weights == "float32 masters" else torch.bfloat16, device)
+    learner = Learner(model, None, optim)
+    n_params = matmul_params(model)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for b, s in sizes:
+        ids = torch.randint(0, shape["vocab_size"], (b, s), generator=g).to(device)
+        labels = torch.randint(0, shape["vocab_size"], (b, s), generator=g).to(device)
+        mask = torch.zeros(b, s, dtype=torch.bool, device=device)
+        mask[:, s // 4 :] = True  # a prompt quarter, as r1_zero prompts with ~1k-token responses
+        kwargs = dict(gradient_accumulation_steps=1, loss_type="reinforce_with_baseline",
+                      advantages=torch.randn(b, 1, generator=g).to(device))
+
+        def step() -> None:
+            with learner.autocast():
+                learner.grpo_step(ids, labels, mask, **kwargs)
+
+        t0 = time.perf_counter()
+        step()  # compiles the compiled step
+        first_s = time.perf_counter() - t0
+        learner.optimizer.step()  # AdamW state exists from here on
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        median_s = timeit(step, warmup=1, repeats=repeats)["median_s"]
+        peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
+        optimizer_s = timeit(learner.optimizer.step, warmup=0, repeats=1)["median_s"]
+        tokens_s = b * s / median_s
+        rows.append({"weights": weights, "compiled": compile, "microbatch": f"{b}x{s}", "step_s": median_s,
+                     "tokens_per_s": tokens_s, "mfu": 6 * n_params * tokens_s / PEAK_FLOPS if device == "cuda" else None,
+                     "peak_gib": peak, "first_call_s": first_s, "adamw_step_s": optimizer_s,
+                     "checkpointed": optim.checkpoint_above_tokens is not None and b * s > optim.checkpoint_above_tokens,
+                     "matmul_params": n_params})
+        print_table(rows[-1:], list(rows[-1]))
+    del learner, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
+def grpo_smoke(shape: dict[str, Any], *, device: str, rollouts: int, max_tokens: int, sampler: str, tiny: bool,
+               work: Path) -> dict[str, Any]:
+    """2 GRPO steps of the h100 preset (h100x2 for vLLM on two GPUs) on the random model; wall time and metrics."""
+    from doubles import tiny_tokenizer
+    from shell import grpo
+    from shell.models import save_policy
+    from shell.runlog import read_metrics
+
+    backend = sampler if sampler != "auto" else (
+        "vllm" if device == "cuda" and importlib.util.find_spec("vllm") is not None else "hf")
+    preset = "h100x2" if backend == "vllm" and device == "cuda" and torch.cuda.device_count() >= 2 else "h100"
+    tokenizer = tiny_tokenizer(vocab_size=shape["vocab_size"])
+    model = build_model({**shape, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
+                        torch.bfloat16, "cpu")
+    folder = save_policy(model, tokenizer, work / "model")
+    del model
+    math = (ROOT / ".." / "shared" / "data" / "math" / "train.jsonl").resolve()
+    data = [] if math.is_file() and not tiny else ["--data.path", "None", "--eval-data.path", "None"]
+    args = [preset, "--model.name-or-path", str(folder), "--model.device", device, *data,
+            "--n-grpo-steps", "2", "--rollout-batch-size", str(rollouts), "--group-size", "8",
+            "--train-batch-size", str(rollouts), "--gradient-accumulation-steps", str(rollouts // 2),
+            "--sampling.max-tokens", str(max_tokens), "--eval.max-tokens", str(max_tokens),
+            "--eval-data.limit", "4" if tiny else "64",
+            "--eval-every", "100", "--sampler.backend", backend, "--run.logger", "none",
+            "--run.runs-dir", str(work / "runs"), "--run.name", "grpo", "--grading.workers", "0"]
+    if tiny:
+        args += ["--optim.no-compile"]  # on a CPU compiling costs minutes; part 1 runs the compiled step
+    t0 = time.perf_counter()
+    grpo.main(args)
+    wall = time.perf_counter() - t0
+    rows = read_metrics(work / "runs" / "grpo")
+    train = [r for r in rows if "train/loss" in r]
+    return {"preset": preset, "sampler": backend, "data": "MATH train" if not data else "embedded arithmetic",
+            "rollouts": rollouts, "max_tokens": max_tokens, "wall_s": wall, "steps": len(train),
+            "response_length": [r["train/response_length"] for r in train],
+            "rollout_entropy": [r["train/rollout_entropy"] for r in train],
+            "elapsed_s": [r["time/elapsed_s"] for r in train]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="toy widths and a handful of tokens (a CPU, < 2 minutes)")
+    p.add_argument("--sizes", nargs="+", default=None, help="BATCHxSEQ microbatches (default 2x1024 8x1024; tiny 2x32)")
+    p.add_argument("--repeats", type=int, default=None, help="timed microbatch steps per row (default 5; tiny 2)")
+    p.add_argument("--rollouts", type=int, default=None, help="GRPO rollouts per step (default 64; tiny 8)")
+    p.add_argument("--max-tokens", type=int, default=None, help="GRPO response tokens (default 192; tiny 8)")
+    p.add_argument("--sampler", choices=["auto", "hf", "vllm"], default="auto", help="auto: vLLM on a GPU when installed")
+    p.add_argument("--skip-grpo", action="store_true")
+    a = p.parse_args()
+    device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
+    if device == "cpu" and not a.tiny:
+        p.error("no GPU: run with --tiny")
+    shape = TINY if a.tiny else QWEN25_MATH_15B
+    sizes = [tuple(int(x) for x in s.split("x")) for s in (a.sizes or (["2x32"] if a.tiny else ["2x1024", "8x1024"]))]
+    repeats = a.repeats or (2 if a.tiny else 5)
+    t0 = time.perf_counter()
+    rows = []
+    for weights in ("bf16", "float32 masters"):
+        for compile in (False, True):
+            rows += train_phase(shape, weights=weights, compile=compile, sizes=sizes, device=device, repeats=repeats)
+    print()
+    print_table(rows, ["weights", "compiled", "microbatch", "tokens_per_s", "mfu", "peak_gib", "step_s", "first_call_s",
+                       "adamw_step_s", "checkpointed"])
+    smoke = None
+    if not a.skip_grpo:
+        with tempfile.TemporaryDirectory(prefix="bench-gpu-") as work:
+            smoke = grpo_smoke(shape, device=device, rollouts=a.rollouts or (8 if a.tiny else 64),
+                               max_tokens=a.max_tokens or (8 if a.tiny else 192), sampler=a.sampler, tiny=a.tiny,
+                               work=Path(work))
+        print(f"\nGRPO, {smoke['steps']} steps of the {smoke['preset']} preset ({smoke['sampler']} sampler, "
+              f"{smoke['data']}, {smoke['rollouts']} rollouts of {smoke['max_tokens']} tokens): {smoke['wall_s']:.1f} s")
+    total = time.perf_counter() - t0
+    print(f"total {total:.1f} s")
+    write_json("gpu_tiny" if a.tiny else "gpu", {"shape": shape, "device": device, "sizes": [f"{b}x{s}" for b, s in sizes],
+                                                  "rows": rows, "grpo": smoke, "total_s": total})
+
+
+if __name__ == "__main__":
+    main()
