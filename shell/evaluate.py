@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shell.config import GradingConfig, ModelConfig, RunConfig, SamplerConfig, SamplingConfig, asdict, run_cli
+from shell.config import GradingConfig, ModelConfig, RunConfig, SamplerConfig, SamplingConfig, asdict, check_parts, run_cli
 from shell.data import DataConfig, load_dataset, questions_within_context
 from shell.evaluation import EvalResult, evaluate, format_summary, write_results
 from shell.models import prompt_token_limit
@@ -37,11 +37,7 @@ class EvaluateConfig:
 
 def check_config(cfg: EvaluateConfig) -> None:
     """Every flag's range, before anything loads; each message names the flag."""
-    cfg.data.check("data")
-    cfg.eval.check("eval")
-    cfg.grading.check()
-    cfg.sampler.check()
-    cfg.run.check()
+    check_parts(cfg, trains=())
 
 
 def check_writable(run_dir: Path) -> None:

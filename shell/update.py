@@ -38,7 +38,6 @@ __all__ = [
     "accumulate_and_step",
     "finite_or_raise",
     "grpo_update",
-    "mean_or_none",
     "plan_microbatches",
     "response_entropies",
     "sft_update",
@@ -452,9 +451,3 @@ def response_entropies(learner: Learner, prompts: Sequence[str], responses: Sequ
         per = (ent * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         out.extend(float(e) for e in per)
     return out
-
-
-def mean_or_none(values: Sequence[float | None]) -> float | None:
-    """The mean of the values that are not None (None when there are none)."""
-    kept = [v for v in values if v is not None]
-    return statistics.fmean(kept) if kept else None
