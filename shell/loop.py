@@ -316,8 +316,10 @@ class Run:
         if step > 0 and (not kept or kept[-1].name != f"step_{step:06d}"):
             kept.append(self.checkpoint(step))
         where = f"checkpoint {kept[-1]}" if step > 0 else "nothing to save yet (no step had completed)"
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = spec.name if spec is not None else self.config.__class__.__module__
         args = [a for a in (sys.argv[1:] if sys.argv and sys.argv[0].endswith(".py") else []) if a != "--resume"]
-        command = " ".join(["python -m", self.config.__class__.__module__, *args, "--resume"])
+        command = " ".join(["python -m", module, *args, "--resume"])
         say(f"stopped by {signal.Signals(signum).name} after {self.unit} {step}: {where}. Continue with: {command}")
         raise SystemExit(128 + signum)
 
