@@ -23,6 +23,7 @@ T = TypeVar("T")
 __all__ = [
     "GradingConfig",
     "at_least",
+    "check_parts",
     "require",
     "LoopConfig",
     "ModelConfig",
@@ -49,6 +50,24 @@ def at_least(value: float | None, minimum: float, flag: str, *, optional: bool =
     if value is None and optional:
         return
     require(value is not None and value >= minimum, f"{flag} must be >= {minimum:g}, got {value}")
+
+
+def check_parts(cfg: Any, *, trains: Sequence[str] = (), prefix: str = "") -> None:
+    """Call ``check(prefix)`` of every nested config in ``cfg`` that has one (each names its own flags); the
+    sampling configs whose flag prefix is in ``trains`` (rollouts: "sampling") are checked as samples that are
+    trained on."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        name = field.name.replace("_", "-")
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(value, SamplingConfig):
+            value.check(path, trains=path in trains)
+        elif hasattr(value, "check"):
+            value.check(path)
+        else:
+            check_parts(value, prefix=path)
 
 
 def flag(prefix: str, field: str) -> str:
@@ -241,7 +260,8 @@ class LoopConfig:
     """Wall-clock budget of the whole run (across resumes): stop cleanly after the step that reaches it,
     with a checkpoint and the final evaluation (None: no budget)."""
 
-    def check(self) -> None:
+    def check(self, prefix: str = "") -> None:
+        """The schedule flags have no prefix."""
         at_least(self.eval_every, 1, "--eval-every")
         at_least(self.checkpoint_every, 0, "--checkpoint-every")
         at_least(self.keep_checkpoints, 1, "--keep-checkpoints")
@@ -263,8 +283,8 @@ class RunConfig:
     """Seed of every random choice of the run (data order, sampling, shuffles); the data's own
     choices (subsets, the embedded task) are seeded by --data.seed."""
 
-    def check(self) -> None:
-        require(bool(self.name.strip()) and self.name not in (".", ".."), f"--run.name must name a folder, got {self.name!r}")
+    def check(self, prefix: str = "run") -> None:
+        require(bool(self.name.strip()) and self.name not in (".", ".."), f"{flag(prefix, 'name')} must name a folder, got {self.name!r}")
 
 
 def asdict(config: Any) -> dict[str, Any]:

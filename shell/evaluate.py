@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shell.config import (
-    GradingConfig, ModelConfig, RunConfig, SamplerConfig, SamplingConfig, asdict, at_least, run_cli,
+    GradingConfig, ModelConfig, RunConfig, SamplerConfig, SamplingConfig, asdict, at_least, check_parts, run_cli,
 )
 from shell.data import DataConfig, load_dataset, questions_within_context
 from shell.evaluation import EvalResult, evaluate, format_summary, write_results
@@ -44,11 +44,7 @@ class EvaluateConfig:
 def check_config(cfg: EvaluateConfig) -> None:
     """Every flag's range, before anything loads; each message names the flag."""
     at_least(cfg.entropy_microbatch, 0, "--entropy-microbatch")
-    cfg.data.check("data")
-    cfg.eval.check("eval")
-    cfg.grading.check()
-    cfg.sampler.check()
-    cfg.run.check()
+    check_parts(cfg, trains=())
 
 
 def check_writable(run_dir: Path) -> None:

@@ -29,7 +29,7 @@ import tyro
 
 from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
-    at_least, flag, require, run_cli,
+    at_least, check_parts, flag, require, run_cli,
 )
 from shell.data import (
     DataConfig, HeldOutConfig, SFTExample, held_out_config, load_dataset, make_sft_examples, questions_within_context,
@@ -98,16 +98,7 @@ def check_config(cfg: EIConfig) -> None:
     require(cfg.sft_epochs > 0, f"--sft-epochs must be > 0, got {cfg.sft_epochs}")
     at_least(cfg.sft_max_steps, 0, "--sft-max-steps", optional=True)
     at_least(cfg.entropy_fallback_responses, 0, "--entropy-fallback-responses")
-    cfg.data.check("data")
-    cfg.eval_data.check("eval-data")
-    cfg.sampling.check("sampling", trains=True)
-    cfg.eval.check("eval")
-    cfg.optim.check()
-    cfg.warm_start.check()
-    cfg.loop.check()
-    cfg.grading.check()
-    cfg.sampler.check()
-    cfg.run.check()
+    check_parts(cfg, trains=("sampling",))
 
 
 # ------------------------------------------------------------------------------------------ pure pieces

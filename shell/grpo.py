@@ -22,7 +22,7 @@ import tyro
 from core import LengthNormalization, LossType, nonconstant_group_mask
 from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
-    at_least, flag, require, run_cli,
+    at_least, check_parts, flag, require, run_cli,
 )
 from shell.data import DataConfig, HeldOutConfig, held_out_config, load_dataset, make_sft_examples, questions_within_context
 from shell.models import prompt_token_limit
@@ -117,18 +117,7 @@ def check_config(cfg: GRPOConfig) -> None:
     at_least(cfg.advantage_eps, 0, "--advantage-eps")
     at_least(cfg.kl_coef, 0, "--kl-coef")
     at_least(cfg.tis_cap, 0, "--tis-cap")
-    cfg.data.check("data")
-    cfg.eval_data.check("eval-data")
-    cfg.sampling.check("sampling", trains=True)
-    cfg.eval.check("eval")
-    cfg.optim.check()
-    cfg.warm_start.check()
-    cfg.final_eval.data.check("final-eval.data")
-    cfg.final_eval.sampling.check("final-eval.sampling")
-    cfg.loop.check()
-    cfg.grading.check()
-    cfg.sampler.check()
-    cfg.run.check()
+    check_parts(cfg, trains=("sampling",))
 
 
 def pg_settings(cfg: GRPOConfig) -> PolicyGradientSettings:
@@ -218,9 +207,9 @@ def train(cfg: GRPOConfig) -> Path:
         def evaluate_now(step: int) -> None:
             m = run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
                          step=step, entropy=entropy)
-            if final_set is not None:  # keep room in --budget-hours for the final evaluation, scaled from this one
-                passes = 2 if cfg.final_eval.greedy else 1
-                run.reserve_s = m["eval/seconds"] / max(1, len(eval_set)) * len(final_set) * passes
+            if final_set is not None:  # keep room in --budget-hours for the final evaluation, scaled from this one,
+                passes = 2 if cfg.final_eval.greedy else 1  # plus the last checkpoint and final/ (a margin)
+                run.reserve_s = 1.15 * m["eval/seconds"] / max(1, len(eval_set)) * len(final_set) * passes + 30
 
         # Phase 2: a fresh run warm-starts, fixes its KL reference and evaluates; a resumed one reloads them.
         reference: Reference | None = None
@@ -396,6 +385,23 @@ PRESETS: dict[str, tuple[str, GRPOConfig]] = {
         replace(_LAPTOP, loss_type="grpo_clip", cliprange=0.2, cliprange_high=0.28, length_normalization="token_mean",
                 dynamic_sampling=True, max_sampling_rounds=2, mask_truncated=True, train_batch_size=32,
                 gradient_accumulation_steps=4, run=RunConfig(name="grpo_laptop_dapo")),
+    ),
+    "laptop-leaderboard": (
+        "CPU, 15 minutes in all (--budget-hours 0.25): SFT warm start on varied, stepwise traces, then GRPO until the "
+        "budget, then the final model on all 500 embedded validation problems (T=1, and greedy)",
+        replace(
+            _LAPTOP,
+            data=DataConfig(split="train", phrasing="varied", solution_style="stepwise"),
+            eval_data=HeldOutConfig(limit=64, phrasing="plain"),
+            n_grpo_steps=60,
+            warm_start=WarmStartConfig(steps=110, batch_size=16, lr=1e-4),
+            optim=OptimConfig(lr=2e-5, warmup_steps=5, weight_decay=0.0, beta1=0.9, beta2=0.95, share_prompt_prefix=True),
+            sampling=SamplingConfig(min_tokens=4, max_tokens=64), eval=SamplingConfig(max_tokens=64),
+            loop=LoopConfig(eval_every=5, budget_hours=0.25),
+            final_eval=FinalEvalConfig(enabled=True, data=HeldOutConfig(limit=None, phrasing="plain"),
+                                       sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=96), greedy=True),
+            run=RunConfig(name="grpo_laptop_leaderboard"),
+        ),
     ),
     "h100": ("GPU: Qwen2.5-Math-1.5B on MATH, the handout's starting hyper-parameters; one GPU (vLLM colocated at "
              "0.3, asleep while the policy trains)", _h100()),

@@ -52,6 +52,23 @@ FREE_TO_CHANGE = ("loop.", "run.logger", "run.runs_dir", "grading.", "sampler.ba
 (the schedule flags, logging, grading workers, where vLLM runs and its memory, the number of steps)."""
 
 
+def process_age() -> float:
+    """Seconds since this process started when it is an entry point (``python -m shell.<loop>``, Linux
+    ``/proc``), else 0: a run's clock starts with its process, so ``--budget-hours`` and ``time/elapsed_s``
+    count imports and loading too (a loop called from a notebook counts from the call)."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    if spec is None or not str(spec.name).startswith("shell."):
+        return 0.0
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - started)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 class RunLocked(ValueError):
     """Another process holds the run folder."""
 
@@ -163,7 +180,7 @@ class Run:
         self._in_steps = False
         self._step_seconds: list[float] = []
         self._elapsed_before = 0.0
-        self._t0 = time.monotonic()
+        self._t0 = time.monotonic() - process_age()
 
     # ------------------------------------------------------------------------------------------ open/close
 
@@ -233,7 +250,7 @@ class Run:
             (self.dir / "config_history.jsonl").unlink(missing_ok=True)
         self.logger = RunLogger(self.dir, logger=self.run_cfg.logger, config=asdict(self.config), save_config=not resumed,
                                 resume_step=self.start if resumed else None, step_keys=self.step_keys,
-                                elapsed_offset=self._elapsed_before)
+                                elapsed_offset=self.elapsed)
         return self
 
     def _record_changes(self) -> None:
@@ -300,8 +317,10 @@ class Run:
         if step > 0 and (not kept or kept[-1].name != f"step_{step:06d}"):
             kept.append(self.checkpoint(step))
         where = f"checkpoint {kept[-1]}" if step > 0 else "nothing to save yet (no step had completed)"
+        spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+        module = spec.name if spec is not None else self.config.__class__.__module__
         args = [a for a in (sys.argv[1:] if sys.argv and sys.argv[0].endswith(".py") else []) if a != "--resume"]
-        command = " ".join(["python -m", self.config.__class__.__module__, *args, "--resume"])
+        command = " ".join(["python -m", module, *args, "--resume"])
         say(f"stopped by {signal.Signals(signum).name} after {self.unit} {step}: {where}. Continue with: {command}")
         raise SystemExit(128 + signum)
 

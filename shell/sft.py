@@ -18,8 +18,8 @@ import torch
 import tyro
 
 from shell.config import (
-    GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, at_least, require,
-    run_cli,
+    GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, at_least, check_parts,
+    require, run_cli,
 )
 from shell.data import (
     DataConfig, DataError, HeldOutConfig, SFTExample, held_out_config, keep_within_context, load_dataset,
@@ -83,14 +83,7 @@ def check_config(cfg: SFTConfig) -> None:
     require(cfg.batch_size % cfg.gradient_accumulation_steps == 0,
             f"--batch-size ({cfg.batch_size}) must be divisible by --gradient-accumulation-steps ({cfg.gradient_accumulation_steps})")
     at_least(cfg.data.num_examples, 1, "--data.num-examples", optional=True)
-    cfg.data.check("data")
-    cfg.eval_data.check("eval-data")
-    cfg.optim.check()
-    cfg.loop.check()
-    cfg.eval.check("eval")
-    cfg.grading.check()
-    cfg.sampler.check()
-    cfg.run.check()
+    check_parts(cfg, trains=())
 
 
 def validate_sft_examples(examples: Sequence[SFTExample], prompt: str) -> None:

@@ -259,7 +259,18 @@ def _sampler_correction(
 
 
 def _compile(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
-    return torch.compile(fn, dynamic=True) if enabled else fn
+    """``fn``, or a callable that calls ``torch.compile(fn, dynamic=True)`` on first use and then always calls
+    what it returned (a step that is never used is never compiled)."""
+    if not enabled:
+        return fn
+    compiled: list[Callable[..., Any]] = []
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        if not compiled:
+            compiled.append(torch.compile(fn, dynamic=True))
+        return compiled[0](*args, **kwargs)
+
+    return call
 
 
 def make_train_step(

@@ -38,7 +38,6 @@ __all__ = [
     "accumulate_and_step",
     "finite_or_raise",
     "grpo_update",
-    "mean_or_none",
     "plan_microbatches",
     "response_entropies",
     "sft_update",
@@ -447,8 +446,3 @@ def response_entropies(learner: Learner, prompts: Sequence[str], responses: Sequ
     return mean_token_entropies(learner.model, learner.tokenizer, prompts, responses, microbatch=microbatch,
                                 log_probs=learner.log_probs, autocast_bf16=learner.optim.autocast_bf16)
 
-
-def mean_or_none(values: Sequence[float | None]) -> float | None:
-    """The mean of the values that are not None (None when there are none)."""
-    kept = [v for v in values if v is not None]
-    return statistics.fmean(kept) if kept else None

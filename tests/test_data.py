@@ -394,3 +394,20 @@ def test_varied_phrasing_keeps_the_arithmetic_and_varies_the_words():
     assert len(openings) > 10 and len({v.question.split("?")[0].split(".")[-1].split()[0] for v in varied}) > 3
     assert all(p.question.startswith(p.question.split()[0] + " has ") for p in plain)
     assert embedded_dataset(n=5, phrasing="varied").source.endswith("phrasing=varied)")
+
+
+def test_stepwise_solutions_go_tens_then_ones():
+    ex = arithmetic_problem(0, solution_style="stepwise")
+    plain = arithmetic_problem(0)
+    assert (ex.question, ex.answer) == (plain.question, plain.answer)
+    left, op, right = plain.meta["expression"].split()
+    a, b = int(left), int(right)
+    sign = 1 if op == "+" else -1
+    if b % 10 and b >= 10:
+        mid = a + sign * (b - b % 10)
+        assert ex.solution == f"{a} {op} {b - b % 10} = {mid}, {mid} {op} {b % 10} = {int(plain.answer)}."
+    for i in range(300):
+        e = arithmetic_problem(i, solution_style="stepwise", difficulty=2)
+        equations = re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", e.solution)
+        assert equations and all(int(x) + (1 if o == "+" else -1) * int(y) == int(z) for x, o, y, z in equations)
+        assert int(equations[-1][3]) == int(e.answer)

@@ -183,6 +183,7 @@ def test_signal_checkpoints_the_reached_step_and_resume_continues(tiny, tmp_path
     text = "".join(out)
     reached = int(text.split(f"stopped by {sig.name} after step ")[1].split(":")[0])
     assert reached >= 2 and "--resume" in text.split("Continue with:")[1]
+    assert "python -m shell.sft " in text.split("Continue with:")[1]
     assert (tmp_path / "sig" / "checkpoints" / f"step_{reached:06d}").is_dir()
     assert not (tmp_path / "sig" / "final").exists()
     sft_module.main([*args, "--resume"])

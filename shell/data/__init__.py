@@ -20,6 +20,7 @@ usable ground truth (MATH's two empty answers) are skipped and counted in ``Data
 
 from shell.data.arithmetic import DEFAULT_EMBEDDED_SIZES
 from shell.data.arithmetic import Phrasing
+from shell.data.arithmetic import SolutionStyle
 from shell.data.arithmetic import Split
 from shell.data.arithmetic import arithmetic_problem
 from shell.data.arithmetic import arithmetic_split
@@ -61,6 +62,7 @@ __all__ = [
     "HeldOutConfig",
     "Phrasing",
     "SFTExample",
+    "SolutionStyle",
     "Split",
     "arithmetic_problem",
     "arithmetic_split",

@@ -13,6 +13,7 @@ from shell.data.records import DataError, Dataset, Example
 __all__ = [
     "DEFAULT_EMBEDDED_SIZES",
     "Phrasing",
+    "SolutionStyle",
     "Split",
     "arithmetic_problem",
     "arithmetic_split",
@@ -32,6 +33,11 @@ _NAMES = (("Mia", "she"), ("Tom", "he"), ("Ava", "she"), ("Leo", "he"), ("Zoe", 
 _ITEMS = ("apples", "coins", "pens", "cards", "books", "stamps", "shells", "marbles", "stickers", "cookies")
 _ADD = ("gets {n} more.", "buys {n} more.", "finds {n} more.")
 _SUB = ("gives away {n}.", "loses {n}.", "sells {n}.")
+
+SolutionStyle = Literal["equation", "stepwise"]
+"""How the embedded task's solutions (the SFT traces' reasoning) are written: ``equation`` "45 + 23 = 68.";
+``stepwise`` "45 + 20 = 65, 65 + 3 = 68." (tens first, then ones: each step moves one digit, easier for a
+small model to compute left to right)."""
 
 Phrasing = Literal["plain", "varied"]
 """``plain``: the task's one sentence shape (the held-out metric everyone reports); ``varied``: the same
@@ -106,7 +112,8 @@ def _digits(rng: random.Random, k: int) -> int:
     return rng.randint(10 ** (k - 1) if k > 1 else 1, 10**k - 1)
 
 
-def arithmetic_problem(index: int, *, difficulty: int = 1, seed: int = 0, phrasing: Phrasing = "plain") -> Example:
+def arithmetic_problem(index: int, *, difficulty: int = 1, seed: int = 0, phrasing: Phrasing = "plain",
+                       solution_style: SolutionStyle = "equation") -> Example:
     """The embedded task's problem number ``index`` (a pure function of index, difficulty, seed and phrasing).
 
     Difficulty 1: "Mia has 45 apples. She gets 23 more. How many apples does she have now?" (two 2-digit
@@ -115,7 +122,7 @@ def arithmetic_problem(index: int, *, difficulty: int = 1, seed: int = 0, phrasi
     more steps and digits. Every intermediate amount is non-negative; the answer is an exact integer.
     ``phrasing="varied"`` tells the same arithmetic (the same expression, answer and solution for the same
     index) in one of many sentence shapes, e.g. "Kofi had 45 marbles and then lost 23. How many marbles does
-    Kofi end up with?"
+    Kofi end up with?" ``solution_style="stepwise"`` writes each +/- step as tens first, then ones.
     """
     lv = _level(difficulty)
     rng = random.Random(f"arith:{seed}:{difficulty}:{index}")
@@ -140,11 +147,11 @@ def arithmetic_problem(index: int, *, difficulty: int = 1, seed: int = 0, phrasi
         op = "-" if sub else "+"
         verb = rng.choice(_SUB if sub else _ADD)
         sentences.append(f"{pron.capitalize()} {verb.format(n=n)}")
-        steps_text.append(f"{total} {op} {n} = {new}.")
+        steps_text.append(_stepwise(total, op, n) if solution_style == "stepwise" else f"{total} {op} {n} = {new}.")
         expr = f"{expr} {op} {n}"
         total = new
     sentences.append(f"How many {item} does {name} have now?")
-    if lv.mul is None and len(steps_text) > 1:  # one line for pure +/- chains: "45 + 23 - 12 = 56."
+    if lv.mul is None and len(steps_text) > 1 and solution_style == "equation":  # one line: "45 + 23 - 12 = 56."
         solution = f"{expr} = {total}."
     else:
         solution = " ".join(steps_text)
@@ -163,6 +170,19 @@ def arithmetic_problem(index: int, *, difficulty: int = 1, seed: int = 0, phrasi
             "phrasing": phrasing,
         },
     )
+
+
+def _stepwise(a: int, op: str, b: int) -> str:
+    """``a op b`` as tens first, then ones: "45 + 20 = 65, 65 + 3 = 68." (one equation when ``b`` has no tens or no ones)."""
+    sign = 1 if op == "+" else -1
+    tens, ones = b - b % 10, b % 10
+    parts = []
+    if tens and ones:
+        mid = a + sign * tens
+        parts = [f"{a} {op} {tens} = {mid}", f"{mid} {op} {ones} = {mid + sign * ones}"]
+    else:
+        parts = [f"{a} {op} {b} = {a + sign * b}"]
+    return ", ".join(parts) + "."
 
 
 def _varied_question(expr: str, index: int, difficulty: int, seed: int) -> str:
@@ -209,6 +229,7 @@ def embedded_dataset(
     seed: int = 0,
     shuffle: bool = False,
     phrasing: Phrasing = "plain",
+    solution_style: SolutionStyle = "equation",
 ) -> Dataset:
     """The first ``n`` distinct problems of ``split`` (default size DEFAULT_EMBEDDED_SIZES[split])."""
     n = DEFAULT_EMBEDDED_SIZES[split] if n is None else n
@@ -222,7 +243,7 @@ def embedded_dataset(
             raise DataError(
                 f"embedded task (difficulty {difficulty}): only {len(out)} distinct {split} problems found"
             )
-        ex = arithmetic_problem(index, difficulty=difficulty, seed=seed, phrasing=phrasing)
+        ex = arithmetic_problem(index, difficulty=difficulty, seed=seed, phrasing=phrasing, solution_style=solution_style)
         index += 1
         if ex.meta["split"] == split and ex.question not in seen:
             seen.add(ex.question)

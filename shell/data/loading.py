@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-from shell.data.arithmetic import Phrasing, Split, embedded_dataset
+from shell.data.arithmetic import Phrasing, SolutionStyle, Split, embedded_dataset
 from shell.data.jsonl import Format, load_jsonl_dataset
 from shell.data.records import DataError, DataFileNotFoundError, Dataset, Example
 
@@ -42,6 +42,9 @@ class DataConfig:
     phrasing: Phrasing = "plain"
     """Embedded task only: "plain" (its one sentence shape) or "varied" (the same arithmetic in many names, items,
     verbs and sentence shapes)."""
+    solution_style: SolutionStyle = "equation"
+    """Embedded task only: how solutions (the SFT traces' reasoning) are written: "equation" (45 + 23 = 68.) or
+    "stepwise" (45 + 20 = 65, 65 + 3 = 68.)."""
     format: Format = "auto"
     """File format; auto = detected from the first record's fields."""
     max_prompt_tokens: int | None = None
@@ -168,7 +171,8 @@ def load_dataset(cfg: DataConfig, *, split: Split | None = None) -> Dataset:
         raise ValueError(f"limit must be a positive integer or None, not {cfg.limit}")
     if cfg.path is None or cfg.path == EMBEDDED:
         return embedded_dataset(
-            split=split, n=cfg.limit, difficulty=cfg.difficulty, seed=cfg.seed, shuffle=cfg.shuffle, phrasing=cfg.phrasing
+            split=split, n=cfg.limit, difficulty=cfg.difficulty, seed=cfg.seed, shuffle=cfg.shuffle, phrasing=cfg.phrasing,
+            solution_style=cfg.solution_style,
         )
     return load_jsonl_dataset(
         resolve_data_path(cfg.path, split),
