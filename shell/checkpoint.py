@@ -76,7 +76,7 @@ def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, path: Path | 
     rank calls it: a sharded policy's full weights are gathered, and rank 0 alone writes."""
     from shell.distributed import barrier, gather_state_dict, is_main, is_sharded
 
-    state = gather_state_dict(model) if is_sharded(model) else None
+    state = gather_state_dict(model, tied_once=True) if is_sharded(model) else None
     if is_main():
         publish_dir(path, lambda tmp: _save_pretrained(model, tokenizer, tmp, state))
     barrier()

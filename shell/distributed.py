@@ -357,11 +357,20 @@ def max_abs_weight(params: Sequence[torch.Tensor]) -> float:
     return max(gather(value))
 
 
-def gather_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The sharded ``model``'s full (unsharded) state dict on every rank (every rank must call it)."""
+def gather_state_dict(model: torch.nn.Module, *, tied_once: bool = False) -> dict[str, torch.Tensor]:
+    """The sharded ``model``'s full (unsharded) state dict on every rank (every rank must call it): every
+    name, tied ones included (what samplers load), or with ``tied_once`` a tied weight under its first name
+    only (what ``save_pretrained`` writes for a model in one process)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    if tied_once:
+        names: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            names.setdefault(id(param), []).append(name)
+        later = {n for same in names.values() for n in same[1:]}
+        state = {k: v for k, v in state.items() if k not in later}
+    return state
 
 
 def unsharded_copy(model: torch.nn.Module) -> torch.nn.Module:

@@ -1,8 +1,10 @@
 """Scale-out under torchrun on CPU (gloo, a tiny model): world size 2 trains exactly what world size 1 does.
 
-The quick test runs ``torchrun --nproc-per-node 2 -m shell.sft`` beside ``python -m shell.sft``; the slow ones
-cover the policy-gradient update in spawned ranks (on-policy, off-policy, token_mean with a fully masked
-microbatch, a KL reference), a GRPO run through the loop, and kill + resume under torchrun.
+The quick tests run ``torchrun --nproc-per-node 2 -m shell.sft`` beside ``python -m shell.sft``, and the
+policy-gradient update in spawned ranks beside one process (on-policy, off-policy, token_mean with a fully
+masked microbatch, a KL reference); the slow ones a GRPO run through the loop, and kill + resume under
+torchrun. The tiny policy has tied embeddings and trains with bf16 autocast and the shared prompt prefix, as
+the laptop presets do.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from doubles import save_tiny_policy
+from doubles import save_tiny_policy, tiny_policy
 from shell.distributed import add_up, interleave, share_of
 from shell.runlog import read_metrics
 
@@ -32,7 +34,9 @@ DROP = {"time/elapsed_s", "eval/seconds"}
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
+    """A tiny policy with tied embeddings, as SmolLM2's."""
+    model, tokenizer = tiny_policy(seed=0, tie_word_embeddings=True)
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy", model=model, tokenizer=tokenizer)
 
 
 def torchrun(module: str, *args: str, ranks: int = 2) -> subprocess.CompletedProcess:
@@ -110,7 +114,7 @@ def sft_args(tiny: Path, runs: Path, name: str, *extra: str, steps: int = 2) -> 
         "--eval.max-tokens", "6", "--grading.workers", "0", "--sampler.generation-dtype", "None",
         "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", name, "--num-steps", str(steps),
         "--batch-size", "8", "--gradient-accumulation-steps", "2", "--eval-every", "2", "--optim.lr", "1e-3",
-        "--optim.no-autocast-bf16", *extra,
+        "--optim.share-prompt-prefix", *extra,  # as the laptop preset: bf16 autocast, the prompt prefix run once
     ]
 
 
@@ -170,15 +174,14 @@ SCENARIOS = {
 def _updates(out: Path) -> None:
     """Run every scenario's policy-gradient update (two optimizer steps each, from a fresh tiny policy); save the
     metrics and the full weights (rank 0)."""
-    from doubles import tiny_policy
     from shell.config import OptimConfig
     from shell.distributed import gather_state_dict, is_main, is_sharded
     from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update
 
     results = {}
     for name, kw in SCENARIOS.items():
-        model, tok = tiny_policy(seed=3)
-        learner = Learner(model, tok, OptimConfig(lr=1e-3, autocast_bf16=False, share_prompt_prefix=True))
+        model, tok = tiny_policy(seed=3, tie_word_embeddings=True)
+        learner = Learner(model, tok, OptimConfig(lr=1e-3, share_prompt_prefix=True))  # bf16 autocast, as the laptop
         settings = PolicyGradientSettings(**kw)
         reference = Reference.of(learner) if settings.kl_coef else None
         rollouts, raw, advantages = _group_rollouts()
@@ -203,7 +206,6 @@ def _rank(rank: int, store: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_policy_gradient_update_at_world_size_2_equals_world_size_1(tmp_path):
     import torch.multiprocessing as mp
 
@@ -237,9 +239,7 @@ def assert_adam_close(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], *,
 
 
 def tiny_start() -> dict[str, torch.Tensor]:
-    from doubles import tiny_policy
-
-    return tiny_policy(seed=3)[0].state_dict()
+    return tiny_policy(seed=3, tie_word_embeddings=True)[0].state_dict()
 
 
 # ------------------------------------------------------------------------------------------------ loops under torchrun
@@ -252,7 +252,7 @@ def grpo_args(tiny: Path, runs: Path, name: str, *extra: str) -> list[str]:
         "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", name, "--n-grpo-steps", "2",
         "--rollout-batch-size", "8", "--group-size", "4", "--train-batch-size", "4", "--gradient-accumulation-steps", "2",
         "--loss-type", "grpo_clip", "--sampling.max-tokens", "6", "--eval-every", "2", "--warm-start.steps", "1",
-        "--warm-start.batch-size", "8", "--optim.lr", "1e-3", "--optim.no-autocast-bf16", "--kl-coef", "0.01",
+        "--warm-start.batch-size", "8", "--optim.lr", "1e-3", "--optim.share-prompt-prefix", "--kl-coef", "0.01",
         "--tis-cap", "2", *extra,
     ]
 
