@@ -16,9 +16,10 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -26,10 +27,12 @@ import torch
 from shell.files import publish_dir
 
 __all__ = ["Checkpoint", "CheckpointError", "list_checkpoints", "load_latest_checkpoint", "load_model_weights",
-           "remove_stale_temporaries", "rng_state", "save_checkpoint", "save_pretrained_atomic", "set_rng_state",
-           "verify_manifest"]
+           "newest_intact_checkpoint", "prune_checkpoints", "remove_stale_temporaries", "rng_state", "save_checkpoint",
+           "save_pretrained_atomic", "set_rng_state", "verify_manifest"]
 
 MANIFEST = "manifest.json"
+
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -62,15 +65,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _save_pretrained(model: torch.nn.Module, tokenizer: Any, folder: Path) -> None:
-    model.save_pretrained(folder)
+def _save_pretrained(model: torch.nn.Module, tokenizer: Any, folder: Path, state: dict[str, Any] | None = None) -> None:
+    model.save_pretrained(folder, **({} if state is None else {"state_dict": dict(state)}))
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
 
 def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, path: Path | str) -> Path:
-    """``save_pretrained`` of model and tokenizer into ``path``, replacing it atomically."""
-    return publish_dir(path, lambda tmp: _save_pretrained(model, tokenizer, tmp))
+    """``save_pretrained`` of model and tokenizer into ``path``, replacing it atomically. Under torchrun every
+    rank calls it: a sharded policy's full weights are gathered, and rank 0 alone writes."""
+    from shell.distributed import barrier, gather_state_dict, is_main, is_sharded
+
+    state = gather_state_dict(model, tied_once=True) if is_sharded(model) else None
+    if is_main():
+        publish_dir(path, lambda tmp: _save_pretrained(model, tokenizer, tmp, state))
+    barrier()
+    return Path(path)
 
 
 def save_checkpoint(
@@ -91,9 +101,14 @@ def save_checkpoint(
         write_manifest(tmp)
 
     final = publish_dir(Path(run_dir) / "checkpoints" / f"step_{step:06d}", fill)
+    prune_checkpoints(run_dir, keep_last)
+    return final
+
+
+def prune_checkpoints(run_dir: Path | str, keep_last: int) -> None:
+    """Delete all but the newest ``keep_last`` checkpoints (none when ``keep_last`` is 0)."""
     for old in list_checkpoints(run_dir)[:-keep_last] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _sha256(path: Path) -> str:
@@ -159,20 +174,33 @@ def load_latest_checkpoint(run_dir: Path | str, *, model: torch.nn.Module, resto
     path and the problem) and the next older one is tried. Raises :class:`CheckpointError` when checkpoints
     exist but none is intact.
     """
+
+    def load(path: Path) -> dict[str, Any]:
+        load_model_weights(model, path)
+        return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+    found = newest_intact_checkpoint(run_dir, load)
+    if found is None:
+        return None
+    path, state = found
+    if restore_rng:
+        set_rng_state(state["rng"])
+    return Checkpoint(path=path, step=int(state["step"]), state=state)
+
+
+def newest_intact_checkpoint(run_dir: Path | str, load: Callable[[Path], T]) -> tuple[Path, T] | None:
+    """The newest checkpoint of ``run_dir`` that matches its manifest and that ``load`` reads without an error,
+    with what ``load`` returned; None when there is no checkpoint. A damaged one is reported (a warning naming
+    its path and the problem) and the next older one is tried; :class:`CheckpointError` when none is intact."""
     found = list_checkpoints(run_dir)
     problems = []
     for path in reversed(found):
         try:
             verify_manifest(path)
-            load_model_weights(model, path)
-            state = torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+            return path, load(path)
         except Exception as e:  # noqa: BLE001 - any damage: fall back to an older checkpoint
             problems.append(f"{path}: {e}")
             warnings.warn(f"checkpoint {path} is damaged ({e}); trying the previous one", stacklevel=2)
-            continue
-        if restore_rng:
-            set_rng_state(state["rng"])
-        return Checkpoint(path=path, step=int(state["step"]), state=state)
     if found:
         raise CheckpointError("no intact checkpoint in " + str(Path(run_dir) / "checkpoints") + ": " + "; ".join(problems))
     return None

@@ -25,8 +25,8 @@ if TYPE_CHECKING:
 
     from shell.loop import Run
 
-__all__ = ["EvalResult", "FinalEvalConfig", "evaluate", "final_evaluation", "format_summary", "log_generations",
-           "mean_or_none", "run_eval", "summarize", "write_results"]
+__all__ = ["EvalResult", "FinalEvalConfig", "evaluate", "final_evaluation", "format_summary", "generation_stats",
+           "log_generations", "mean_or_none", "run_eval", "summarize", "write_results"]
 
 EntropyFn = Callable[[Sequence[str], Sequence[str]], list[float]]
 """``score(prompts, responses) -> mean token entropy of each response`` under the policy."""
@@ -156,16 +156,9 @@ def log_generations(
     """Append a generation log entry to ``path`` (jsonl) and return its statistics.
 
     The entry holds ``max_samples`` samples (prompt, response, ground truth, rewards, mean token
-    entropy) and, over all ``records``: mean response length overall, for correct and for incorrect
-    responses, and the mean token entropy.
+    entropy) and the :func:`generation_stats` of all ``records``.
     """
-    stats = {
-        "mean_length": mean_or_none([r["num_tokens"] for r in records]),
-        "mean_length_correct": mean_or_none([r["num_tokens"] for r in records if r["reward"] == 1.0]),
-        "mean_length_incorrect": mean_or_none([r["num_tokens"] for r in records if r["reward"] != 1.0]),
-        "mean_token_entropy": mean_or_none([r["mean_token_entropy"] for r in records if r.get("mean_token_entropy") is not None]),
-        "reward": mean_or_none([r["reward"] for r in records]),
-    }
+    stats = generation_stats(records)
     keys = ("prompt", "response", "ground_truth", "format_reward", "answer_reward", "reward", "mean_token_entropy", "num_tokens")
     entry = {"step": step, "stats": stats, "samples": [{k: r.get(k) for k in keys} for r in list(records)[:max_samples]]}
     path = Path(path)
@@ -175,6 +168,18 @@ def log_generations(
     return stats
 
 
+def generation_stats(records: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Over ``records``: mean response length overall, for correct and for incorrect responses, the mean token
+    entropy and the mean reward."""
+    return {
+        "mean_length": mean_or_none([r["num_tokens"] for r in records]),
+        "mean_length_correct": mean_or_none([r["num_tokens"] for r in records if r["reward"] == 1.0]),
+        "mean_length_incorrect": mean_or_none([r["num_tokens"] for r in records if r["reward"] != 1.0]),
+        "mean_token_entropy": mean_or_none([r["mean_token_entropy"] for r in records if r.get("mean_token_entropy") is not None]),
+        "reward": mean_or_none([r["reward"] for r in records]),
+    }
+
+
 def run_eval(
     run: Run, sampler: Sampler, model: torch.nn.Module, eval_set: Any, *, template: PromptTemplate,
     sampling: SamplingConfig, grading: GradingConfig, step: int, extra: dict[str, Any] | None = None,
@@ -182,13 +187,15 @@ def run_eval(
 ) -> dict[str, Any]:
     """A training loop's held-out evaluation: sync the policy's weights into the sampler, evaluate (noise
     seeded by the run's seed and ``step``), append the generations to ``generations.jsonl``, log
-    ``{prefix}/…`` metrics with ``eval_step`` = ``step`` (plus the ``extra`` keys) and redraw the figures."""
+    ``{prefix}/…`` metrics with ``eval_step`` = ``step`` (plus the ``extra`` keys) and redraw the figures.
+    Under torchrun the problems are shared among the ranks (sampling, grading) and rank 0 writes."""
     model.eval()
     sampler.load_weights(model)
     result = evaluate(sampler, eval_set, template=template, sampling=sampling, grading=grading,
                       seed=derive_seed(run.run_cfg.seed, "eval", step), entropy=entropy, progress=True)
     s = result.summary
-    stats = log_generations(result.records, run.dir / "generations.jsonl", step=step, max_samples=run.loop.log_generations)
+    stats = (log_generations(result.records, run.dir / "generations.jsonl", step=step, max_samples=run.loop.log_generations)
+             if run.world.main else generation_stats(result.records))
     metrics = {
         "eval_step": step,
         f"{prefix}/answer_reward": s["answer_reward"],
@@ -227,8 +234,9 @@ def final_evaluation(
         result = evaluate(sampler, eval_set, template=template, sampling=sampling, grading=grading,
                           seed=derive_seed(run.run_cfg.seed, "final-eval"), entropy=entropy, progress=True)
         folder = run.dir / "final_eval" / name if name else run.dir / "final_eval"
-        write_results(folder, result, {"temperature": sampling.temperature, "top_p": sampling.top_p,
-                                       "max_tokens": sampling.max_tokens, "step": run.completed})
+        if run.world.main:
+            write_results(folder, result, {"temperature": sampling.temperature, "top_p": sampling.top_p,
+                                           "max_tokens": sampling.max_tokens, "step": run.completed})
         key = "final_greedy" if name else "final"
         run.log({"eval_step": run.completed, f"{key}/answer_reward": result.summary["answer_reward"],
                  f"{key}/format_reward": result.summary["format_reward"], f"{key}/num_examples": len(eval_set),

@@ -34,6 +34,7 @@ from shell.config import (
 from shell.data import (
     DataConfig, HeldOutConfig, SFTExample, held_out_config, load_dataset, make_sft_examples, questions_within_context,
 )
+from shell.distributed import launched_world_size, require_world_multiple
 from shell.models import prompt_token_limit
 from shell.evaluation import mean_or_none, run_eval
 from shell.loop import Run, write_curves
@@ -99,6 +100,9 @@ def check_config(cfg: EIConfig) -> None:
     at_least(cfg.sft_max_steps, 0, "--sft-max-steps", optional=True)
     at_least(cfg.entropy_fallback_responses, 0, "--entropy-fallback-responses")
     check_parts(cfg, trains=("sampling",))
+    require_world_multiple(cfg.sft_gradient_accumulation_steps, "--sft-gradient-accumulation-steps")
+    if cfg.warm_start.steps:
+        require_world_multiple(cfg.warm_start.batch_size, "--warm-start.batch-size")
 
 
 # ------------------------------------------------------------------------------------------ pure pieces
@@ -133,17 +137,22 @@ class SFTPlan:
     seed: int
 
 
-def sft_plan(n_kept: int, cfg: EIConfig, ei_step: int) -> SFTPlan:
+def sft_plan(n_kept: int, cfg: EIConfig, ei_step: int, *, shards: int = 1) -> SFTPlan:
     """Batch size, microbatches and steps for ``n_kept`` examples: the configured microbatch size, fewer
-    microbatches when fewer examples were kept, ``ceil(epochs × kept / batch)`` steps (capped)."""
+    microbatches when fewer examples were kept, ``ceil(epochs × kept / batch)`` steps (capped).
+
+    ``shards`` (the number of ranks under torchrun): the microbatches are a multiple of it, so that every rank
+    runs as many; with fewer kept examples than ``shards`` microbatches hold, ``shards`` smaller ones (of a
+    batch cut down to a multiple of ``shards``; no step when fewer than ``shards`` examples were kept)."""
     micro = cfg.sft_batch_size // cfg.sft_gradient_accumulation_steps
     batch = min(cfg.sft_batch_size, n_kept)
-    if batch >= micro:
-        k = batch // micro
+    if batch >= micro * shards:
+        k = batch // micro // shards * shards
         batch = k * micro
     else:
-        k = 1
-    steps = 0 if n_kept == 0 else max(1, math.ceil(cfg.sft_epochs * n_kept / max(batch, 1)))
+        k = shards
+        batch = batch // shards * shards
+    steps = 0 if batch == 0 else max(1, math.ceil(cfg.sft_epochs * n_kept / batch))
     if cfg.sft_max_steps is not None:
         steps = min(steps, cfg.sft_max_steps)
     return SFTPlan(batch_size=max(batch, 1), gradient_accumulation_steps=k, steps=steps,
@@ -249,7 +258,7 @@ def train(cfg: EIConfig) -> Path:
             t1 = time.perf_counter()
             if cfg.fresh_optimizer:
                 learner.reset_optimizer()
-            plan = sft_plan(len(kept), cfg, k)
+            plan = sft_plan(len(kept), cfg, k, shards=launched_world_size())
             losses = []
             for j in range(plan.steps):
                 bidx = batch_indices(len(kept), plan.batch_size, j, seed=plan.seed)

@@ -358,7 +358,8 @@ def _default_workers() -> int:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, min(cores, _DEFAULT_MAX_WORKERS))
+    ranks_here = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))  # torchrun's processes on this machine
+    return max(1, min(cores // ranks_here, _DEFAULT_MAX_WORKERS))
 
 
 def _plan(name: str | None, responses: Sequence[Any], truths: Sequence[Any],
@@ -420,6 +421,9 @@ def grade_batch(
 ) -> tuple[list[dict[str, float]], dict[str, float]]:
     """Grade ``responses`` against ``ground_truths`` in worker processes, in order.
 
+    Under torchrun every rank calls it with the same items: each grades its share (item ``i`` on rank
+    ``i mod N``) and every rank gets every reward; the counts in the metadata are summed over ranks.
+
     Args:
         responses: model completions.
         ground_truths: one ground truth per response (str, int, float or a list of alternatives).
@@ -444,9 +448,46 @@ def grade_batch(
         ValueError: different lengths, a non-positive timeout, an unknown reward name, or a
             callable the workers cannot load.
     """
-    t0 = time.perf_counter()
+    from shell import distributed
+
     if len(responses) != len(ground_truths):
         raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+    kw = dict(reward_fn=reward_fn, fast=fast, timeout_s=timeout_s, num_workers=num_workers, progress=progress)
+    if not distributed.active():
+        return _grade_batch_here(responses, ground_truths, **kw)
+    t0 = time.perf_counter()
+    mine = distributed.share(range(len(responses)))
+    rewards, meta = _grade_batch_here([responses[i] for i in mine], [ground_truths[i] for i in mine], **kw)
+    rewards = distributed.unshare(rewards)
+    counts = distributed.sum_over_ranks({k: meta[k] for k in ("timeouts", "errors", "num_workers")})
+    return rewards, _metadata(rewards, **counts, seconds=time.perf_counter() - t0)
+
+
+def _metadata(rewards: Sequence[dict[str, float]], *, timeouts: float, errors: float, num_workers: float,
+              seconds: float) -> dict[str, float]:
+    n = len(rewards)
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in rewards) / n if n else 0.0
+
+    return {
+        "timeouts": float(timeouts),
+        "errors": float(errors),
+        "format_reward_mean": mean("format_reward"),
+        "answer_reward_mean": mean("answer_reward"),
+        "reward_mean": mean("reward"),
+        "grading_seconds": seconds,
+        "num_items": float(n),
+        "num_workers": float(num_workers),
+    }
+
+
+def _grade_batch_here(
+    responses: Sequence[str], ground_truths: Sequence[Any], *, reward_fn: str | RewardFn, fast: bool, timeout_s: float,
+    num_workers: int | None, progress: bool,
+) -> tuple[list[dict[str, float]], dict[str, float]]:
+    """:func:`grade_batch` of all the items in this process (and its workers)."""
+    t0 = time.perf_counter()
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     name = _canonical_name(reward_fn)
@@ -485,21 +526,8 @@ def grade_batch(
     timeouts = sum(1 + len(copies.get(i, ())) for i, why in failures.items() if why == "timeout")
     errors = sum(1 + len(copies.get(i, ())) for i, why in failures.items() if why != "timeout")
     rewards = [r if r is not None else _failed(name, responses[i]) for i, r in enumerate(out)]
-
-    def mean(key: str) -> float:
-        return sum(r[key] for r in rewards) / n if n else 0.0
-
-    metadata = {
-        "timeouts": float(timeouts),
-        "errors": float(errors),
-        "format_reward_mean": mean("format_reward"),
-        "answer_reward_mean": mean("answer_reward"),
-        "reward_mean": mean("reward"),
-        "grading_seconds": time.perf_counter() - t0,
-        "num_items": float(n),
-        "num_workers": float(workers),
-    }
-    return rewards, metadata
+    return rewards, _metadata(rewards, timeouts=timeouts, errors=errors, num_workers=workers,
+                              seconds=time.perf_counter() - t0)
 
 
 def _run_in_pool(

@@ -26,6 +26,7 @@ from shell.config import (
 )
 from shell.data import DataConfig, HeldOutConfig, held_out_config, load_dataset, make_sft_examples, questions_within_context
 from shell.models import prompt_token_limit
+from shell.distributed import require_world_multiple
 from shell.evaluation import FinalEvalConfig, final_evaluation, run_eval
 from shell.loop import Run, write_curves
 from shell.prompts import PromptName, load_prompt
@@ -118,6 +119,9 @@ def check_config(cfg: GRPOConfig) -> None:
     at_least(cfg.kl_coef, 0, "--kl-coef")
     at_least(cfg.tis_cap, 0, "--tis-cap")
     check_parts(cfg, trains=("sampling",))
+    require_world_multiple(cfg.gradient_accumulation_steps, "--gradient-accumulation-steps")
+    if cfg.warm_start.steps:
+        require_world_multiple(cfg.warm_start.batch_size, "--warm-start.batch-size")
 
 
 def pg_settings(cfg: GRPOConfig) -> PolicyGradientSettings:

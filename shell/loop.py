@@ -37,6 +37,10 @@ from shell.checkpoint import (
     list_checkpoints, load_latest_checkpoint, remove_stale_temporaries, save_checkpoint, save_pretrained_atomic,
 )
 from shell.config import LoopConfig, RunConfig, asdict
+from shell.distributed import (
+    World, check_resume_world, close_world, from_main, gather, init_world, is_sharded, load_sharded_checkpoint,
+    main_first, save_sharded_checkpoint,
+)
 from shell.files import atomic_write_jsonl
 from shell.progress import progress_bar, say
 from shell.runlog import RunLogger, plot_curves, read_jsonl_records, read_metrics
@@ -143,6 +147,10 @@ class Run:
     a second signal abandons the step (the previous checkpoint stays). ``--budget-hours`` ends the run
     after the last step that fits, with its evaluation, checkpoint and ``final/``.
 
+    Under torchrun (:mod:`shell.distributed`) every rank enters the run: rank 0 takes the lock and checks the
+    folder and flags (a refusal exits every rank), writes the logs, figures and ``final/``; checkpoints are
+    sharded (each rank writes its part); the ranks agree after each step on a signal and on a budget stop.
+
     Args:
         config: the entry point's whole config; it holds ``run`` (:class:`RunConfig`) and ``loop`` (:class:`LoopConfig`).
         total_steps: the loop's steps (GRPO steps, SFT steps, EI steps).
@@ -168,6 +176,8 @@ class Run:
         self.state: dict[str, Any] = {}
         """The loop's own state (e.g. expert iteration's SFT step count): saved with every checkpoint, restored on resume."""
         self.learner: Learner | None = None
+        self.world = World()
+        """This process's place under torchrun (one rank of one without it)."""
         self.logger: RunLogger | None = None
         self.closing: list[Callable[[], Any]] = []
         self.reserve_s = 0.0
@@ -185,6 +195,14 @@ class Run:
     # ------------------------------------------------------------------------------------------ open/close
 
     def __enter__(self) -> Run:
+        self.world = init_world()
+        self._changes = main_first(self._open_folder)
+        self._install_signal_handlers()
+        return self
+
+    def _open_folder(self) -> dict[str, tuple[Any, Any]]:
+        """Lock the folder, clear what a killed run left, refuse to start over checkpoints without --resume and
+        compare the flags on --resume; returns the accepted changes."""
         self._lock.acquire()
         try:
             removed = remove_stale_temporaries(self.dir)
@@ -198,8 +216,7 @@ class Run:
         except BaseException:
             self._lock.release()
             raise
-        self._install_signal_handlers()
-        return self
+        return self._changes
 
     def _saved_config(self) -> dict[str, Any] | None:
         """The config the run trains with now: ``config.json`` plus the recorded changes."""
@@ -230,11 +247,17 @@ class Run:
         self.closing = list(closing)
         resumed = False
         if self.loop.resume:
-            ckpt = load_latest_checkpoint(self.dir, model=learner.model)
+            check_resume_world(self.dir)
+            if is_sharded(learner.model):  # weights, optimizer and schedule restored in place
+                ckpt = load_sharded_checkpoint(self.dir, model=learner.model, optimizer=learner.optimizer.optimizer,
+                                               scheduler=learner.optimizer.scheduler)
+            else:
+                ckpt = load_latest_checkpoint(self.dir, model=learner.model)
+                if ckpt is not None:
+                    learner.optimizer.load_state_dict(ckpt.state["optimizer"])
             if ckpt is None:
                 say(f"--resume: no checkpoint in {self.dir}; starting from scratch")
             else:
-                learner.optimizer.load_state_dict(ckpt.state["optimizer"])
                 self.start = self.completed = ckpt.step
                 self.state = dict(ckpt.state.get("loop", {}))
                 self._elapsed_before = float(ckpt.state.get("elapsed", 0.0))
@@ -242,7 +265,10 @@ class Run:
                 say(f"resumed from {ckpt.path} ({self.unit} {ckpt.step})")
                 if self._changes:
                     learner.optimizer.apply(learner.optim)
-                    self._record_changes()
+                    if self.world.main:
+                        self._record_changes()
+        if not self.world.main:  # rank 0 writes the logs
+            return self
         if resumed:
             self._truncate_generations(self.start)
         else:
@@ -277,6 +303,7 @@ class Run:
             fn()
         self.closing = []
         self._lock.release()
+        close_world()
 
     def _truncate_generations(self, step: int) -> None:
         path = self.dir / "generations.jsonl"
@@ -309,6 +336,11 @@ class Run:
         doing = f"{self.unit} {self.completed + 1}" if self._in_steps else "the set-up"
         say(f"{name}: finishing {doing}, then checkpointing and stopping (send it again to abandon it)")
 
+    def _agree_on_signal(self) -> None:
+        """Under torchrun: a signal any rank received stops every rank after the same step."""
+        if self.world.size > 1:
+            self._signal = max(gather(self._signal or 0)) or None
+
     def _stop_for_signal(self, step: int) -> None:
         """Checkpoint ``step`` (unless it is the newest checkpoint already), say how to resume, exit 128 + signal."""
         signum = self._signal
@@ -320,7 +352,8 @@ class Run:
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
         module = spec.name if spec is not None else self.config.__class__.__module__
         args = [a for a in (sys.argv[1:] if sys.argv and sys.argv[0].endswith(".py") else []) if a != "--resume"]
-        command = " ".join(["python -m", module, *args, "--resume"])
+        launcher = "python -m" if self.world.size == 1 else f"torchrun --nproc-per-node {self.world.local_size} -m"
+        command = " ".join([launcher, module, *args, "--resume"])
         say(f"stopped by {signal.Signals(signum).name} after {self.unit} {step}: {where}. Continue with: {command}")
         raise SystemExit(128 + signum)
 
@@ -334,6 +367,7 @@ class Run:
     def steps(self) -> Iterator[int]:
         """The steps still to run (``start + 1 … total``), with a progress bar on a terminal; ends early after
         the step a ``--budget-hours`` stop chose, and exits after a step when a signal asked it to."""
+        self._agree_on_signal()
         if self._signal is not None:  # a signal during the set-up (warm start, first evaluation)
             self._stop_for_signal(self.start)
         bar = progress_bar(total=self.total, initial=self.start, desc=self.run_cfg.name, unit=self.unit)
@@ -345,6 +379,7 @@ class Run:
                 self._step_seconds.append(time.monotonic() - t0)
                 self.completed = step
                 bar.update(1)
+                self._agree_on_signal()
                 if self._signal is not None:
                     self._stop_for_signal(step)
                 if self._budget_stop == step:
@@ -361,7 +396,7 @@ class Run:
         if self.loop.budget_hours is not None and self._budget_stop is None:
             budget = self.loop.budget_hours * 3600
             typical = statistics.median(self._step_seconds) if self._step_seconds else 0.0
-            if self.elapsed + typical + self.reserve_s > budget:
+            if from_main(self.elapsed + typical + self.reserve_s > budget):  # rank 0 decides for all
                 self._budget_stop = step
                 say(f"--budget-hours {self.loop.budget_hours:g}: {self.elapsed / 60:.1f} min used, another {self.unit} "
                     f"(~{typical / 60:.1f} min) and the final work (~{self.reserve_s / 60:.1f} min) would not fit: "
@@ -385,6 +420,9 @@ class Run:
     # ------------------------------------------------------------------------------------------ records
 
     def log(self, metrics: dict[str, Any]) -> dict[str, Any]:
+        """Append a record to ``metrics.jsonl`` (and wandb): rank 0 writes, the other ranks' records are dropped."""
+        if not self.world.main:
+            return metrics
         assert self.logger is not None, "log() needs a begun Run"
         return self.logger.log(metrics)
 
@@ -392,7 +430,7 @@ class Run:
         say(text)
 
     def draw(self) -> None:
-        if self.plot is not None:
+        if self.plot is not None and self.world.main:
             self.plot(self.dir)
 
     def metrics(self) -> list[dict[str, Any]]:
@@ -402,7 +440,12 @@ class Run:
         """Write ``checkpoints/step_{step}``: weights, tokenizer, optimizer + schedule, RNG, elapsed time and
         :attr:`state`."""
         assert self.learner is not None
-        state = {"optimizer": self.learner.optimizer.state_dict(), "elapsed": self.elapsed, "loop": dict(self.state)}
+        state = {"elapsed": self.elapsed, "loop": dict(self.state)}
+        if is_sharded(self.learner.model):  # every rank writes its shards
+            return save_sharded_checkpoint(self.dir, step, model=self.learner.model, optimizer=self.learner.optimizer.optimizer,
+                                           scheduler=self.learner.optimizer.scheduler, tokenizer=self.learner.tokenizer,
+                                           state=state, keep_last=self.loop.keep_checkpoints)
+        state["optimizer"] = self.learner.optimizer.state_dict()
         return save_checkpoint(self.dir, step, model=self.learner.model, tokenizer=self.learner.tokenizer, state=state,
                                keep_last=self.loop.keep_checkpoints)
 

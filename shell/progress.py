@@ -25,10 +25,16 @@ class _Silent:
         pass
 
 
+def _rank_zero() -> bool:
+    from shell.distributed import is_main
+
+    return is_main()
+
+
 def progress_bar(*, total: int, desc: str, unit: str = "it", enabled: bool = True, initial: int = 0) -> Any:
-    """A ``tqdm`` bar on stderr when it is a terminal and ``enabled``; otherwise a silent stand-in with the
-    same ``update`` / ``set_postfix_str`` / ``close`` methods."""
-    if not enabled or not sys.stderr.isatty():
+    """A ``tqdm`` bar on stderr when it is a terminal and ``enabled`` (on rank 0 under torchrun); otherwise a
+    silent stand-in with the same ``update`` / ``set_postfix_str`` / ``close`` methods."""
+    if not enabled or not sys.stderr.isatty() or not _rank_zero():
         return _Silent()
     from tqdm import tqdm
 
@@ -47,7 +53,9 @@ def progress_bar(*, total: int, desc: str, unit: str = "it", enabled: bool = Tru
 
 
 def say(text: str) -> None:
-    """Print a line of the run's log without breaking the progress bars on screen."""
+    """Print a line of the run's log without breaking the progress bars on screen (rank 0 alone under torchrun)."""
+    if not _rank_zero():
+        return
     if _ACTIVE:
         from tqdm import tqdm
 

@@ -25,6 +25,7 @@ from shell.data import (
     DataConfig, DataError, HeldOutConfig, SFTExample, held_out_config, keep_within_context, load_dataset,
     questions_within_context, sft_examples_for,
 )
+from shell.distributed import require_world_multiple
 from shell.models import prompt_token_limit
 from shell.evaluation import run_eval
 from shell.grading import grade_batch
@@ -82,6 +83,7 @@ def check_config(cfg: SFTConfig) -> None:
     require(cfg.epochs > 0, f"--epochs must be > 0, got {cfg.epochs}")
     require(cfg.batch_size % cfg.gradient_accumulation_steps == 0,
             f"--batch-size ({cfg.batch_size}) must be divisible by --gradient-accumulation-steps ({cfg.gradient_accumulation_steps})")
+    require_world_multiple(cfg.gradient_accumulation_steps, "--gradient-accumulation-steps")
     at_least(cfg.data.num_examples, 1, "--data.num-examples", optional=True)
     check_parts(cfg, trains=())
 

@@ -26,6 +26,7 @@ from core import (
     get_response_log_probs, grpo_microbatch_loss, masked_mean, sft_microbatch_loss, tokenize_prompt_and_output,
     truncated_importance_weights,
 )
+from shell.distributed import is_sharded
 from shell.models import cache_kwarg
 
 __all__ = [
@@ -170,6 +171,8 @@ class PrefixedModel(torch.nn.Module):
         kw = cache_kwarg(self.model)
         with torch.no_grad():
             out = self.model(self.prefix_ids, use_cache=True)
+        if is_sharded(self.model):  # FSDP's gathered weights: their autocast copies made without grad must not serve below
+            torch.clear_autocast_cache()
         cache = out.past_key_values
         cache.batch_repeat_interleave(input_ids.shape[0])
         p = self.prefix_ids.shape[1]

@@ -9,7 +9,6 @@ Every training microbatch of every loop runs through :func:`shell.steps.make_tra
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import statistics
 from collections import defaultdict, deque
@@ -24,6 +23,10 @@ from torch import Tensor
 from core import LengthNormalization, LossType
 from shell.config import OptimConfig, WarmStartConfig
 from shell.data import SFTExample
+from shell.distributed import (
+    active, gathered, is_main, is_sharded, max_abs_weight, shard_model, share, share_evenly, sum_over_ranks, unshare,
+    unsharded_copy, world, zero_gradient_pass,
+)
 from shell.progress import say
 from shell.rollout import Rollouts
 from shell.seeds import batch_indices, derive_seed, seeded_permutation
@@ -42,6 +45,7 @@ __all__ = [
     "response_entropies",
     "sft_update",
     "warm_start",
+    "warm_start_microbatches",
 ]
 
 
@@ -109,8 +113,8 @@ class DivergenceGuard:
         self.losses: deque[float] = deque(maxlen=window)
 
     def max_weight(self) -> float:
-        with torch.no_grad():
-            return float(torch.stack([p.detach().abs().max() for p in self.params]).max())
+        """The largest |weight| (over every rank's shards under torchrun)."""
+        return max_abs_weight(self.params)
 
     def check(self, loss: float, grad_norm: float) -> None:
         finite_or_raise(loss, "train loss")
@@ -136,9 +140,12 @@ class DivergenceGuard:
 
 class Learner:
     """The policy being trained, its optimizer, its microbatch steps (compiled when ``optim.compile``) and
-    its divergence guard."""
+    its divergence guard. Under torchrun the policy is sharded with FSDP2 here (:func:`shell.distributed.shard_model`),
+    in place: build the sampler's copy of it first."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: OptimConfig) -> None:
+        if active():
+            model = shard_model(model)
         self.model, self.tokenizer, self.optim = model, tokenizer, optim
         self.optimizer = Optimizer(model, optim)
         self.guard = DivergenceGuard(self.optimizer.params)
@@ -176,13 +183,17 @@ def accumulate_and_step(
 ) -> dict[str, float]:
     """One optimizer step: the microbatch step (forward, loss, backward) on each microbatch, then clip +
     AdamW. Returns ``train/`` metrics: the summed loss, the pre-clip gradient norm, the token entropy and
-    every scalar the objective reports (e.g. ``clip_fraction``), averaged over response tokens."""
+    every scalar the objective reports (e.g. ``clip_fraction``), averaged over response tokens.
+
+    Under torchrun ``microbatches`` are this rank's share of the step's; the metrics are summed over ranks."""
     optimizer = optimizer or learner.optimizer
     learner.model.train()
     loss_sum, tokens, entropy_sum = 0.0, 0, 0.0
     weighted: dict[str, float] = defaultdict(float)
     for tb, kwargs in microbatches:
         if not bool(tb["response_mask"].any()):
+            if is_sharded(learner.model):  # FSDP: every rank takes part in every microbatch's gradient reduction
+                zero_gradient_pass(learner.model, tb["input_ids"])
             continue  # nothing to learn from (every response masked out): no forward, no gradient
         with learner.autocast():
             loss, meta = step_fn(tb["input_ids"], tb["labels"], tb["response_mask"], prefix_len=tb["prefix_len"],
@@ -195,6 +206,7 @@ def accumulate_and_step(
         for key, value in meta.items():
             if isinstance(value, Tensor) and value.ndim == 0 and value.is_floating_point():
                 weighted[key] += float(value) * n
+    loss_sum, tokens, entropy_sum, weighted = sum_over_ranks((loss_sum, tokens, entropy_sum, dict(weighted)))
     norm = optimizer.step()
     learner.guard.check(loss_sum, norm)
     metrics = {
@@ -218,14 +230,15 @@ def sft_update(
     """One optimizer step of SFT on ``batch``, cut into ``gradient_accumulation_steps`` equal microbatches.
 
     Microbatches of similar length pad less, so the batch is sorted by length first; the step's gradient
-    does not depend on the split (each microbatch's loss is a mean over its examples divided by k).
+    does not depend on the split (each microbatch's loss is a mean over its examples divided by k). Under
+    torchrun each rank runs its share of these microbatches (k must be a multiple of the number of ranks).
     """
     k = gradient_accumulation_steps
     if len(batch) % k:
         raise ValueError(f"a batch of {len(batch)} cannot be cut into {k} equal microbatches")
     micro = len(batch) // k
     batch = sorted(batch, key=lambda e: len(e.prompt) + len(e.response))
-    parts = [batch[i * micro : (i + 1) * micro] for i in range(k)]
+    parts = share_evenly([batch[i * micro : (i + 1) * micro] for i in range(k)])
     microbatches = [(learner.tokenize([e.prompt for e in p], [e.response for e in p]), {"gradient_accumulation_steps": k})
                     for p in parts]
     return accumulate_and_step(learner, learner.sft_step, microbatches, optimizer=optimizer)
@@ -242,18 +255,29 @@ def warm_start(learner: Learner, examples: Sequence[SFTExample], cfg: WarmStartC
     if not examples:
         raise ValueError("warm start: the training data has no solutions to make SFT traces from")
     optimizer = Optimizer(learner.model, learner.optim, lr=cfg.lr)
-    k = max(1, batch_size // 8)
-    while batch_size % k:
-        k -= 1
-    logger = RunLogger(run_dir, logger="none", metrics_name="warm_start_metrics.jsonl")
+    k = warm_start_microbatches(batch_size, world().size)
+    logger = RunLogger(run_dir, logger="none", metrics_name="warm_start_metrics.jsonl") if is_main() else None
     try:
         for step in range(1, steps + 1):
             idx = batch_indices(len(examples), batch_size, step - 1, seed=seed, stream="warm-start")
             m = sft_update(learner, [examples[i] for i in idx], gradient_accumulation_steps=k, optimizer=optimizer)
-            logger.log({"train_step": step, **m})
+            if logger is not None:
+                logger.log({"train_step": step, **m})
             say(f"[warm start {step}/{steps}] loss {m['train/loss']:.4f}")
     finally:
-        logger.close()
+        if logger is not None:
+            logger.close()
+
+
+def warm_start_microbatches(batch_size: int, ranks: int = 1) -> int:
+    """Microbatches per warm-start step: the largest divisor of ``batch_size`` up to ``batch_size // 8``
+    (microbatches of about 8) that is a multiple of ``ranks``, else the smallest such divisor; ``ValueError``
+    when ``batch_size`` is not a multiple of ``ranks``."""
+    divisors = [k for k in range(ranks, batch_size + 1, ranks) if batch_size % k == 0]
+    if not divisors:
+        raise ValueError(f"--warm-start.batch-size ({batch_size}) must be a multiple of the number of ranks ({ranks})")
+    below = [k for k in divisors if k <= max(1, batch_size // 8)]
+    return below[-1] if below else divisors[0]
 
 
 # ------------------------------------------------------------------------------------------------ GRPO
@@ -312,13 +336,14 @@ def plan_microbatches(n: int, settings: PolicyGradientSettings, *, seed: int) ->
     return epochs
 
 
-def _policy_log_probs(learner: Learner, tokenized: Sequence[dict[str, Any]], *, entropy: bool = False) -> list[dict[str, Tensor]]:
-    """Log-probs (and entropies) of tokenized batches under the current policy, in inference mode."""
+def _policy_log_probs(learner: Learner, tokenized: Sequence[dict[str, Any]]) -> list[dict[str, Tensor]]:
+    """Log-probs of tokenized batches under the current policy, in inference mode (under torchrun
+    with the policy gathered once for all of them)."""
     learner.model.eval()
     out = []
-    with torch.inference_mode(), learner.autocast():
+    with gathered(learner.model), torch.inference_mode(), learner.autocast():
         for tb in tokenized:
-            r = learner.log_probs(tb["input_ids"], tb["labels"], prefix_len=tb["prefix_len"], return_token_entropy=entropy)
+            r = learner.log_probs(tb["input_ids"], tb["labels"], prefix_len=tb["prefix_len"])
             out.append({k: v.float().clone() for k, v in r.items()})
     return out
 
@@ -333,15 +358,15 @@ class Reference:
 
     @classmethod
     def of(cls, learner: Learner) -> Reference:
-        """A frozen copy of the learner's current policy."""
-        return cls(copy.deepcopy(learner.model), learner.optim)
+        """A frozen copy of the learner's current policy (whole on every rank under torchrun)."""
+        return cls(unsharded_copy(learner.model), learner.optim)
 
     @classmethod
     def load(cls, folder: Path, learner: Learner) -> Reference:
         """The reference saved in ``folder`` (by :meth:`save`), in a copy of the learner's model."""
         from shell.checkpoint import load_model_weights
 
-        model = copy.deepcopy(learner.model)
+        model = unsharded_copy(learner.model)
         load_model_weights(model, folder)
         return cls(model, learner.optim)
 
@@ -384,6 +409,9 @@ def grpo_update(
     policy's, under inference mode); on-policy the forward's own detached log-probs serve. With a
     ``reference`` (``kl_coef > 0``) its log-probs are computed once too. Every step logs the mean
     |old - sampler| log-prob mismatch where the sampler reported log-probs; ``tis_cap > 0`` corrects for it.
+
+    Under torchrun every rank holds the whole rollout batch and runs its share of each train batch's
+    microbatches (``gradient_accumulation_steps`` must be a multiple of the number of ranks).
     """
     n = len(rollouts)
     plan = plan_microbatches(n, settings, seed=seed)
@@ -396,7 +424,7 @@ def grpo_update(
         if rows:
             tb["response_mask"][rows] = False
     needs_old = settings.loss_type in ("grpo_clip", "grpo_no_clip") or settings.tis_cap > 0
-    order = list(tokenized)
+    order = list(dict.fromkeys(tuple(mb) for epoch in plan for batch in epoch for mb in share_evenly(batch)))
     old: dict[tuple[int, ...], Tensor] = {}
     if needs_old and settings.off_policy(n):
         old = {k: r["log_probs"] for k, r in zip(order, _policy_log_probs(learner, [tokenized[k] for k in order]))}
@@ -413,7 +441,7 @@ def grpo_update(
             batch_tokens = sum(int(tokenized[tuple(mb)]["response_mask"].sum()) for mb in batch)
             constant = float(max(1, batch_tokens)) if settings.length_normalization == "token_mean" else settings.normalize_constant
             microbatches = []
-            for mb in batch:
+            for mb in share_evenly(batch):
                 idx = torch.tensor(mb)
                 tb = tokenized[tuple(mb)]
                 kwargs: dict[str, Any] = dict(
@@ -442,7 +470,12 @@ def grpo_update(
 
 def response_entropies(learner: Learner, prompts: Sequence[str], responses: Sequence[str], *, microbatch: int) -> list[float]:
     """Each response's mean token entropy under the learner's policy (:func:`shell.steps.mean_token_entropies`
-    with its log-probs function and autocast): the rollout and evaluation entropy where the sampler reports none."""
-    return mean_token_entropies(learner.model, learner.tokenizer, prompts, responses, microbatch=microbatch,
-                                log_probs=learner.log_probs, autocast_bf16=learner.optim.autocast_bf16)
+    with its log-probs function and autocast): the rollout and evaluation entropy where the sampler reports none.
+    Under torchrun each rank scores its share of the responses and every rank gets them all."""
+    rows = share(range(len(responses)))
+    with gathered(learner.model):
+        out = mean_token_entropies(learner.model, learner.tokenizer, [prompts[i] for i in rows],
+                                   [responses[i] for i in rows], microbatch=microbatch,
+                                   log_probs=learner.log_probs, autocast_bf16=learner.optim.autocast_bf16)
+    return unshare(out)
 

@@ -135,11 +135,17 @@ def test_dedicated_placement_is_checked_against_the_visible_gpus(monkeypatch):
 
 
 def test_the_engine_is_built_in_a_world_of_one(monkeypatch, tiny):
-    """The handout's world-size patch: an in-process engine beside a distributed trainer sees one rank."""
+    """The handout's world-size patch: under torchrun each rank's in-process engine sees one rank (and samples
+    that rank's share of the prompts); a dedicated engine is for one training process."""
+    from shell.distributed import ShardedSampler
+
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
-    _, sampler = _built_engine(monkeypatch, tiny, ["h100x2"])
-    assert sampler.llm.world_size == 1 and torch.distributed.get_world_size() == 2
+    kwargs, sampler = _built_engine(monkeypatch, tiny, ["h100"])
+    assert isinstance(sampler, ShardedSampler) and sampler.inner.llm.world_size == 1
+    assert torch.distributed.get_world_size() == 2 and kwargs["distributed_executor_backend"] == "uni"
+    with pytest.raises(ValueError, match="dedicated is for one training process"):
+        _built_engine(monkeypatch, tiny, ["h100x2"])
 
 
 def test_sleep_frees_the_engine_until_its_next_use(monkeypatch, tiny):
