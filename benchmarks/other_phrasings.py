@@ -11,7 +11,6 @@ The numbers are drawn from the embedded task's validation expressions (never tra
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import sys
 from pathlib import Path

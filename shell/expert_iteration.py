@@ -38,6 +38,7 @@ from shell.distributed import launched_world_size, require_world_multiple
 from shell.models import prompt_token_limit
 from shell.evaluation import mean_or_none, run_eval
 from shell.loop import Run, write_curves
+from shell.progress import say
 from shell.prompts import PromptName, load_prompt
 from shell.rollout import Rollouts, grade, rollout
 from shell.runlog import plot_curves
@@ -204,8 +205,8 @@ def train(cfg: EIConfig) -> Path:
     eval_set = load_dataset(held_cfg)
     if cfg.warm_start.steps > 0 and not any(ex.solution is not None for ex in train_set):
         raise ValueError("--warm-start.steps: the training data has no solutions to make SFT traces from")
-    print(f"expert iteration: {cfg.n_ei_steps} steps × {cfg.ei_batch_size} questions × G={cfg.group_size}, "
-          f"SFT {cfg.sft_epochs:g} epoch(s) on the correct ones; {held_note} ({len(eval_set)} problems)", flush=True)
+    say(f"expert iteration: {cfg.n_ei_steps} steps × {cfg.ei_batch_size} questions × G={cfg.group_size}, "
+          f"SFT {cfg.sft_epochs:g} epoch(s) on the correct ones; {held_note} ({len(eval_set)} problems)")
 
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
     with Run(cfg, total_steps=cfg.n_ei_steps, unit="EI step", step_keys=("train/ei_step", "eval_step"),

@@ -29,6 +29,7 @@ from shell.models import prompt_token_limit
 from shell.distributed import require_world_multiple
 from shell.evaluation import FinalEvalConfig, final_evaluation, run_eval
 from shell.loop import Run, write_curves
+from shell.progress import say
 from shell.prompts import PromptName, load_prompt
 from shell.rollout import Rollouts, grade, group_advantages, rollout
 from shell.sampling import build_sampler
@@ -186,9 +187,9 @@ def train(cfg: GRPOConfig) -> Path:
     if cfg.warm_start.steps > 0 and not any(ex.solution is not None for ex in train_set):
         raise ValueError("--warm-start.steps: the training data has no solutions to make SFT traces from")
     settings = pg_settings(cfg)
-    print(f"GRPO: {cfg.n_grpo_steps} steps × {cfg.rollout_batch_size // cfg.group_size} questions × G={cfg.group_size}, "
+    say(f"GRPO: {cfg.n_grpo_steps} steps × {cfg.rollout_batch_size // cfg.group_size} questions × G={cfg.group_size}, "
           f"loss {cfg.loss_type}, {'off' if settings.off_policy(cfg.rollout_batch_size) else 'on'}-policy; {held_note} "
-          f"({len(eval_set)} problems)", flush=True)
+          f"({len(eval_set)} problems)")
 
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
     with Run(cfg, total_steps=cfg.n_grpo_steps, plot=lambda d: write_curves(d, extra_panels=[("train/reward", "train_step")])) as run:

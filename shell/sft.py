@@ -30,6 +30,7 @@ from shell.models import prompt_token_limit
 from shell.evaluation import run_eval
 from shell.grading import grade_batch
 from shell.loop import Run, write_curves
+from shell.progress import say
 from shell.prompts import PromptName, load_prompt
 from shell.sampling import build_sampler
 from shell.seeds import batch_indices, derive_seed, seeded_permutation
@@ -114,7 +115,7 @@ def load_sft_data(cfg: SFTConfig) -> list[SFTExample]:
                                 timeout_s=cfg.grading.timeout_s, num_workers=cfg.grading.workers)
         before = len(examples)
         examples = [ex for ex, s in zip(examples, scores) if s["reward"] == 1.0]
-        print(f"filter-correct: kept {len(examples)} of {before} pairs")
+        say(f"filter-correct: kept {len(examples)} of {before} pairs")
         if not examples:
             raise DataError("no training pair survived --data.filter-correct")
     return examples
@@ -130,8 +131,7 @@ def train(cfg: SFTConfig) -> Path:
     held_cfg, held_note = held_out_config(cfg.data, cfg.eval_data)
     eval_set = load_dataset(held_cfg)
     num_steps = cfg.num_steps if cfg.num_steps is not None else max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))
-    print(f"SFT: {len(examples)} pairs, {num_steps} steps of {cfg.batch_size}; {held_note} ({len(eval_set)} problems)",
-          flush=True)
+    say(f"SFT: {len(examples)} pairs, {num_steps} steps of {cfg.batch_size}; {held_note} ({len(eval_set)} problems)")
 
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
     with Run(cfg, total_steps=num_steps, plot=write_curves) as run:
