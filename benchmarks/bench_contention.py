@@ -8,6 +8,8 @@ Settings (environment of the evaluate process):
   old   libgomp's defaults (threads spin while they wait for work) -- what the shell did before
   new   the shell's defaults now (see shell/__init__.py): OMP_WAIT_POLICY=PASSIVE
   t1    passive waiting and one torch thread (REASONING_RL_THREADS=1)
+  spin10k  a waiting thread spins 10,000 times, then sleeps (GOMP_SPINCOUNT=10000; libgomp's default is
+        300,000 and PASSIVE's 0)
 
 Each (setting, situation) pair runs evaluate once on the same problems and seed; the table gives the wall
 seconds and the slow-down against the same setting alone. Run it with nothing else on the machine.
@@ -31,6 +33,7 @@ SETTINGS = {
     "old": {"OMP_WAIT_POLICY": "", "REASONING_RL_THREADS": ""},
     "new": {},
     "t1": {"REASONING_RL_THREADS": "1"},
+    "spin10k": {"GOMP_SPINCOUNT": "10000"},
 }
 
 BUSY_LOOP = "while True: pass"

@@ -1,7 +1,9 @@
 """Compare runs: ``python -m shell.report RUN_DIR [RUN_DIR …]``.
 
 Overlays the validation-reward curves of several runs, by step and by wall-clock time, in one PNG
-and prints a table of each run's first, best and final values.
+and prints a table of each run's first, best and final values. ``--phases`` instead draws each run's
+timeline: its phases (SFT warm start, the loop's steps, the final evaluation) on a wall-clock axis, with
+what each ended at.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ class ReportConfig:
     """The PNG to write."""
     metric: str = "eval/answer_reward"
     """The validation metric to compare."""
+    phases: bool = False
+    """Draw each run's phases on a wall-clock axis (one panel per run: the metric at each evaluation and at the
+    final evaluation, the training loss below) and print a table of the phases instead."""
 
 
 def summarize_run(run_dir: Path, metric: str) -> dict[str, Any]:
@@ -57,12 +62,134 @@ def format_table(rows: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
+def _time(row: dict[str, Any]) -> float:
+    return float(row.get("time/elapsed_s", 0.0))
+
+
+def _is_final(row: dict[str, Any]) -> bool:
+    return any(k.startswith("final") and "/" in k for k in row)
+
+
+def run_phases(run_dir: Path, metric: str = "eval/answer_reward") -> list[dict[str, Any]]:
+    """A run's phases in wall-clock order, each ``{phase, start_min, end_min, minutes, steps, result}``.
+
+    * ``warm start`` (when ``warm_start_metrics.jsonl`` exists): from the process's start to the first
+      evaluation, which measures it (its result);
+    * ``training``: to the last evaluation of the loop (its result), with the number of training steps;
+    * ``final evaluation`` (rows with ``final…/`` keys): to the last of them; its result is ``final/<name>``
+      of ``metric`` (and ``final_greedy/<name>`` as ``greedy``).
+    """
+    rows = read_metrics(run_dir)
+    warm = read_metrics(run_dir / "warm_start_metrics.jsonl") if (run_dir / "warm_start_metrics.jsonl").exists() else []
+    loop = [r for r in rows if not _is_final(r)]
+    final = [r for r in rows if _is_final(r)]
+    evals = [r for r in loop if "eval_step" in r and r.get(metric) is not None]
+    steps = [r for r in loop if "train_step" in r]
+    name = metric.split("/", 1)[-1]
+    out: list[dict[str, Any]] = []
+    start = 0.0
+
+    def add(phase: str, end: float, n_steps: int, result: float | None, **extra: Any) -> None:
+        nonlocal start
+        out.append({"phase": phase, "start_min": start / 60, "end_min": end / 60, "minutes": (end - start) / 60,
+                    "steps": n_steps, "result": result, **extra})
+        start = end
+
+    if warm:
+        first = evals[0] if evals else None
+        add("warm start", _time(first) if first else _time(warm[-1]), len(warm), first[metric] if first else None)
+        evals = evals[1:]
+    if steps or evals:
+        end = max([_time(r) for r in loop])
+        add("training", end, len(steps), evals[-1][metric] if evals else None)
+    if final:
+        t_final = next((r for r in final if f"final/{name}" in r), None)
+        greedy = next((r for r in final if f"final_greedy/{name}" in r), None)
+        add("final evaluation", max(_time(r) for r in final), 0, t_final[f"final/{name}"] if t_final else None,
+            greedy=greedy[f"final_greedy/{name}"] if greedy else None,
+            examples=(t_final or {}).get("final/num_examples"))
+    return out
+
+
+def format_phases(run: str, phases: list[dict[str, Any]], metric: str) -> str:
+    header = f"{'phase':18s} {'from min':>8s} {'to min':>7s} {'minutes':>7s} {'steps':>5s}  {metric} at its end"
+    lines = [run, header, "-" * len(header)]
+    for p in phases:
+        result = "-" if p["result"] is None else f"{p['result']:.3f}"
+        if p.get("examples"):
+            result += f" on {p['examples']}"
+        if p.get("greedy") is not None:
+            result += f" (greedy {p['greedy']:.3f})"
+        lines.append(f"{p['phase']:18s} {p['start_min']:8.1f} {p['end_min']:7.1f} {p['minutes']:7.1f} {p['steps']:5d}  {result}")
+    return "\n".join(lines)
+
+
+def plot_phases(run_dirs: list[Path], out: Path | str, metric: str) -> Path:
+    """One panel pair per run: ``metric`` at each evaluation (and the final ones, as stars) over wall-clock
+    minutes, the training loss of the warm start and the loop below, the phases shaded."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from shell.files import atomic_write_bytes
+
+    name = metric.split("/", 1)[-1]
+    fig, axes = plt.subplots(2, len(run_dirs), figsize=(6 * len(run_dirs), 5.5), squeeze=False, sharex="col")
+    colours = ["#dbe9f6", "#e3f2dc", "#f9e4cf"]
+    for j, run_dir in enumerate(run_dirs):
+        top, bottom = axes[0][j], axes[1][j]
+        rows = read_metrics(run_dir)
+        warm_file = run_dir / "warm_start_metrics.jsonl"
+        warm = read_metrics(warm_file) if warm_file.exists() else []
+        for k, p in enumerate(run_phases(run_dir, metric)):
+            for ax in (top, bottom):
+                ax.axvspan(p["start_min"], p["end_min"], color=colours[k % len(colours)], alpha=0.8, lw=0)
+            top.text((p["start_min"] + p["end_min"]) / 2, 1.02, p["phase"], ha="center", va="bottom", fontsize=8,
+                     transform=top.get_xaxis_transform())
+        evals = [(_time(r) / 60, r[metric]) for r in rows if "eval_step" in r and r.get(metric) is not None]
+        if evals:
+            top.plot(*zip(*evals), marker="o", markersize=3, label=f"held-out {name}")
+        for key, label in ((f"final/{name}", "final (T=1)"), (f"final_greedy/{name}", "final (greedy)")):
+            pts = [(_time(r) / 60, r[key]) for r in rows if key in r]
+            if pts:
+                top.plot(*zip(*pts), marker="*", markersize=10, linestyle="none", label=label)
+        for series, label in ((warm, "warm-start loss"), ([r for r in rows if "train_step" in r], "training loss")):
+            pts = [(_time(r) / 60, r["train/loss"]) for r in series if r.get("train/loss") is not None]
+            if pts:
+                bottom.plot(*zip(*pts), linewidth=1, label=label)
+        top.set_title(run_dir.name, pad=16)
+        top.set_ylabel(metric)
+        top.set_ylim(0, 1.05) if all(0 <= v <= 1 for _, v in evals) else None
+        bottom.set_yscale("symlog", linthresh=1.0)
+        bottom.set_ylabel("train/loss")
+        bottom.set_xlabel("wall-clock minutes from the process's start")
+        for ax in (top, bottom):
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    atomic_write_bytes(Path(out), buffer.getvalue())
+    return Path(out)
+
+
 def main(cfg: ReportConfig) -> list[dict[str, Any]]:
     dirs = [Path(d) for d in cfg.run_dirs]
     missing = [str(d) for d in dirs if not (d / "metrics.jsonl").exists()]
     if missing:
         print(f"error: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
         raise SystemExit(2)
+    if cfg.phases:
+        plot_phases(dirs, cfg.out, cfg.metric)
+        phases = [run_phases(d, cfg.metric) for d in dirs]
+        for d, p in zip(dirs, phases):
+            print(format_phases(d.name, p, cfg.metric))
+        print(f"wrote {cfg.out}")
+        return [{"run": d.name, "phases": p} for d, p in zip(dirs, phases)]
     plot_curves(dirs, cfg.out, panels=[(cfg.metric, "eval_step"), (cfg.metric, "time/elapsed_s")])
     rows = [summarize_run(d, cfg.metric) for d in dirs]
     print(format_table(rows, cfg.metric))

@@ -58,3 +58,22 @@ def test_report_missing_run_is_a_clear_error(tmp_path):
     assert proc.returncode == 2
     assert "no metrics.jsonl" in proc.stderr and "nope" in proc.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+def test_report_phases_of_a_run_with_warm_start_and_final_evaluation(tmp_path):
+    """Hand-worked: warm start until the first evaluation, the loop until its last, then the final evaluation."""
+    run = _run(tmp_path / "run_lb", [(0, 0.70, 120.0), (5, 0.80, 300.0)])
+    warm = [{"train_step": s, "train/loss": 10.0 / s, "time/elapsed_s": 30.0 * s} for s in (1, 2, 3)]
+    (run / "warm_start_metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in warm))
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"eval_step": 5, "final/answer_reward": 0.75, "final/num_examples": 500, "time/elapsed_s": 420.0}) + "\n")
+        f.write(json.dumps({"eval_step": 5, "final_greedy/answer_reward": 0.9, "time/elapsed_s": 480.0}) + "\n")
+    out = tmp_path / "phases.png"
+    proc = _report(str(run), "--phases", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.split()[:1] in (["warm"], ["training"], ["final"])]
+    # phase  from  to  minutes  steps  result
+    assert rows[0] == ["warm", "start", "0.0", "2.0", "2.0", "3", "0.700"]
+    assert rows[1] == ["training", "2.0", "5.0", "3.0", "2", "0.800"]
+    assert rows[2] == ["final", "evaluation", "5.0", "8.0", "3.0", "0", "0.750", "on", "500", "(greedy", "0.900)"]
