@@ -153,9 +153,13 @@ def init_world() -> World:
     return world()
 
 
-def close_world() -> None:
-    """Leave the process group (if any)."""
+def close_world(*, wait: bool = True) -> None:
+    """Leave the process group (if any). ``wait``: first wait for every rank to get here (a rank that tears its
+    gloo connections down while another still writes can abort, "terminate called without an active
+    exception"); a rank leaving on an error does not wait for the others."""
     if dist.is_available() and dist.is_initialized():
+        if wait and dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 

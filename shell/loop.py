@@ -292,9 +292,11 @@ class Run:
             kept = list_checkpoints(self.dir)
             say(f"stopped: {exc}. " + (f"The last good checkpoint is {kept[-1]}; " if kept else "")
                 + "nothing was written to final/.")
-        self.close()
+        self.close(clean=kind is None)
 
-    def close(self) -> None:
+    def close(self, *, clean: bool = True) -> None:
+        """Close the logger, the samplers and the lock, and leave the process group (after every rank got here,
+        when ``clean``: the run ended normally)."""
         self._restore_signal_handlers()
         if self.logger is not None:
             self.logger.close()
@@ -303,7 +305,7 @@ class Run:
             fn()
         self.closing = []
         self._lock.release()
-        close_world()
+        close_world(wait=clean)
 
     def _truncate_generations(self, step: int) -> None:
         path = self.dir / "generations.jsonl"
