@@ -101,9 +101,13 @@ class World:
     """Where this process stands: its rank among ``size`` ranks, and on its node."""
 
     rank: int = 0
+    """This process's rank (``RANK``); 0 writes."""
     size: int = 1
+    """How many ranks in all (``WORLD_SIZE``)."""
     local_rank: int = 0
+    """This process's rank on its node (``LOCAL_RANK``): its GPU."""
     local_size: int = 1
+    """Ranks on this node (``LOCAL_WORLD_SIZE``): the resume command's ``--nproc-per-node``."""
 
     @property
     def main(self) -> bool:
