@@ -133,6 +133,11 @@ class SamplerConfig:
         if self.backend == "vllm" and self.placement == "dedicated":
             import torch
 
+            from shell.distributed import launched_world_size
+
+            require(launched_world_size() == 1,
+                    f"{flag(prefix, 'placement')} dedicated is for one training process; under torchrun each rank "
+                    f"colocates its own vLLM engine (use {flag(prefix, 'placement')} colocate)")
             gpus = torch.cuda.device_count() if torch.cuda.is_available() else None
             require(gpus is None or int(self.vllm_device.split(":")[1]) < gpus,
                     f"{flag(prefix, 'placement')} dedicated puts vLLM on {self.vllm_device}, but {gpus} GPU(s) are "
@@ -237,6 +242,10 @@ class WarmStartConfig:
         at_least(self.steps, 0, flag(prefix, "steps"))
         at_least(self.batch_size, 1, flag(prefix, "batch_size"))
         require(self.lr > 0, f"{flag(prefix, 'lr')} must be > 0, got {self.lr}")
+        if self.steps:
+            from shell.distributed import require_world_multiple
+
+            require_world_multiple(self.batch_size, flag(prefix, "batch_size"))
 
 
 @dataclass(frozen=True)

@@ -412,11 +412,12 @@ class GatheredWeights:
 def sampler_copy_dtype(requested: str | torch.dtype | None, model: torch.nn.Module) -> str | torch.dtype:
     """The HF sampler's ``generation_dtype`` under torchrun, where the policy gets sharded and sampling needs its
     own whole copy: the requested dtype, or the policy's own where the request would sample with the policy
-    itself (None, or "auto" for a policy it would not copy)."""
+    itself (None, or "auto" for a policy it would not copy): :func:`shell.sampling.hf.generation_copy_dtype`'s rule,
+    with the policy's dtype where that rule makes no copy."""
+    from shell.sampling.hf import generation_copy_dtype
+
     param = next(model.parameters())
-    if requested == "auto":
-        return torch.bfloat16 if param.device.type == "cpu" and param.dtype == torch.float32 else param.dtype
-    return param.dtype if requested is None else requested
+    return generation_copy_dtype(requested, param.dtype, param.device) or param.dtype
 
 
 class ShardedSampler:

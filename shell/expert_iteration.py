@@ -102,8 +102,6 @@ def check_config(cfg: EIConfig) -> None:
     at_least(cfg.entropy_fallback_responses, 0, "--entropy-fallback-responses")
     check_parts(cfg, trains=("sampling",))
     require_world_multiple(cfg.sft_gradient_accumulation_steps, "--sft-gradient-accumulation-steps")
-    if cfg.warm_start.steps:
-        require_world_multiple(cfg.warm_start.batch_size, "--warm-start.batch-size")
 
 
 # ------------------------------------------------------------------------------------------ pure pieces

@@ -121,8 +121,6 @@ def check_config(cfg: GRPOConfig) -> None:
     at_least(cfg.tis_cap, 0, "--tis-cap")
     check_parts(cfg, trains=("sampling",))
     require_world_multiple(cfg.gradient_accumulation_steps, "--gradient-accumulation-steps")
-    if cfg.warm_start.steps:
-        require_world_multiple(cfg.warm_start.batch_size, "--warm-start.batch-size")
 
 
 def pg_settings(cfg: GRPOConfig) -> PolicyGradientSettings:

@@ -105,6 +105,18 @@ def test_flags_that_cannot_be_shared_among_the_ranks_are_refused_before_loading(
         check_config(cfg)
 
 
+def test_a_warm_start_batch_that_cannot_be_shared_is_refused_before_loading(monkeypatch):
+    from shell.config import cli
+    from shell.grpo import PRESETS, GRPOConfig, check_config
+
+    cfg = cli(GRPOConfig, PRESETS, description="", args=["--warm-start.steps", "2", "--warm-start.batch-size", "3"])
+    check_config(cfg)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"--warm-start.batch-size \(3\) must be a multiple of the number of ranks"):
+        check_config(cfg)
+    check_config(cli(GRPOConfig, PRESETS, description="", args=["--warm-start.steps", "0", "--warm-start.batch-size", "3"]))
+
+
 # ------------------------------------------------------------------------------------------------ SFT, world size 2 vs 1
 
 

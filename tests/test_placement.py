@@ -139,6 +139,7 @@ def test_the_engine_is_built_in_a_world_of_one(monkeypatch, tiny):
     that rank's share of the prompts); a dedicated engine is for one training process."""
     from shell.distributed import ShardedSampler
 
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun launches each rank
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     kwargs, sampler = _built_engine(monkeypatch, tiny, ["h100"])

@@ -46,26 +46,24 @@ def build_sampler(model_cfg: Any, sampler_cfg: Any, *, seed: int = 0, training: 
     from shell.models import load_policy, resolve_model_path
 
     model, tokenizer = load_policy(model_cfg.name_or_path, device=model_cfg.device, dtype=model_cfg.dtype, training=training)
+    sharded = active()  # under torchrun the policy gets sharded for training
     if sampler_cfg.backend == "hf":
         generation_dtype = sampler_cfg.generation_dtype
-        if active():  # the policy is sharded for training: sampling needs its own whole copy
+        if sharded:  # sampling needs its own whole copy
             generation_dtype = sampler_copy_dtype(generation_dtype, model)
         sampler = make_sampler("hf", model, tokenizer, batch_size=sampler_cfg.batch_size,
                                generation_dtype=generation_dtype)
-        return model, tokenizer, (ShardedSampler(sampler) if active() else sampler)
-    policy_device = next(model.parameters()).device
-    device = str(policy_device) if sampler_cfg.placement == "colocate" else sampler_cfg.vllm_device
-    if policy_device.type == "cuda" and sampler_cfg.placement == "dedicated" and torch.device(device) == policy_device:
-        raise ValueError(f"--sampler.placement dedicated: --sampler.vllm-device {device} is the policy's GPU "
-                         f"(--model.device); give vLLM another GPU or use --sampler.placement colocate")
-    if active() and sampler_cfg.placement == "dedicated":
-        raise ValueError("--sampler.placement dedicated is for one training process; under torchrun each rank "
-                         "colocates its own vLLM engine (use --sampler.placement colocate)")
-    # Under torchrun each rank builds its own in-process engine on its own GPU, in a world of one
-    # (shell.sampling.vllm.world_of_one: the handout's world-size patch), so no collective spans the engines.
-    sampler = make_sampler(
-        "vllm", model_path=str(resolve_model_path(model_cfg.name_or_path)), placement=sampler_cfg.placement,
-        device=device, gpu_memory_utilization=sampler_cfg.gpu_memory_utilization, sleep=sampler_cfg.sleep,
-        kv_cache_gib=sampler_cfg.kv_cache_gib, seed=seed, enforce_eager=sampler_cfg.enforce_eager,
-    )
-    return model, tokenizer, (ShardedSampler(sampler) if active() else sampler)
+    else:
+        policy_device = next(model.parameters()).device
+        device = str(policy_device) if sampler_cfg.placement == "colocate" else sampler_cfg.vllm_device
+        if policy_device.type == "cuda" and sampler_cfg.placement == "dedicated" and torch.device(device) == policy_device:
+            raise ValueError(f"--sampler.placement dedicated: --sampler.vllm-device {device} is the policy's GPU "
+                             f"(--model.device); give vLLM another GPU or use --sampler.placement colocate")
+        # Under torchrun each rank builds its own in-process engine on its own GPU, in a world of one
+        # (shell.sampling.vllm.world_of_one: the handout's world-size patch), so no collective spans the engines.
+        sampler = make_sampler(
+            "vllm", model_path=str(resolve_model_path(model_cfg.name_or_path)), placement=sampler_cfg.placement,
+            device=device, gpu_memory_utilization=sampler_cfg.gpu_memory_utilization, sleep=sampler_cfg.sleep,
+            kv_cache_gib=sampler_cfg.kv_cache_gib, seed=seed, enforce_eager=sampler_cfg.enforce_eager,
+        )
+    return model, tokenizer, (ShardedSampler(sampler) if sharded else sampler)
