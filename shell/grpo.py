@@ -264,9 +264,10 @@ def train(cfg: GRPOConfig) -> Path:
                     f"{stats['format_reward_mean']:.3f}  zero-var {stats['zero_variance_group_fraction']:.2f}  "
                     f"len {common['train/response_length']:.1f}  loss {updates[-1]['train/loss']:.4f}"
                     + (f"  rounds {info['rounds']}" if cfg.dynamic_sampling else ""))
-            sampler.load_weights(model)
             if run.eval_due(step):
-                evaluate_now(step)
+                evaluate_now(step)  # syncs the new weights into the sampler
+            else:
+                sampler.load_weights(model)
             run.checkpoint_if_due(step)
         folder = run.finish()
         # Phase 4: the final model on the whole final set.

@@ -187,6 +187,7 @@ class Run:
         self._signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
         self._budget_stop: int | None = None
+        self._judged: tuple[int, bool] | None = None  # (step, is it the last): the budget is judged once a step
         self._in_steps = False
         self._step_seconds: list[float] = []
         self._elapsed_before = 0.0
@@ -347,10 +348,8 @@ class Run:
         """Checkpoint ``step`` (unless it is the newest checkpoint already), say how to resume, exit 128 + signal."""
         signum = self._signal
         assert signum is not None
-        kept = list_checkpoints(self.dir)
-        if step > 0 and (not kept or kept[-1].name != f"step_{step:06d}"):
-            kept.append(self.checkpoint(step))
-        where = f"checkpoint {kept[-1]}" if step > 0 else "nothing to save yet (no step had completed)"
+        where = (f"checkpoint {self._checkpoint_unless_newest(step)}" if step > 0
+                 else "nothing to save yet (no step had completed)")
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
         module = spec.name if spec is not None else self.config.__class__.__module__
         args = [a for a in (sys.argv[1:] if sys.argv and sys.argv[0].endswith(".py") else []) if a != "--resume"]
@@ -395,16 +394,20 @@ class Run:
         median step time and :attr:`reserve_s`)?"""
         if step == self.total or self._budget_stop == step:
             return True
-        if self.loop.budget_hours is not None and self._budget_stop is None:
-            budget = self.loop.budget_hours * 3600
-            typical = statistics.median(self._step_seconds) if self._step_seconds else 0.0
-            if from_main(self.elapsed + typical + self.reserve_s > budget):  # rank 0 decides for all
-                self._budget_stop = step
-                say(f"--budget-hours {self.loop.budget_hours:g}: {self.elapsed / 60:.1f} min used, another {self.unit} "
-                    f"(~{typical / 60:.1f} min) and the final work (~{self.reserve_s / 60:.1f} min) would not fit: "
-                    f"{self.unit} {step} is the last")
-                return True
-        return False
+        if self.loop.budget_hours is None or self._budget_stop is not None:
+            return False
+        if self._judged is not None and self._judged[0] == step:  # one decision a step: its evaluation and
+            return self._judged[1]                                 # checkpoint agree, one collective a step
+        budget = self.loop.budget_hours * 3600
+        typical = statistics.median(self._step_seconds) if self._step_seconds else 0.0
+        last = from_main(self.elapsed + typical + self.reserve_s > budget)  # rank 0 decides for all
+        self._judged = (step, last)
+        if last:
+            self._budget_stop = step
+            say(f"--budget-hours {self.loop.budget_hours:g}: {self.elapsed / 60:.1f} min used, another {self.unit} "
+                f"(~{typical / 60:.1f} min) and the final work (~{self.reserve_s / 60:.1f} min) would not fit: "
+                f"{self.unit} {step} is the last")
+        return last
 
     @property
     def stopped_by_budget(self) -> bool:
@@ -451,13 +454,17 @@ class Run:
         return save_checkpoint(self.dir, step, model=self.learner.model, tokenizer=self.learner.tokenizer, state=state,
                                keep_last=self.loop.keep_checkpoints)
 
+    def _checkpoint_unless_newest(self, step: int) -> Path:
+        """The checkpoint of ``step``: the newest one when it is that step's already, else a new one."""
+        kept = list_checkpoints(self.dir)
+        return kept[-1] if kept and kept[-1].name == f"step_{step:06d}" else self.checkpoint(step)
+
     def finish(self) -> Path:
         """The last checkpoint, ``final/`` (the policy and tokenizer, loadable by ``shell.evaluate`` and vLLM)
         and the figures; returns the run folder."""
         assert self.learner is not None
         step = self.completed
-        if not list_checkpoints(self.dir) or list_checkpoints(self.dir)[-1].name != f"step_{step:06d}":
-            self.checkpoint(step)
+        self._checkpoint_unless_newest(step)
         save_pretrained_atomic(self.learner.model, self.learner.tokenizer, self.dir / "final")
         self.draw()
         if self.learner.optim.compile:

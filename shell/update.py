@@ -108,7 +108,7 @@ class DivergenceGuard:
                  loss_factor: float = 10.0, weight_factor: float = 100.0) -> None:
         self.params = list(params)
         self.weight_limit = weight_factor * max(1.0, self.max_weight())
-        self.grad_factor, self.loss_factor = grad_factor, loss_factor
+        self.grad_factor, self.loss_factor, self.weight_factor = grad_factor, loss_factor, weight_factor
         self.grad_norms: deque[float] = deque(maxlen=window)
         self.losses: deque[float] = deque(maxlen=window)
 
@@ -132,7 +132,7 @@ class DivergenceGuard:
         largest = self.max_weight()
         if not largest <= self.weight_limit:
             raise FloatingPointError(f"training diverged: a weight reached {largest:.3g}, beyond {self.weight_limit:.3g} "
-                                     f"(100× the largest initial weight; lower the learning rate)")
+                                     f"({self.weight_factor:g}× the largest initial weight; lower the learning rate)")
         if grad_norm > 0:  # a step with no signal (all advantages 0) says nothing about the scale
             self.grad_norms.append(grad_norm)
         self.losses.append(loss)
