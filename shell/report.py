@@ -15,7 +15,7 @@ from typing import Any
 
 import tyro
 
-from shell.runlog import plot_curves, read_metrics
+from shell.runlog import plot_curves, read_metrics, save_figure
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,11 @@ def run_phases(run_dir: Path, metric: str = "eval/answer_reward") -> list[dict[s
     * ``final evaluation`` (rows with ``final…/`` keys): to the last of them; its result is ``final/<name>``
       of ``metric`` (and ``final_greedy/<name>`` as ``greedy``).
     """
-    rows = read_metrics(run_dir)
-    warm = read_metrics(run_dir / "warm_start_metrics.jsonl") if (run_dir / "warm_start_metrics.jsonl").exists() else []
+    return phases_of(read_metrics(run_dir), read_metrics(run_dir / "warm_start_metrics.jsonl"), metric)
+
+
+def phases_of(rows: list[dict[str, Any]], warm: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """:func:`run_phases` of a run's metrics records and its warm start's (``[]``: none)."""
     loop = [r for r in rows if not _is_final(r)]
     final = [r for r in rows if _is_final(r)]
     evals = [r for r in loop if "eval_step" in r and r.get(metric) is not None]
@@ -124,27 +127,24 @@ def format_phases(run: str, phases: list[dict[str, Any]], metric: str) -> str:
     return "\n".join(lines)
 
 
-def plot_phases(run_dirs: list[Path], out: Path | str, metric: str) -> Path:
+def plot_phases(run_dirs: list[Path], out: Path | str, metric: str) -> list[list[dict[str, Any]]]:
     """One panel pair per run: ``metric`` at each evaluation (and the final ones, as stars) over wall-clock
-    minutes, the training loss of the warm start and the loop below, the phases shaded."""
-    import io
-
+    minutes, the training loss of the warm start and the loop below, the phases shaded; returns each run's
+    :func:`run_phases`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from shell.files import atomic_write_bytes
-
     name = metric.split("/", 1)[-1]
     fig, axes = plt.subplots(2, len(run_dirs), figsize=(6 * len(run_dirs), 5.5), squeeze=False, sharex="col")
     colours = ["#dbe9f6", "#e3f2dc", "#f9e4cf"]
+    all_phases = []
     for j, run_dir in enumerate(run_dirs):
         top, bottom = axes[0][j], axes[1][j]
-        rows = read_metrics(run_dir)
-        warm_file = run_dir / "warm_start_metrics.jsonl"
-        warm = read_metrics(warm_file) if warm_file.exists() else []
-        for k, p in enumerate(run_phases(run_dir, metric)):
+        rows, warm = read_metrics(run_dir), read_metrics(run_dir / "warm_start_metrics.jsonl")
+        all_phases.append(phases_of(rows, warm, metric))
+        for k, p in enumerate(all_phases[-1]):
             for ax in (top, bottom):
                 ax.axvspan(p["start_min"], p["end_min"], color=colours[k % len(colours)], alpha=0.8, lw=0)
             top.text((p["start_min"] + p["end_min"]) / 2, 1.02, p["phase"], ha="center", va="bottom", fontsize=8,
@@ -169,12 +169,8 @@ def plot_phases(run_dirs: list[Path], out: Path | str, metric: str) -> Path:
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write_bytes(Path(out), buffer.getvalue())
-    return Path(out)
+    save_figure(fig, out, dpi=100)
+    return all_phases
 
 
 def main(cfg: ReportConfig) -> list[dict[str, Any]]:
@@ -184,8 +180,7 @@ def main(cfg: ReportConfig) -> list[dict[str, Any]]:
         print(f"error: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
         raise SystemExit(2)
     if cfg.phases:
-        plot_phases(dirs, cfg.out, cfg.metric)
-        phases = [run_phases(d, cfg.metric) for d in dirs]
+        phases = plot_phases(dirs, cfg.out, cfg.metric)
         for d, p in zip(dirs, phases):
             print(format_phases(d.name, p, cfg.metric))
         print(f"wrote {cfg.out}")

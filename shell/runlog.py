@@ -193,9 +193,16 @@ def plot_curves(
         ax.grid(alpha=0.3)
         if len(run_dirs) > 1:
             ax.legend(fontsize=7)
+    return save_figure(fig, out_path, dpi=110)
+
+
+def save_figure(fig: Any, out_path: Path | str, *, dpi: int) -> Path:
+    """Write a matplotlib figure as a PNG (atomically: a reader never sees half a file) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=dpi)
     plt.close(fig)
-    atomic_write_bytes(out_path, buffer.getvalue())
-    return out_path
+    atomic_write_bytes(Path(out_path), buffer.getvalue())
+    return Path(out_path)
