@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import print_table, write_json  # noqa: E402
 
 SETTINGS = {
-    "old": {"OMP_WAIT_POLICY": "", "REASONING_RL_THREADS": ""},
+    "old": {"OMP_WAIT_POLICY": "", "REASONING_RL_THREADS": "", "REASONING_RL_OMP_DEFAULTS": "1"},
     "new": {},
     "t1": {"REASONING_RL_THREADS": "1"},
     "spin10k": {"GOMP_SPINCOUNT": "10000"},
@@ -51,7 +51,7 @@ def neighbour(kind: str) -> subprocess.Popen | None:
     if kind == "alone":
         return None
     code = BUSY_LOOP if kind == "busy-loop" else TORCH_JOB
-    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "REASONING_RL_THREADS")}
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(3)  # let it get going
     return proc
@@ -64,8 +64,6 @@ def evaluate_seconds(model: str, setting: str, limit: int, out: Path) -> float:
             env[key] = value
         else:
             env.pop(key, None)
-    if setting == "old":
-        env["REASONING_RL_OMP_DEFAULTS"] = "1"  # the shell leaves libgomp alone
     cmd = [sys.executable, "-m", "shell.evaluate", "--model.name-or-path", model, "--data.limit", str(limit),
            "--run.runs-dir", str(out), "--run.name", setting, "--eval.max-tokens", "64"]
     t0 = time.perf_counter()

@@ -52,10 +52,11 @@ _V_NAMES = tuple(
     (n, "he", "him", "his") for n in ("Tom", "Leo", "Sam", "Max", "Ben", "Omar", "Raj", "Ivan", "Luis", "Jack", "Noah",
                                       "Ethan", "Hugo", "Kofi", "Yusuf", "Diego", "Felix", "Arjun", "Kenji", "Paul")
 )
-_V_ITEMS = ("apples", "coins", "pens", "cards", "books", "stamps", "shells", "marbles", "stickers", "cookies",
-            "pencils", "buttons", "beads", "candies", "crayons", "rocks", "toy cars", "oranges", "eggs", "flowers",
-            "balloons", "postcards", "seeds", "blocks", "ribbons", "keys", "cups", "plates", "socks", "hats",
-            "tickets", "badges", "coupons", "erasers", "puzzles", "songs", "photos", "letters", "bottles", "bricks")
+_V_ITEMS = _ITEMS + (
+    "pencils", "buttons", "beads", "candies", "crayons", "rocks", "toy cars", "oranges", "eggs", "flowers", "balloons",
+    "postcards", "seeds", "blocks", "ribbons", "keys", "cups", "plates", "socks", "hats", "tickets", "badges", "coupons",
+    "erasers", "puzzles", "songs", "photos", "letters", "bottles", "bricks",
+)
 _V_FRIENDS = ("a friend", "a neighbour", "an older sister", "a younger brother", "the teacher", "a classmate", "an aunt",
               "a cousin", "the shopkeeper", "grandpa")
 _V_PLACES = ("box", "bag", "drawer", "basket", "jar", "backpack", "shelf", "album")
@@ -176,13 +177,10 @@ def _stepwise(a: int, op: str, b: int) -> str:
     """``a op b`` as tens first, then ones: "45 + 20 = 65, 65 + 3 = 68." (one equation when ``b`` has no tens or no ones)."""
     sign = 1 if op == "+" else -1
     tens, ones = b - b % 10, b % 10
-    parts = []
-    if tens and ones:
-        mid = a + sign * tens
-        parts = [f"{a} {op} {tens} = {mid}", f"{mid} {op} {ones} = {mid + sign * ones}"]
-    else:
-        parts = [f"{a} {op} {b} = {a + sign * b}"]
-    return ", ".join(parts) + "."
+    if not (tens and ones):
+        return f"{a} {op} {b} = {a + sign * b}."
+    mid = a + sign * tens
+    return f"{a} {op} {tens} = {mid}, {mid} {op} {ones} = {mid + sign * ones}."
 
 
 def _varied_question(expr: str, index: int, difficulty: int, seed: int) -> str:

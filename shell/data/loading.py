@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+from shell.config import at_least, flag
 from shell.data.arithmetic import Phrasing, SolutionStyle, Split, embedded_dataset
 from shell.data.jsonl import Format, load_jsonl_dataset
 from shell.data.records import DataError, DataFileNotFoundError, Dataset, Example
@@ -56,12 +57,9 @@ class DataConfig:
 
     def check(self, prefix: str = "data") -> None:
         """Ranges, with each message naming the flag."""
-        for name in ("limit", "max_prompt_tokens"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{prefix}.{name.replace('_', '-')} must be >= 1 (or None), got {value}")
-        if self.difficulty < 1:
-            raise ValueError(f"--{prefix}.difficulty must be >= 1, got {self.difficulty}")
+        at_least(self.limit, 1, flag(prefix, "limit"), optional=True)
+        at_least(self.max_prompt_tokens, 1, flag(prefix, "max_prompt_tokens"), optional=True)
+        at_least(self.difficulty, 1, flag(prefix, "difficulty"))
 
 
 @dataclass(frozen=True)
@@ -86,10 +84,9 @@ class HeldOutConfig:
     """File format; auto = detected from the first record's fields."""
 
     def check(self, prefix: str = "eval-data") -> None:
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"--{prefix}.limit must be >= 1 (or None), got {self.limit}")
-        if self.difficulty is not None and self.difficulty < 1:
-            raise ValueError(f"--{prefix}.difficulty must be >= 1, got {self.difficulty}")
+        """Ranges, with each message naming the flag."""
+        at_least(self.limit, 1, flag(prefix, "limit"), optional=True)
+        at_least(self.difficulty, 1, flag(prefix, "difficulty"), optional=True)
 
 
 def held_out_config(train: DataConfig, held: HeldOutConfig) -> tuple[DataConfig, str]:
@@ -128,12 +125,11 @@ CHARS_PER_TOKEN_BOUND = 32
 def within_token_limit(texts: Sequence[str], tokenizer: Any, limit: int) -> list[bool]:
     """Whether each text is at most ``limit`` tokens; texts over ``limit × 32`` characters are refused
     without tokenising them."""
-    out = []
-    for text in texts:
-        if len(text) > limit * CHARS_PER_TOKEN_BOUND:
-            out.append(False)
-        else:
-            out.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= limit)
+    short = [i for i, text in enumerate(texts) if len(text) <= limit * CHARS_PER_TOKEN_BOUND]
+    out = [False] * len(texts)
+    if short:  # one batched call: the fast tokenizers encode a batch in parallel
+        for i, ids in zip(short, tokenizer([texts[i] for i in short], add_special_tokens=False)["input_ids"]):
+            out[i] = len(ids) <= limit
     return out
 
 
