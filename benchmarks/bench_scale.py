@@ -52,7 +52,8 @@ def measure(steps: int, out: Path) -> None:
     from shell import grpo
     from shell.config import WarmStartConfig
     from shell.data import load_dataset
-    from shell.distributed import barrier, gathered, init_world, is_main
+    from shell.fsdp import gathered
+    from shell.world import barrier, init_world, is_main
     from shell.prompts import load_prompt
     from shell.rollout import grade, group_advantages, rollout
     from shell.sampling import build_sampler

@@ -133,7 +133,7 @@ class SamplerConfig:
         if self.backend == "vllm" and self.placement == "dedicated":
             import torch
 
-            from shell.distributed import launched_world_size
+            from shell.world import launched_world_size
 
             require(launched_world_size() == 1,
                     f"{flag(prefix, 'placement')} dedicated is for one training process; under torchrun each rank "
@@ -243,7 +243,7 @@ class WarmStartConfig:
         at_least(self.batch_size, 1, flag(prefix, "batch_size"))
         require(self.lr > 0, f"{flag(prefix, 'lr')} must be > 0, got {self.lr}")
         if self.steps:
-            from shell.distributed import require_world_multiple
+            from shell.world import require_world_multiple
 
             require_world_multiple(self.batch_size, flag(prefix, "batch_size"))
 

@@ -34,7 +34,7 @@ from shell.config import (
 from shell.data import (
     DataConfig, HeldOutConfig, SFTExample, held_out_config, load_dataset, make_sft_examples, questions_within_context,
 )
-from shell.distributed import launched_world_size, require_world_multiple
+from shell.world import launched_world_size, require_world_multiple
 from shell.models import prompt_token_limit
 from shell.evaluation import mean_or_none, run_eval
 from shell.loop import Run, write_curves

@@ -26,7 +26,6 @@ from shell.config import (
 )
 from shell.data import DataConfig, HeldOutConfig, held_out_config, load_dataset, make_sft_examples, questions_within_context
 from shell.models import prompt_token_limit
-from shell.distributed import require_world_multiple
 from shell.evaluation import FinalEvalConfig, final_evaluation, run_eval
 from shell.loop import Run, write_curves
 from shell.progress import say
@@ -35,6 +34,7 @@ from shell.rollout import Rollouts, grade, group_advantages, rollout
 from shell.sampling import build_sampler
 from shell.seeds import batch_indices, derive_seed
 from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update, response_entropies, warm_start
+from shell.world import require_world_multiple
 
 
 @dataclass(frozen=True)

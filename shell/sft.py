@@ -25,7 +25,7 @@ from shell.data import (
     DataConfig, DataError, HeldOutConfig, SFTExample, held_out_config, keep_within_context, load_dataset,
     questions_within_context, sft_examples_for,
 )
-from shell.distributed import require_world_multiple
+from shell.world import require_world_multiple
 from shell.models import prompt_token_limit
 from shell.evaluation import run_eval
 from shell.grading import grade_batch
