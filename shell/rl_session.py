@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -33,6 +33,8 @@ from shell.sampling import build_sampler
 from shell.update import Learner, response_entropies, warm_start
 
 __all__ = ["RLData", "RLSession", "load_rl_data"]
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -99,18 +101,19 @@ class RLSession:
         """Each response's mean token entropy under the policy (where the sampler gives none: vLLM)."""
         return response_entropies(self.learner, prompts, responses, microbatch=self.microbatch)
 
-    def open(self, prepare: Callable[[bool], Any] | None = None) -> None:
+    def open(self, prepare: Callable[[bool], T] | None = None) -> T | None:
         """A fresh run: the SFT warm start (``--warm-start.steps``), ``prepare(True)``, the evaluation of step 0.
-        A resumed one: ``prepare(False)``, and the sampler gets the restored policy."""
+        A resumed one: ``prepare(False)``, and the sampler gets the restored policy. Returns what ``prepare``
+        returned (the loop's own start-up, e.g. GRPO's KL reference)."""
         fresh = self.run.start == 0
         if fresh:
             warm_start(self.learner, make_sft_examples(self.train_set, self.template), self.cfg.warm_start,
                        seed=self.cfg.run.seed, run_dir=self.run.dir)
-        if prepare is not None:
-            prepare(fresh)
+        prepared = prepare(fresh) if prepare is not None else None
         self.sampler.load_weights(self.model)
         if fresh:
             self.evaluate(0)
+        return prepared
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """The held-out evaluation at ``step`` (the sampler holds the policy's weights); with a final evaluation

@@ -148,6 +148,7 @@ def train(cfg: SFTConfig) -> Path:
             return response_entropies(learner, prompts, responses, microbatch=micro)
 
         def evaluate_now(step: int) -> None:
+            sampler.load_weights(model)
             run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
                      step=step, entropy=entropy)
             sampler.sleep()  # a colocated vLLM frees its KV cache while the policy trains
