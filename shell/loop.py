@@ -105,14 +105,6 @@ class Run:
         return self.schedule.completed
 
     @property
-    def total(self) -> int:
-        return self.schedule.total
-
-    @property
-    def unit(self) -> str:
-        return self.schedule.unit
-
-    @property
     def reserve_s(self) -> float:
         """Seconds to keep free of the budget for the work after the last step (the final evaluation)."""
         return self.schedule.reserve_s
@@ -125,10 +117,6 @@ class Run:
     def elapsed(self) -> float:
         """Wall-clock seconds of the run so far (across resumes)."""
         return self.schedule.elapsed
-
-    @property
-    def stopped_by_budget(self) -> bool:
-        return self.schedule.stopped_by_budget
 
     def steps(self) -> Iterator[int]:
         """The steps still to run (``start + 1 … total``), with a progress bar on a terminal; ends early after
@@ -172,7 +160,7 @@ class Run:
                 self.schedule.resume(ckpt.step, elapsed=ckpt.state.elapsed)
                 self.state = dict(ckpt.state.loop)
                 resumed = True
-                say(f"resumed from {ckpt.path} ({self.unit} {ckpt.step})")
+                say(f"resumed from {ckpt.path} ({self.schedule.unit} {ckpt.step})")
                 if self.folder.changes:
                     learner.optimizer.apply(learner.optim)
                     if self.world.main:
@@ -252,7 +240,8 @@ class Run:
         self.draw()
         if self.learner.optim.compile:
             say(f"torch.compile: {compiled_graph_count()} graph(s) compiled in this process")
-        if self.stopped_by_budget:
-            say(f"stopped by --budget-hours after {self.unit} {step} of {self.total} ({self.elapsed / 60:.1f} min)")
+        if self.schedule.stopped_by_budget:
+            say(f"stopped by --budget-hours after {self.schedule.unit} {step} of {self.schedule.total} "
+                f"({self.elapsed / 60:.1f} min)")
         say(f"done: {self.dir / 'metrics.jsonl'}, {self.dir / 'final'}")
         return self.dir

@@ -63,16 +63,14 @@ TIMEOUT = datetime.timedelta(minutes=30)
 
 @dataclass(frozen=True)
 class World:
-    """Where this process stands: its rank among ``size`` ranks, and on its node."""
+    """Where this process stands: its ``rank`` (``RANK``; rank 0 writes) among ``size`` ranks in all
+    (``WORLD_SIZE``), and on its node: ``local_rank`` (``LOCAL_RANK``, its GPU) of ``local_size`` ranks
+    (``LOCAL_WORLD_SIZE``, the resume command's ``--nproc-per-node``)."""
 
     rank: int = 0
-    """This process's rank (``RANK``); 0 writes."""
     size: int = 1
-    """How many ranks in all (``WORLD_SIZE``)."""
     local_rank: int = 0
-    """This process's rank on its node (``LOCAL_RANK``): its GPU."""
     local_size: int = 1
-    """Ranks on this node (``LOCAL_WORLD_SIZE``): the resume command's ``--nproc-per-node``."""
 
     @property
     def main(self) -> bool:
