@@ -49,17 +49,17 @@ def measure(steps: int, out: Path) -> None:
     write the per-step phase times (rank 0)."""
     import torch
 
+    from core import group_normalized_advantages
     from shell import grpo
     from shell.config import WarmStartConfig
     from shell.data import load_dataset
     from shell.fsdp import gathered
-    from shell.world import barrier, init_world, is_main
     from shell.prompts import load_prompt
-    from core import group_normalized_advantages
     from shell.rollout import grade, rollout
     from shell.sampling import build_sampler
     from shell.seeds import batch_indices, derive_seed
     from shell.update import Learner, grpo_update
+    from shell.world import barrier, init_world, is_main
 
     world = init_world()
     cfg = replace(grpo.PRESETS["laptop"][1], warm_start=WarmStartConfig(steps=0))

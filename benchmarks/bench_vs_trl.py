@@ -73,10 +73,10 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
     """``steps`` GRPO steps through the project's own phase functions; seconds per phase and in all."""
     import torch
 
+    from core import group_normalized_advantages
     from shell import grpo
     from shell.config import OptimConfig, SamplerConfig, SamplingConfig, WarmStartConfig
     from shell.prompts import load_prompt
-    from core import group_normalized_advantages
     from shell.rollout import grade, rollout
     from shell.sampling import build_sampler
     from shell.update import Learner, grpo_update

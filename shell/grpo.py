@@ -32,7 +32,7 @@ from shell.prompts import PromptName
 from shell.rl_session import RLSession, load_rl_data
 from shell.rollout import Rollouts, grade, rollout
 from shell.seeds import batch_indices, derive_seed
-from shell.update import PolicyGradientSettings, Reference, grpo_update
+from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update
 from shell.world import require_world_multiple
 
 
@@ -171,7 +171,7 @@ def sample_batch(sampler: Any, train_set: Any, template: Any, cfg: GRPOConfig, s
     return kept, scores + spare_scores[:fill], info
 
 
-def kl_reference(cfg: GRPOConfig, run: Run, learner: Any, *, fresh: bool) -> Reference | None:
+def kl_reference(cfg: GRPOConfig, run: Run, learner: Learner, *, fresh: bool) -> Reference | None:
     """The frozen policy of ``--kl-coef`` (None when it is 0): the policy as it starts (after the warm start),
     saved in ``<run>/reference/``; on resume the saved one, or, when the resumed run had none (``--kl-coef``
     added with ``--allow-config-change``), the policy at the resumed step."""
