@@ -15,7 +15,7 @@ import torch
 
 from doubles import tiny_policy
 from shell.checkpoint import TRAINER_STATE, Checkpointer, TrainerState, list_checkpoints, rng_state
-from shell.config import LoopConfig, RunConfig
+from shell.config import LoopConfig, RunConfig, asdict
 from shell.run_folder import RunFolder, RunLocked
 from shell.runlog import RunLogger, read_jsonl_records, read_metrics
 from shell.schedule import Schedule
@@ -93,7 +93,7 @@ def test_one_process_holds_a_run_folder(tmp_path):
 def test_the_folder_guard_refuses_a_start_over_checkpoints_and_changed_flags_on_resume(tmp_path):
     run = tmp_path / "r"
     (run / "checkpoints" / "step_000001").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"lr": 1e-5, "loop": {}, "run": {}}))
+    (run / "config.json").write_text(json.dumps(asdict(_Config())))  # what the run started with
     with pytest.raises(ValueError, match="already holds checkpoints"):
         RunFolder(run, _Config()).open()
     with pytest.raises(ValueError, match=r"lr: 1e-05 -> 0\.001"):
