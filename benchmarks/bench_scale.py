@@ -49,15 +49,17 @@ def measure(steps: int, out: Path) -> None:
     write the per-step phase times (rank 0)."""
     import torch
 
+    from core import group_normalized_advantages
     from shell import grpo
     from shell.config import WarmStartConfig
     from shell.data import load_dataset
-    from shell.distributed import barrier, gathered, init_world, is_main
+    from shell.fsdp import gathered
     from shell.prompts import load_prompt
-    from shell.rollout import grade, group_advantages, rollout
+    from shell.rollout import grade, rollout
     from shell.sampling import build_sampler
     from shell.seeds import batch_indices, derive_seed
     from shell.update import Learner, grpo_update
+    from shell.world import barrier, init_world, is_main
 
     world = init_world()
     cfg = replace(grpo.PRESETS["laptop"][1], warm_start=WarmStartConfig(steps=0))
@@ -79,8 +81,9 @@ def measure(steps: int, out: Path) -> None:
             barrier()
             marks.append(time.perf_counter())
             scores, _ = grade(rollouts, template, cfg.grading, progress=False)
-            raw, advantages, stats = group_advantages(scores, group_size=cfg.group_size, advantage_eps=cfg.advantage_eps,
-                                                      normalize_by_std=cfg.use_std_normalization)
+            advantages, raw, stats = group_normalized_advantages(scores, group_size=cfg.group_size,
+                                                                 advantage_eps=cfg.advantage_eps,
+                                                                 normalize_by_std=cfg.use_std_normalization)
             barrier()
             marks.append(time.perf_counter())
             update = grpo_update(learner, rollouts, raw, advantages, settings, seed=step)[-1]

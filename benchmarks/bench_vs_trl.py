@@ -73,10 +73,11 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
     """``steps`` GRPO steps through the project's own phase functions; seconds per phase and in all."""
     import torch
 
+    from core import group_normalized_advantages
     from shell import grpo
     from shell.config import OptimConfig, SamplerConfig, SamplingConfig, WarmStartConfig
     from shell.prompts import load_prompt
-    from shell.rollout import grade, group_advantages, rollout
+    from shell.rollout import grade, rollout
     from shell.sampling import build_sampler
     from shell.update import Learner, grpo_update
 
@@ -114,8 +115,8 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
             rollouts = rollout(sampler, questions, template, cfg.sampling, group_size=GROUP, seed=step, progress=False)
             t1 = time.perf_counter()
             scores, _ = grade(rollouts, template, cfg.grading, progress=False)
-            raw, adv, _ = group_advantages(scores, group_size=GROUP, advantage_eps=cfg.advantage_eps,
-                                           normalize_by_std=cfg.use_std_normalization)
+            adv, raw, _ = group_normalized_advantages(scores, group_size=GROUP, advantage_eps=cfg.advantage_eps,
+                                                      normalize_by_std=cfg.use_std_normalization)
             t2 = time.perf_counter()
             grpo_update(learner, rollouts.prompts, rollouts.responses, raw, adv, settings, seed=step)
             sampler.load_weights(model)

@@ -4,6 +4,7 @@ Nothing here does I/O, holds global state, or imports ``shell``, wandb or vllm.
 """
 
 from core._advantages import compute_group_normalized_rewards
+from core._advantages import group_normalized_advantages
 from core._advantages import nonconstant_group_mask
 from core._advantages import normalize_group_rewards
 from core._advantages import reward_statistics
@@ -42,6 +43,7 @@ __all__ = [
     "extract_boxed",
     "get_response_log_probs",
     "grade_answer",
+    "group_normalized_advantages",
     "grpo_microbatch_loss",
     "masked_mean",
     "masked_normalize",

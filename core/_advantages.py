@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -48,6 +48,44 @@ def normalize_group_rewards(
     return centred.reshape(-1)
 
 
+def group_normalized_advantages(
+    scores: Sequence[Mapping[str, float]],
+    *,
+    group_size: int,
+    advantage_eps: float,
+    normalize_by_std: bool,
+) -> tuple[Float[Tensor, "batch"], Float[Tensor, "batch"], dict[str, float]]:
+    r"""Group-normalised advantages of graded rollouts.
+
+    .. math::  r_i = \mathrm{scores}_i[\text{"reward"}], \quad
+               A_i = \frac{r_i - \operatorname{mean}_{G(i)} r}{\operatorname{std}_{G(i)} r + \epsilon}
+               \quad\text{(or only } r_i - \operatorname{mean}_{G(i)} r \text{ without std)}
+
+    Groups are consecutive blocks of ``group_size`` responses to the same question.
+
+    Args:
+        scores: ``batch`` reward dicts ``{"reward", "format_reward", "answer_reward"}`` (a reward function's, or
+            the batch grader's), grouped consecutively.
+        group_size: responses per question.
+        advantage_eps: added to the std.
+        normalize_by_std: divide by the (unbiased) group std.
+
+    Returns:
+        ``advantages`` (batch,) float32, ``raw_rewards`` (batch,) float32, and metadata floats:
+        ``reward_mean/std/min/max``, ``format_reward_mean``, ``answer_reward_mean`` (NaN where a dict lacks the
+        key), ``zero_variance_group_fraction``.
+    """
+    raw = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)
+    advantages = normalize_group_rewards(
+        raw, group_size=group_size, advantage_eps=advantage_eps, normalize_by_std=normalize_by_std
+    )
+    metadata = reward_statistics(raw, group_size=group_size)
+    for key in ("format_reward", "answer_reward"):
+        values = [float(s.get(key, float("nan"))) for s in scores]
+        metadata[f"{key}_mean"] = sum(values) / len(values)
+    return advantages, raw, metadata
+
+
 def compute_group_normalized_rewards(
     reward_fn: Callable[[str, Any], dict[str, float]],
     rollout_responses: Sequence[str],
@@ -72,24 +110,17 @@ def compute_group_normalized_rewards(
         normalize_by_std: divide by the (unbiased) group std.
 
     Returns:
-        ``advantages`` (batch,) float32, ``raw_rewards`` (batch,) float32, and metadata floats:
-        ``reward_mean/std/min/max``, ``format_reward_mean``, ``answer_reward_mean``,
-        ``zero_variance_group_fraction``.
+        :func:`group_normalized_advantages` of the scores: ``advantages`` (batch,) float32, ``raw_rewards``
+        (batch,) float32, and metadata floats.
     """
     if len(rollout_responses) != len(repeated_ground_truths):
         raise ValueError(
             f"{len(rollout_responses)} responses but {len(repeated_ground_truths)} ground truths"
         )
     scores = [reward_fn(r, g) for r, g in zip(rollout_responses, repeated_ground_truths)]
-    raw = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)
-    advantages = normalize_group_rewards(
-        raw, group_size=group_size, advantage_eps=advantage_eps, normalize_by_std=normalize_by_std
+    return group_normalized_advantages(
+        scores, group_size=group_size, advantage_eps=advantage_eps, normalize_by_std=normalize_by_std
     )
-    metadata = reward_statistics(raw, group_size=group_size)
-    for key in ("format_reward", "answer_reward"):
-        values = [float(s.get(key, float("nan"))) for s in scores]
-        metadata[f"{key}_mean"] = sum(values) / len(values)
-    return advantages, raw, metadata
 
 
 def reward_statistics(raw_rewards: Float[Tensor, "batch"], *, group_size: int) -> dict[str, float]:

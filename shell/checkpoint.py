@@ -1,15 +1,26 @@
-"""Atomic checkpoints with everything needed for an exact resume.
+"""Checkpoints with everything needed for an exact resume, in one process or sharded under ``torchrun``.
 
-A checkpoint is ``run_dir/checkpoints/step_XXXXXX/``: the policy and tokenizer (``save_pretrained``),
-``trainer_state.pt`` with the optimizer and schedule, RNG states and the loop's own state, and
-``manifest.json`` with every file's size and SHA-256. It is written into a temporary folder, fsync'ed and
-renamed into place (:func:`shell.files.publish_dir`), so a run killed while saving keeps its previous
-checkpoint. Loading verifies the manifest; a damaged newest checkpoint is reported by path and the newest
-intact one is used instead. ``run_dir/final/`` holds the policy and tokenizer at the end of a run.
+A checkpoint is ``run_dir/checkpoints/step_XXXXXX/`` holding
+
+* the policy: ``save_pretrained`` weights in one process; under torchrun ``sharded/``, the
+  ``torch.distributed.checkpoint`` folder each rank writes its shards of the model and AdamW into;
+* the tokenizer;
+* ``trainer_state.pt``: one schema for both (:class:`TrainerState`): the step, the world size that wrote it,
+  the LR schedule, AdamW's state (in one process; sharded ones keep it in ``sharded/``), every rank's RNG
+  states, the run's elapsed seconds and the loop's own state;
+* ``manifest.json``: every file's size and SHA-256.
+
+It is written into a temporary folder, fsync'ed and renamed into place (:func:`shell.files.publish_dir`; rank 0
+renames, after every rank wrote its shards), so a run killed while saving keeps its previous checkpoint.
+Loading verifies the manifest; a damaged newest checkpoint is reported by path and the newest intact one is
+used instead (rank 0 picks it for all). ``--resume`` needs the world size that wrote the checkpoint
+(:func:`check_resume_world`). ``run_dir/final/`` holds the policy and tokenizer at the end of a run
+(:func:`save_pretrained_atomic`: gathered from the shards, written by rank 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -25,12 +36,18 @@ import numpy as np
 import torch
 
 from shell.files import publish_dir
+from shell.fsdp import gather_state_dict, is_sharded
+from shell.world import barrier, from_main, gather, is_main, main_first, world
 
-__all__ = ["Checkpoint", "CheckpointError", "list_checkpoints", "load_latest_checkpoint", "load_model_weights",
+__all__ = ["SHARDED", "Checkpoint", "CheckpointError", "Checkpointer", "TrainerState", "check_resume_world",
+           "checkpoint_world_size", "list_checkpoints", "load_checkpoint", "load_model_weights",
            "newest_intact_checkpoint", "prune_checkpoints", "remove_stale_temporaries", "rng_state", "save_checkpoint",
-           "save_pretrained_atomic", "set_rng_state", "verify_manifest"]
+           "save_pretrained_atomic", "set_rng_state", "verify_manifest", "write_manifest"]
 
 MANIFEST = "manifest.json"
+TRAINER_STATE = "trainer_state.pt"
+SHARDED = "sharded"
+"""The folder of a sharded checkpoint that holds its ``torch.distributed.checkpoint`` shards (model and AdamW)."""
 
 T = TypeVar("T")
 
@@ -42,12 +59,51 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
 @dataclass
+class TrainerState:
+    """``trainer_state.pt`` of every checkpoint, one process or sharded."""
+
+    step: int
+    world_size: int
+    """How many ranks wrote the checkpoint (1: one process, weights as ``save_pretrained``)."""
+    scheduler: dict[str, Any]
+    optimizer: dict[str, Any] | None
+    """AdamW's state dict; None in a sharded checkpoint (its shards are in ``sharded/``)."""
+    rng: list[dict[str, Any] | None]
+    """Every rank's RNG states (:func:`rng_state`), in rank order."""
+    elapsed: float = 0.0
+    """Wall-clock seconds of the run up to this step (across resumes)."""
+    loop: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The loop's own state (e.g. expert iteration's SFT step count)."""
+
+    @classmethod
+    def read(cls, folder: Path) -> TrainerState:
+        """The trainer state of checkpoint ``folder`` (also of one written before the two layouts shared this
+        schema: ``rng`` a dict and ``optimizer`` {optimizer, scheduler} in one process, ``rng_rank{r}.pt`` files
+        when sharded)."""
+        raw = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
+        if "scheduler" not in raw:  # the old one-process layout
+            raw = {**raw, "world_size": 1, "rng": [raw["rng"]], **raw["optimizer"]}
+        elif "rng" not in raw:  # the old sharded layout
+            files = [folder / f"rng_rank{r}.pt" for r in range(int(raw["world_size"]))]
+            raw = {**raw, "optimizer": None,
+                   "rng": [torch.load(f, map_location="cpu", weights_only=False) if f.exists() else None for f in files]}
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in names})
+
+    def write(self, folder: Path) -> None:
+        torch.save(dataclasses.asdict(self), folder / TRAINER_STATE)
+
+
+@dataclass
 class Checkpoint:
-    """A loaded checkpoint's trainer state (the policy weights are already in the model)."""
+    """A loaded checkpoint (the policy, AdamW and the schedule are already restored in place)."""
 
     path: Path
-    step: int
-    state: dict[str, Any]
+    state: TrainerState
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
 
 def rng_state() -> dict[str, Any]:
@@ -74,8 +130,6 @@ def _save_pretrained(model: torch.nn.Module, tokenizer: Any, folder: Path, state
 def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, path: Path | str) -> Path:
     """``save_pretrained`` of model and tokenizer into ``path``, replacing it atomically. Under torchrun every
     rank calls it: a sharded policy's full weights are gathered, and rank 0 alone writes."""
-    from shell.distributed import barrier, gather_state_dict, is_main, is_sharded
-
     state = gather_state_dict(model, tied_once=True) if is_sharded(model) else None
     if is_main():
         publish_dir(path, lambda tmp: _save_pretrained(model, tokenizer, tmp, state))
@@ -84,25 +138,149 @@ def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, path: Path | 
 
 
 def save_checkpoint(
-    run_dir: Path | str,
-    step: int,
-    *,
-    model: torch.nn.Module,
-    tokenizer: Any,
-    state: dict[str, Any],
-    keep_last: int = 2,
+    run_dir: Path | str, step: int, *, model: torch.nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer,
+    scheduler: Any, elapsed: float = 0.0, loop: dict[str, Any] | None = None, keep_last: int = 2,
 ) -> Path:
-    """Write ``checkpoints/step_{step:06d}`` atomically (weights, tokenizer, ``state`` and the RNG states in
-    ``trainer_state.pt``) and prune all but the last ``keep_last``."""
+    """Write ``checkpoints/step_{step:06d}`` (weights, tokenizer, :class:`TrainerState`, manifest) atomically and
+    prune all but the last ``keep_last``. Every rank calls it: a sharded ``model`` is written as each rank's
+    shards (:func:`_save_sharded`), otherwise rank 0 writes ``save_pretrained`` weights."""
+    target = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+    state = TrainerState(step=step, world_size=world().size, scheduler=scheduler.state_dict(), optimizer=None,
+                         rng=gather(rng_state()), elapsed=elapsed, loop=dict(loop or {}))
+    if is_sharded(model):
+        _save_sharded(target, model, optimizer, tokenizer, state)
+    else:
+        state.optimizer = optimizer.state_dict()
 
-    def fill(tmp: Path) -> None:
-        _save_pretrained(model, tokenizer, tmp)
-        torch.save({"step": step, "rng": rng_state(), **state}, tmp / "trainer_state.pt")
+        def fill(tmp: Path) -> None:
+            _save_pretrained(model, tokenizer, tmp)
+            state.write(tmp)
+            write_manifest(tmp)
+
+        if is_main():
+            publish_dir(target, fill)
+    if is_main():
+        prune_checkpoints(run_dir, keep_last)
+    barrier()  # the checkpoint is in place for every rank
+    return target
+
+
+def _save_sharded(target: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, tokenizer: Any,
+                  state: TrainerState) -> None:
+    """Each rank writes its shards of the model and AdamW (``torch.distributed.checkpoint`` into ``sharded/``) into
+    rank 0's temporary folder; then rank 0 writes the trainer state, the tokenizer and the manifest, and renames
+    the folder into place."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+
+    def write_shards(tmp: Path) -> None:
+        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(tmp / SHARDED))
+
+    def fill(tmp: Path) -> None:  # rank 0
+        from_main(str(tmp))
+        write_shards(tmp)
+        barrier()
+        state.write(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         write_manifest(tmp)
 
-    final = publish_dir(Path(run_dir) / "checkpoints" / f"step_{step:06d}", fill)
-    prune_checkpoints(run_dir, keep_last)
-    return final
+    if is_main():
+        publish_dir(target, fill)
+    else:
+        write_shards(Path(from_main("")))
+        barrier()
+
+
+def load_checkpoint(
+    run_dir: Path | str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+    restore_rng: bool = True,
+) -> Checkpoint | None:
+    """Load the newest intact checkpoint of ``run_dir`` into ``model``, ``optimizer`` and ``scheduler`` in place
+    (and this rank's RNG states); None when there is none. Every rank calls it.
+
+    Each candidate is verified against its manifest and loaded (rank 0 picks the checkpoint for all); a damaged
+    one is reported (a warning naming its path and the problem) and the next older one is tried. Raises
+    :class:`CheckpointError` when checkpoints exist but none is intact.
+    """
+    sharded = is_sharded(model)
+
+    def load(path: Path) -> TrainerState:
+        state = TrainerState.read(path)
+        if not sharded:
+            load_model_weights(model, path)
+        return state
+
+    found = main_first(lambda: newest_intact_checkpoint(run_dir, load))
+    if found is None:
+        return None
+    path, state = found
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        states = {"model": model_state, "optimizer": optim_state}
+        dcp.load(states, checkpoint_id=str(path / SHARDED))
+        set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
+    else:
+        optimizer.load_state_dict(state.optimizer)
+    scheduler.load_state_dict(state.scheduler)
+    rank = world().rank
+    rng = state.rng[rank] if rank < len(state.rng) else None
+    if restore_rng and rng is not None:
+        set_rng_state(rng)
+    elif restore_rng:
+        warnings.warn(f"{path} holds no RNG state of rank {rank}: this rank's RNG starts afresh", stacklevel=2)
+    return Checkpoint(path=path, state=state)
+
+
+def checkpoint_world_size(path: Path) -> int:
+    """How many ranks wrote checkpoint ``path``."""
+    return TrainerState.read(path).world_size
+
+
+def check_resume_world(run_dir: Path | str) -> None:
+    """``ValueError`` when the run's newest checkpoint was written by another number of ranks than this run has."""
+    found = list_checkpoints(run_dir)
+    if not found:
+        return
+    wrote, now = checkpoint_world_size(found[-1]), world().size
+    if wrote != now:
+        how = "python -m … (no torchrun)" if wrote == 1 else f"torchrun with {wrote} ranks in all"
+        raise ValueError(f"{found[-1]} was written by {wrote} rank(s) and this run has {now}: resume with {how}")
+
+
+class Checkpointer:
+    """The checkpoints of one run's policy: ``save(step)`` (every rank calls it), the newest one restored by
+    ``resume()``, ``final()`` (the ``final/`` folder). ``optimizer`` is the AdamW and ``scheduler`` its schedule."""
+
+    def __init__(self, run_dir: Path, *, model: torch.nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer,
+                 scheduler: Any, keep_last: int) -> None:
+        self.run_dir = Path(run_dir)
+        self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
+        self.keep_last = keep_last
+
+    def resume(self) -> Checkpoint | None:
+        """Restore the newest intact checkpoint (None: there is none); ``ValueError`` when another number of
+        ranks wrote it."""
+        check_resume_world(self.run_dir)
+        return load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+
+    def save(self, step: int, *, elapsed: float, loop: dict[str, Any]) -> Path:
+        return save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
+                               scheduler=self.scheduler, elapsed=elapsed, loop=loop, keep_last=self.keep_last)
+
+    def save_unless_newest(self, step: int, *, elapsed: float, loop: dict[str, Any]) -> Path:
+        """The checkpoint of ``step``: the newest one when it is that step's already, else a new one."""
+        kept = list_checkpoints(self.run_dir)
+        return kept[-1] if kept and kept[-1].name == f"step_{step:06d}" else self.save(step, elapsed=elapsed, loop=loop)
+
+    def final(self) -> Path:
+        """``final/``: the policy and tokenizer, loadable by ``shell.evaluate`` and vLLM."""
+        return save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
 
 
 def prune_checkpoints(run_dir: Path | str, keep_last: int) -> None:
@@ -152,7 +330,7 @@ def list_checkpoints(run_dir: Path | str) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / "trainer_state.pt").exists()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / TRAINER_STATE).exists()]
     return [p for _, p in sorted(found)]
 
 
@@ -165,27 +343,6 @@ def remove_stale_temporaries(run_dir: Path | str) -> list[Path]:
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale
-
-
-def load_latest_checkpoint(run_dir: Path | str, *, model: torch.nn.Module, restore_rng: bool = True) -> Checkpoint | None:
-    """Load the newest intact checkpoint of ``run_dir`` into ``model`` and return its state; None if there is none.
-
-    Each candidate is verified against its manifest and loaded; a damaged one is reported (a warning naming its
-    path and the problem) and the next older one is tried. Raises :class:`CheckpointError` when checkpoints
-    exist but none is intact.
-    """
-
-    def load(path: Path) -> dict[str, Any]:
-        load_model_weights(model, path)
-        return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
-
-    found = newest_intact_checkpoint(run_dir, load)
-    if found is None:
-        return None
-    path, state = found
-    if restore_rng:
-        set_rng_state(state["rng"])
-    return Checkpoint(path=path, step=int(state["step"]), state=state)
 
 
 def newest_intact_checkpoint(run_dir: Path | str, load: Callable[[Path], T]) -> tuple[Path, T] | None:

@@ -36,6 +36,7 @@ __all__ = [
     "asdict",
     "cli",
     "run_cli",
+    "variant",
 ]
 
 
@@ -88,7 +89,7 @@ class ModelConfig:
     """Weights' dtype. "auto": float32 on CPU; on GPU float32 master weights (and AdamW state) for the training
     loops, with the matmuls in bf16 autocast (--optim.autocast-bf16) and the sampler given bf16 weights at each
     sync, and bfloat16 for shell.evaluate. "bfloat16": bf16 weights and AdamW state (faster, but most updates
-    of lr 1e-5 round away)."""
+    of lr 1e-5 round away). Under torchrun the sharded master weights keep this dtype (shell.fsdp)."""
 
 
 Placement = Literal["colocate", "dedicated"]
@@ -133,7 +134,7 @@ class SamplerConfig:
         if self.backend == "vllm" and self.placement == "dedicated":
             import torch
 
-            from shell.distributed import launched_world_size
+            from shell.world import launched_world_size
 
             require(launched_world_size() == 1,
                     f"{flag(prefix, 'placement')} dedicated is for one training process; under torchrun each rank "
@@ -243,7 +244,7 @@ class WarmStartConfig:
         at_least(self.batch_size, 1, flag(prefix, "batch_size"))
         require(self.lr > 0, f"{flag(prefix, 'lr')} must be > 0, got {self.lr}")
         if self.steps:
-            from shell.distributed import require_world_multiple
+            from shell.world import require_world_multiple
 
             require_world_multiple(self.batch_size, flag(prefix, "batch_size"))
 
@@ -294,6 +295,13 @@ class RunConfig:
 
     def check(self, prefix: str = "run") -> None:
         require(bool(self.name.strip()) and self.name not in (".", ".."), f"{flag(prefix, 'name')} must name a folder, got {self.name!r}")
+
+
+def variant(base: T, *, name: str | None = None, **changes: Any) -> T:
+    """A preset derived from ``base``: its fields ``changes`` replaced and, when ``name`` is given, the run's
+    ``--run.name`` (``base.run``) set to it."""
+    cfg = dataclasses.replace(base, **changes)  # type: ignore[type-var]
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=name)) if name else cfg  # type: ignore[attr-defined]
 
 
 def asdict(config: Any) -> dict[str, Any]:

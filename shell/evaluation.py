@@ -185,12 +185,11 @@ def run_eval(
     sampling: SamplingConfig, grading: GradingConfig, step: int, extra: dict[str, Any] | None = None,
     entropy: EntropyFn | None = None, prefix: str = "eval",
 ) -> dict[str, Any]:
-    """A training loop's held-out evaluation: sync the policy's weights into the sampler, evaluate (noise
-    seeded by the run's seed and ``step``), append the generations to ``generations.jsonl``, log
+    """A training loop's held-out evaluation of the policy whose weights ``sampler`` holds (the loop syncs it):
+    evaluate (noise seeded by the run's seed and ``step``), append the generations to ``generations.jsonl``, log
     ``{prefix}/…`` metrics with ``eval_step`` = ``step`` (plus the ``extra`` keys) and redraw the figures.
     Under torchrun the problems are shared among the ranks (sampling, grading) and rank 0 writes."""
     model.eval()
-    sampler.load_weights(model)
     result = evaluate(sampler, eval_set, template=template, sampling=sampling, grading=grading,
                       seed=derive_seed(run.run_cfg.seed, "eval", step), entropy=entropy, progress=True)
     s = result.summary

@@ -20,31 +20,27 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
-import torch
 import tyro
 
 from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
-    at_least, check_parts, flag, require, run_cli,
+    at_least, check_parts, flag, require, run_cli, variant,
 )
-from shell.data import (
-    DataConfig, HeldOutConfig, SFTExample, held_out_config, load_dataset, make_sft_examples, questions_within_context,
-)
-from shell.distributed import launched_world_size, require_world_multiple
-from shell.models import prompt_token_limit
-from shell.evaluation import mean_or_none, run_eval
+from shell.data import DataConfig, HeldOutConfig, SFTExample
+from shell.evaluation import mean_or_none
 from shell.loop import Run, write_curves
 from shell.progress import say
-from shell.prompts import PromptName, load_prompt
+from shell.prompts import PromptName
+from shell.rl_session import RLSession, load_rl_data
 from shell.rollout import Rollouts, grade, rollout
 from shell.runlog import plot_curves
-from shell.sampling import build_sampler
 from shell.seeds import batch_indices, derive_seed
-from shell.update import Learner, response_entropies, sft_update, warm_start
+from shell.update import sft_update
+from shell.world import launched_world_size, require_world_multiple
 
 
 @dataclass(frozen=True)
@@ -196,49 +192,27 @@ def train(cfg: EIConfig) -> Path:
     """Run expert iteration as configured; returns the run folder."""
     # Phase 0: configuration and data, before anything is written.
     check_config(cfg)
-    torch.manual_seed(cfg.run.seed)
-    template = load_prompt(cfg.prompt)
-    train_set = load_dataset(cfg.data)
-    held_cfg, held_note = held_out_config(cfg.data, cfg.eval_data)
-    eval_set = load_dataset(held_cfg)
-    if cfg.warm_start.steps > 0 and not any(ex.solution is not None for ex in train_set):
-        raise ValueError("--warm-start.steps: the training data has no solutions to make SFT traces from")
+    data = load_rl_data(cfg)
     say(f"expert iteration: {cfg.n_ei_steps} steps × {cfg.ei_batch_size} questions × G={cfg.group_size}, "
-          f"SFT {cfg.sft_epochs:g} epoch(s) on the correct ones; {held_note} ({len(eval_set)} problems)")
+          f"SFT {cfg.sft_epochs:g} epoch(s) on the correct ones; {data.held_note} ({len(data.held_out)} problems)")
 
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
     with Run(cfg, total_steps=cfg.n_ei_steps, unit="EI step", step_keys=("train/ei_step", "eval_step"),
              plot=write_plots) as run:
-        model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed, training=True)
-        train_set = questions_within_context(train_set, template, tokenizer, what="training questions", limit=prompt_token_limit(
-            model, reserve=cfg.sampling.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
-        eval_set = questions_within_context(eval_set, template, tokenizer, what="held-out set", limit=prompt_token_limit(
-            model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
-        learner = Learner(model, tokenizer, cfg.optim)
-        run.begin(learner, closing=[sampler.close])
+        session = RLSession(run, cfg, data, microbatch=cfg.sft_batch_size // cfg.sft_gradient_accumulation_steps,
+                            eval_extra=lambda: {"eval/sft_steps": run.state["train_step"]})
+        learner, sampler, template, train_set = session.learner, session.sampler, session.template, session.train_set
         run.state.setdefault("train_step", 0)  # SFT steps across EI steps: saved with every checkpoint
-        micro = max(1, cfg.sft_batch_size // cfg.sft_gradient_accumulation_steps)
-
-        def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-            return response_entropies(learner, prompts, responses, microbatch=micro)
-
-        def evaluate_now(k: int) -> None:
-            run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
-                     step=k, extra={"eval/sft_steps": run.state["train_step"]}, entropy=entropy)
 
         # Phase 2: a fresh run warm-starts and evaluates (EI step 0); a resumed one syncs the sampler.
-        if run.start == 0:
-            warm_start(learner, make_sft_examples(train_set, template), cfg.warm_start, seed=cfg.run.seed, run_dir=run.dir)
-            evaluate_now(0)
-        else:
-            sampler.load_weights(model)
+        session.open()
 
         # Phase 3: EI steps.
         for k in run.steps():
             # Rollout: D_b questions × G responses from the current policy.
             t0 = time.perf_counter()
             idx = batch_indices(len(train_set), cfg.ei_batch_size, k - 1, seed=cfg.run.seed)
-            model.eval()
+            session.model.eval()
             rollouts = rollout(sampler, [train_set[i] for i in idx], template, cfg.sampling, group_size=cfg.group_size,
                                seed=derive_seed(cfg.run.seed, "rollout", k), keys=idx)
             t_rollout = time.perf_counter() - t0
@@ -249,7 +223,7 @@ def train(cfg: EIConfig) -> Path:
             kept = select_correct(rollouts.prompts, rollouts.responses, rollouts.truths, rewards)
             if rollouts.mean_entropy is None and cfg.entropy_fallback_responses > 0:
                 stride = max(1, math.ceil(len(rollouts) / cfg.entropy_fallback_responses))
-                rollout_entropy = mean_or_none(entropy(rollouts.prompts[::stride], rollouts.responses[::stride]))
+                rollout_entropy = mean_or_none(session.entropy(rollouts.prompts[::stride], rollouts.responses[::stride]))
             else:
                 rollout_entropy = rollouts.mean_entropy
             summary = ei_step_metrics(rollouts, scores, kept, cfg.group_size, rollout_entropy)
@@ -266,7 +240,7 @@ def train(cfg: EIConfig) -> Path:
                 losses.append(m["train/loss"])
                 run.log({"train_step": run.state["train_step"], "train/ei_step": k, **m})
             t_sft = time.perf_counter() - t1
-            # Log, sync, evaluate, checkpoint.
+            # Log; then sync, evaluate, checkpoint.
             run.log({
                 "train_step": run.state["train_step"], "train/ei_step": k, **summary,
                 "train/ei_sft_steps": plan.steps, "train/ei_sft_batch_size": plan.batch_size if plan.steps else 0,
@@ -278,16 +252,13 @@ def train(cfg: EIConfig) -> Path:
                     f"kept {len(kept)}/{len(rewards)}  reward {summary['train/ei_reward']:.3f}  format "
                     f"{summary['train/ei_format_reward']:.3f}  entropy {ent_text}  len {summary['train/ei_response_length']:.1f}  "
                     f"sft {plan.steps} steps ({t_rollout:.0f}s sampling, {t_sft:.0f}s SFT)")
-            if run.eval_due(k):
-                evaluate_now(k)  # syncs the new weights into the sampler
-            else:
-                sampler.load_weights(model)
-            run.checkpoint_if_due(k)
-        return run.finish()
+            session.after_step(k)
+        return session.finish()
 
 
 def _h100(**overrides: Any) -> EIConfig:
-    base = EIConfig(
+    """The h100 preset with ``overrides`` (fields, and ``name``: the run's name)."""
+    return variant(EIConfig(
         model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
         data=DataConfig(path="../shared/data/math/train.jsonl"),
         eval_data=HeldOutConfig(path="../shared/data/math/validation.jsonl", limit=1024, shuffle=True),
@@ -297,10 +268,7 @@ def _h100(**overrides: Any) -> EIConfig:
         eval=SamplingConfig(max_tokens=1024), loop=LoopConfig(eval_every=1, checkpoint_every=1, keep_checkpoints=1),
         sampler=SamplerConfig(backend="vllm", placement="colocate"),
         run=RunConfig(name="ei_h100"),
-    )
-    name = overrides.pop("name", None)
-    cfg = replace(base, **overrides)
-    return replace(cfg, run=replace(cfg.run, name=name)) if name else cfg
+    ), **overrides)
 
 
 PRESETS: dict[str, tuple[str, EIConfig]] = {

@@ -1,4 +1,7 @@
-"""Atomic files and folders: the one way the shell writes anything a reader may see half-done.
+"""Atomic files and folders: how the shell writes whole files and folders a reader may see half-done
+(checkpoints, ``final/``, summaries, results, figures, rewritten logs). The logs that grow a line at a time
+(``metrics.jsonl``, ``generations.jsonl``) are appended to directly instead, and their readers drop a torn
+last line (:func:`shell.runlog.read_jsonl_records`).
 
 A file is written into a temporary sibling, flushed and ``fsync``'ed, then renamed over its target
 (``os.replace``); the parent folder is ``fsync``'ed so the rename itself survives a power cut. A folder

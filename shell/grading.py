@@ -448,18 +448,18 @@ def grade_batch(
         ValueError: different lengths, a non-positive timeout, an unknown reward name, or a
             callable the workers cannot load.
     """
-    from shell import distributed
+    from shell import world as ranks
 
     if len(responses) != len(ground_truths):
         raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
     kw = dict(reward_fn=reward_fn, fast=fast, timeout_s=timeout_s, num_workers=num_workers, progress=progress)
-    if not distributed.active():
+    if not ranks.active():
         return _grade_batch_here(responses, ground_truths, **kw)
     t0 = time.perf_counter()
-    mine = distributed.share(range(len(responses)))
+    mine = ranks.share(range(len(responses)))
     rewards, meta = _grade_batch_here([responses[i] for i in mine], [ground_truths[i] for i in mine], **kw)
-    rewards = distributed.unshare(rewards)
-    counts = distributed.sum_over_ranks({k: meta[k] for k in ("timeouts", "errors", "num_workers")})
+    rewards = ranks.unshare(rewards)
+    counts = ranks.sum_over_ranks({k: meta[k] for k in ("timeouts", "errors", "num_workers")})
     return rewards, _metadata(rewards, **counts, seconds=time.perf_counter() - t0)
 
 

@@ -19,22 +19,21 @@ from typing import Annotated, Any
 import torch
 import tyro
 
-from core import LengthNormalization, LossType, nonconstant_group_mask
+from core import LengthNormalization, LossType, group_normalized_advantages, nonconstant_group_mask
 from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
-    at_least, check_parts, flag, require, run_cli,
+    at_least, check_parts, flag, require, run_cli, variant,
 )
-from shell.data import DataConfig, HeldOutConfig, held_out_config, load_dataset, make_sft_examples, questions_within_context
-from shell.models import prompt_token_limit
-from shell.distributed import require_world_multiple
-from shell.evaluation import FinalEvalConfig, final_evaluation, run_eval
+from shell.data import DataConfig, HeldOutConfig
+from shell.evaluation import FinalEvalConfig
 from shell.loop import Run, write_curves
 from shell.progress import say
-from shell.prompts import PromptName, load_prompt
-from shell.rollout import Rollouts, grade, group_advantages, rollout
-from shell.sampling import build_sampler
+from shell.prompts import PromptName
+from shell.rl_session import RLSession, load_rl_data
+from shell.rollout import Rollouts, grade, rollout
 from shell.seeds import batch_indices, derive_seed
-from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update, response_entropies, warm_start
+from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update
+from shell.world import require_world_multiple
 
 
 @dataclass(frozen=True)
@@ -172,78 +171,53 @@ def sample_batch(sampler: Any, train_set: Any, template: Any, cfg: GRPOConfig, s
     return kept, scores + spare_scores[:fill], info
 
 
+def kl_reference(cfg: GRPOConfig, run: Run, learner: Learner, *, fresh: bool) -> Reference | None:
+    """The frozen policy of ``--kl-coef`` (None when it is 0): the policy as it starts (after the warm start),
+    saved in ``<run>/reference/``; on resume the saved one, or, when the resumed run had none (``--kl-coef``
+    added with ``--allow-config-change``), the policy at the resumed step."""
+    if cfg.kl_coef <= 0:
+        return None
+    if not fresh and (run.dir / "reference").is_dir():
+        return Reference.load(run.dir / "reference", learner)
+    reference = Reference.of(learner)
+    reference.save(run.dir / "reference")
+    if not fresh:
+        run.say(f"--kl-coef: the run had no reference; the policy at step {run.start} is the reference from here on")
+    return reference
+
+
 def train(cfg: GRPOConfig) -> Path:
     """Run GRPO as configured; returns the run folder."""
     # Phase 0: configuration and data, before anything is written or loaded.
     check_config(cfg)
-    torch.manual_seed(cfg.run.seed)
-    template = load_prompt(cfg.prompt)
-    train_set = load_dataset(cfg.data)
-    held_cfg, held_note = held_out_config(cfg.data, cfg.eval_data)
-    eval_set = load_dataset(held_cfg)
-    final_set = load_dataset(held_out_config(cfg.data, cfg.final_eval.data)[0]) if cfg.final_eval.enabled else None
-    if cfg.warm_start.steps > 0 and not any(ex.solution is not None for ex in train_set):
-        raise ValueError("--warm-start.steps: the training data has no solutions to make SFT traces from")
+    data = load_rl_data(cfg)
     settings = pg_settings(cfg)
     say(f"GRPO: {cfg.n_grpo_steps} steps × {cfg.rollout_batch_size // cfg.group_size} questions × G={cfg.group_size}, "
-          f"loss {cfg.loss_type}, {'off' if settings.off_policy(cfg.rollout_batch_size) else 'on'}-policy; {held_note} "
-          f"({len(eval_set)} problems)")
+          f"loss {cfg.loss_type}, {'off' if settings.off_policy(cfg.rollout_batch_size) else 'on'}-policy; {data.held_note} "
+          f"({len(data.held_out)} problems)")
 
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
     with Run(cfg, total_steps=cfg.n_grpo_steps, plot=lambda d: write_curves(d, extra_panels=[("train/reward", "train_step")])) as run:
-        model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed, training=True)
-        train_set = questions_within_context(train_set, template, tokenizer, what="training questions", limit=prompt_token_limit(
-            model, reserve=cfg.sampling.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
-        eval_set = questions_within_context(eval_set, template, tokenizer, what="held-out set", limit=prompt_token_limit(
-            model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
-        if final_set is not None:
-            final_set = questions_within_context(final_set, template, tokenizer, what="final evaluation set",
-                                                 limit=prompt_token_limit(model, reserve=cfg.final_eval.sampling.max_tokens,
-                                                                          max_prompt_tokens=cfg.data.max_prompt_tokens))
-        learner = Learner(model, tokenizer, cfg.optim)
-        run.begin(learner, closing=[sampler.close])
-        micro = max(1, cfg.train_batch_size // cfg.gradient_accumulation_steps)
-
-        def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-            return response_entropies(learner, prompts, responses, microbatch=micro)
-
-        def evaluate_now(step: int) -> None:
-            m = run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
-                         step=step, entropy=entropy)
-            if final_set is not None:  # keep room in --budget-hours for the final evaluation, scaled from this one,
-                passes = 2 if cfg.final_eval.greedy else 1  # plus the last checkpoint and final/ (a margin)
-                run.reserve_s = 1.15 * m["eval/seconds"] / max(1, len(eval_set)) * len(final_set) * passes + 30
+        session = RLSession(run, cfg, data, microbatch=cfg.train_batch_size // cfg.gradient_accumulation_steps)
+        learner, sampler, template, train_set = session.learner, session.sampler, session.template, session.train_set
 
         # Phase 2: a fresh run warm-starts, fixes its KL reference and evaluates; a resumed one reloads them.
-        reference: Reference | None = None
-        if run.start == 0:
-            warm_start(learner, make_sft_examples(train_set, template), cfg.warm_start, seed=cfg.run.seed, run_dir=run.dir)
-            if cfg.kl_coef > 0:
-                reference = Reference.of(learner)
-                reference.save(run.dir / "reference")
-            evaluate_now(0)
-        else:
-            if cfg.kl_coef > 0 and (run.dir / "reference").is_dir():
-                reference = Reference.load(run.dir / "reference", learner)
-            elif cfg.kl_coef > 0:  # --kl-coef added on resume (--allow-config-change): the reference starts here
-                reference = Reference.of(learner)
-                reference.save(run.dir / "reference")
-                run.say(f"--kl-coef: the run had no reference; the policy at step {run.start} is the reference from here on")
-            sampler.load_weights(model)
+        reference = session.open(prepare=lambda fresh: kl_reference(cfg, run, learner, fresh=fresh))
 
         # Phase 3: GRPO steps.
         for step in run.steps():
             # Rollout and score: n_questions × G graded responses from the current (old) policy.
-            model.eval()
+            session.model.eval()
             rollouts, scores, info = sample_batch(sampler, train_set, template, cfg, step)
-            rollouts.fill_entropies(entropy)
+            rollouts.fill_entropies(session.entropy)
             sampler.sleep()  # a colocated vLLM frees its KV cache while the policy trains
-            raw, advantages, stats = group_advantages(scores, group_size=cfg.group_size, advantage_eps=cfg.advantage_eps,
-                                                      normalize_by_std=cfg.use_std_normalization)
+            advantages, raw, stats = group_normalized_advantages(scores, group_size=cfg.group_size,
+                                                                 advantage_eps=cfg.advantage_eps,
+                                                                 normalize_by_std=cfg.use_std_normalization)
             # Train: epochs × train batches of policy-gradient steps.
             updates = grpo_update(learner, rollouts, raw, advantages, settings,
                                   seed=derive_seed(cfg.run.seed, "update", step), reference=reference)
-            # Log, sync, evaluate, checkpoint.
+            # Log; then sync, evaluate, checkpoint.
             common = {
                 "train_step": step,
                 "train/reward": stats["reward_mean"],
@@ -264,21 +238,14 @@ def train(cfg: GRPOConfig) -> Path:
                     f"{stats['format_reward_mean']:.3f}  zero-var {stats['zero_variance_group_fraction']:.2f}  "
                     f"len {common['train/response_length']:.1f}  loss {updates[-1]['train/loss']:.4f}"
                     + (f"  rounds {info['rounds']}" if cfg.dynamic_sampling else ""))
-            if run.eval_due(step):
-                evaluate_now(step)  # syncs the new weights into the sampler
-            else:
-                sampler.load_weights(model)
-            run.checkpoint_if_due(step)
-        folder = run.finish()
-        # Phase 4: the final model on the whole final set.
-        if final_set is not None:
-            final_evaluation(run, sampler, model, final_set, template=template, cfg=cfg.final_eval, grading=cfg.grading,
-                             entropy=entropy)
-        return folder
+            session.after_step(step)
+        # Phase 4: the finish, then the final model on the whole final set.
+        return session.finish()
 
 
 def _h100(**overrides: Any) -> GRPOConfig:
-    base = GRPOConfig(
+    """The h100 preset with ``overrides`` (fields, and ``name``: the run's name)."""
+    return variant(GRPOConfig(
         model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
         data=DataConfig(path="../shared/data/math/train.jsonl"),
         eval_data=HeldOutConfig(path="../shared/data/math/validation.jsonl", limit=1024, shuffle=True),
@@ -289,10 +256,7 @@ def _h100(**overrides: Any) -> GRPOConfig:
         eval=SamplingConfig(max_tokens=1024), loop=LoopConfig(eval_every=10, checkpoint_every=50),
         sampler=SamplerConfig(backend="vllm", placement="colocate"),
         run=RunConfig(name="grpo_h100"),
-    )
-    name = overrides.pop("name", None)
-    cfg = replace(base, **overrides)
-    return replace(cfg, run=replace(cfg.run, name=name)) if name else cfg
+    ), **overrides)
 
 
 def _experiments() -> dict[str, tuple[str, GRPOConfig]]:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from shell.world import is_main
+
 __all__ = ["progress_bar", "say"]
 
 _ACTIVE: list[Any] = []
@@ -25,16 +27,10 @@ class _Silent:
         pass
 
 
-def _rank_zero() -> bool:
-    from shell.distributed import is_main
-
-    return is_main()
-
-
 def progress_bar(*, total: int, desc: str, unit: str = "it", enabled: bool = True, initial: int = 0) -> Any:
     """A ``tqdm`` bar on stderr when it is a terminal and ``enabled`` (on rank 0 under torchrun); otherwise a
     silent stand-in with the same ``update`` / ``set_postfix_str`` / ``close`` methods."""
-    if not enabled or not sys.stderr.isatty() or not _rank_zero():
+    if not enabled or not sys.stderr.isatty() or not is_main():
         return _Silent()
     from tqdm import tqdm
 
@@ -54,7 +50,7 @@ def progress_bar(*, total: int, desc: str, unit: str = "it", enabled: bool = Tru
 
 def say(text: str) -> None:
     """Print a line of the run's log without breaking the progress bars on screen (rank 0 alone under torchrun)."""
-    if not _rank_zero():
+    if not is_main():
         return
     if _ACTIVE:
         from tqdm import tqdm

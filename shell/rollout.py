@@ -1,5 +1,5 @@
 """Rollouts and their scores: G responses per question from the sampler's (old) policy, graded by the
-batch grader, turned into group-normalised advantages. Shared by GRPO and expert iteration."""
+batch grader (their advantages: :func:`core.group_normalized_advantages`). Shared by GRPO and expert iteration."""
 
 from __future__ import annotations
 
@@ -8,16 +8,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import torch
-from torch import Tensor
-
-from core import normalize_group_rewards, reward_statistics
 from shell.config import GradingConfig, SamplingConfig
 from shell.grading import grade_batch
 from shell.prompts import PromptTemplate
 from shell.sampling import Sampler, SamplingParams
 
-__all__ = ["Rollouts", "group_advantages", "grade", "rollout"]
+__all__ = ["Rollouts", "grade", "rollout"]
 
 
 @dataclass
@@ -92,17 +88,3 @@ def grade(rollouts: Rollouts, template: PromptTemplate, grading: GradingConfig, 
     """Every response's rewards (the template's reward function, through the batch grader) and the grader's metadata."""
     return grade_batch(rollouts.responses, rollouts.truths, reward_fn=template.reward_fn_name,
                        timeout_s=grading.timeout_s, num_workers=grading.workers, progress=progress)
-
-
-def group_advantages(
-    scores: Sequence[dict[str, float]], *, group_size: int, advantage_eps: float, normalize_by_std: bool
-) -> tuple[Tensor, Tensor, dict[str, float]]:
-    """Raw rewards ``(rollout_batch,)``, group-normalised advantages ``(rollout_batch,)`` and reward statistics
-    (mean, std, fraction of zero-variance groups, format and answer reward means)."""
-    raw = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
-    advantages = normalize_group_rewards(raw, group_size=group_size, advantage_eps=advantage_eps,
-                                         normalize_by_std=normalize_by_std)
-    stats = reward_statistics(raw, group_size=group_size)
-    stats["format_reward_mean"] = statistics.fmean(s["format_reward"] for s in scores)
-    stats["answer_reward_mean"] = statistics.fmean(s["answer_reward"] for s in scores)
-    return raw, advantages, stats

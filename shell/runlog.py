@@ -78,10 +78,14 @@ class RunLogger:
         logger: ``"wandb"`` (offline unless a key is configured) or ``"none"``.
         config: the run's configuration, sent to wandb (and saved as ``config.json`` with ``save_config``).
         resume_step: on resume, the step of the checkpoint: later records (from the part of the run
-            that was lost) are dropped so the file reads as if the run never stopped.
-        step_keys: the keys holding a record's step, for ``resume_step`` (the first one present counts).
+            that was lost) are dropped from the metrics and the generations log, so both read as if the run
+            never stopped; None: a fresh start, both logs begin empty.
+        step_keys: the keys holding a metrics record's step, for ``resume_step`` (the first one present counts).
         elapsed_offset: wall-clock seconds already spent before a resume.
         project: the wandb project.
+        metrics_name: the metrics file in ``run_dir``.
+        generations_name: the run's generations log in ``run_dir`` (its records' step is ``step``), cut back
+            with the metrics; None: this logger has none.
     """
 
     def __init__(
@@ -95,17 +99,24 @@ class RunLogger:
         elapsed_offset: float = 0.0,
         project: str = "reasoning-rl",
         metrics_name: str = "metrics.jsonl",
+        generations_name: str | None = None,
         save_config: bool = True,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.run_dir / metrics_name
         self._t0 = time.monotonic() - elapsed_offset
+        generations = None if generations_name is None else self.run_dir / generations_name
         if resume_step is None:
             self.metrics_path.write_text("")
+            if generations is not None:
+                generations.unlink(missing_ok=True)
         else:
             kept = [r for r in read_metrics(self.metrics_path) if step_of(r, step_keys) <= resume_step]
             atomic_write_jsonl(self.metrics_path, kept)
+            if generations is not None and generations.exists():
+                atomic_write_jsonl(generations, [r for r in read_jsonl_records(generations)
+                                                 if r.get("step", 0) <= resume_step])
         if config is not None and save_config:
             atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")
         self._wandb = None

@@ -25,7 +25,7 @@ from shell.data import (
     DataConfig, DataError, HeldOutConfig, SFTExample, held_out_config, keep_within_context, load_dataset,
     questions_within_context, sft_examples_for,
 )
-from shell.distributed import require_world_multiple
+from shell.world import require_world_multiple
 from shell.models import prompt_token_limit
 from shell.evaluation import run_eval
 from shell.grading import grade_batch
@@ -148,6 +148,7 @@ def train(cfg: SFTConfig) -> Path:
             return response_entropies(learner, prompts, responses, microbatch=micro)
 
         def evaluate_now(step: int) -> None:
+            sampler.load_weights(model)
             run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
                      step=step, entropy=entropy)
             sampler.sleep()  # a colocated vLLM frees its KV cache while the policy trains

@@ -26,7 +26,7 @@ from core import (
     get_response_log_probs, grpo_microbatch_loss, masked_mean, sft_microbatch_loss, tokenize_prompt_and_output,
     truncated_importance_weights,
 )
-from shell.distributed import is_sharded
+from shell.fsdp import is_sharded
 from shell.models import cache_kwarg
 
 __all__ = [

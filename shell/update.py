@@ -23,14 +23,12 @@ from torch import Tensor
 from core import LengthNormalization, LossType
 from shell.config import OptimConfig, WarmStartConfig
 from shell.data import SFTExample
-from shell.distributed import (
-    active, gathered, is_main, is_sharded, max_abs_weight, shard_model, share, share_evenly, sum_over_ranks, unshare,
-    unsharded_copy, world, zero_gradient_pass,
-)
+from shell.fsdp import gathered, is_sharded, max_abs_weight, shard_model, unsharded_copy, zero_gradient_pass
 from shell.progress import say
 from shell.rollout import Rollouts
 from shell.seeds import batch_indices, derive_seed, seeded_permutation
 from shell.steps import make_log_probs_fn, make_train_step, mean_token_entropies, tokenize_batch
+from shell.world import active, is_main, share, share_evenly, sum_over_ranks, unshare, world
 
 __all__ = [
     "DivergenceGuard",
@@ -140,12 +138,14 @@ class DivergenceGuard:
 
 class Learner:
     """The policy being trained, its optimizer, its microbatch steps (compiled when ``optim.compile``) and
-    its divergence guard. Under torchrun the policy is sharded with FSDP2 here (:func:`shell.distributed.shard_model`),
-    in place: build the sampler's copy of it first."""
+    its divergence guard. Under torchrun the policy is sharded with FSDP2 here (:func:`shell.fsdp.shard_model`),
+    in place: build the sampler's copy of it first. Its master weights keep the dtype they were loaded in
+    (``--model.dtype``); on a GPU with ``--optim.autocast-bf16`` FSDP computes in bf16."""
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, optim: OptimConfig) -> None:
         if active():
-            model = shard_model(model)
+            on_gpu = next(model.parameters()).device.type == "cuda"
+            model = shard_model(model, compute_dtype=torch.bfloat16 if on_gpu and optim.autocast_bf16 else None)
         self.model, self.tokenizer, self.optim = model, tokenizer, optim
         self.optimizer = Optimizer(model, optim)
         self.guard = DivergenceGuard(self.optimizer.params)

@@ -193,6 +193,19 @@ def test_group_normalized_rewards_hand_worked():
     assert all(isinstance(v, float) for v in meta.values())
 
 
+def test_group_normalized_advantages_of_graded_scores_hand_worked():
+    scores = [{"reward": 1.0, "format_reward": 1.0, "answer_reward": 1.0}, {"reward": 0.0, "format_reward": 1.0, "answer_reward": 0.0},
+              {"reward": 0.0, "format_reward": 0.0, "answer_reward": 0.0}, {"reward": 0.0, "format_reward": 1.0, "answer_reward": 0.0}]
+    adv, raw, meta = core.group_normalized_advantages(scores, group_size=2, advantage_eps=0.0, normalize_by_std=False)
+    assert raw.tolist() == [1.0, 0.0, 0.0, 0.0] and adv.tolist() == [0.5, -0.5, 0.0, 0.0]
+    assert (meta["format_reward_mean"], meta["answer_reward_mean"], meta["zero_variance_group_fraction"]) == (0.75, 0.25, 0.5)
+    responses, truths = ["1", "2", "1", "1"], ["1", "1", "0", "0"]  # the reference adapter is this function of its scores
+    ref = core.compute_group_normalized_rewards(_reward_fn, responses, truths, 2, 1e-6, True)
+    own = core.group_normalized_advantages([_reward_fn(r, t) for r, t in zip(responses, truths)], group_size=2,
+                                           advantage_eps=1e-6, normalize_by_std=True)
+    assert all(torch.equal(a, b) for a, b in zip(ref[:2], own[:2])) and ref[2] == own[2]
+
+
 @given(st.integers(1, 5), st.integers(2, 6), st.booleans(), st.integers(0, 10_000))
 def test_advantages_sum_to_zero_per_group(n_groups, group_size, by_std, seed):
     g = torch.Generator().manual_seed(seed)

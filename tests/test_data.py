@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from core import extract_boxed
 from shell.data import (
     DEFAULT_EMBEDDED_SIZES,
     DataConfig,
@@ -19,7 +20,6 @@ from shell.data import (
     Example,
     arithmetic_problem,
     embedded_dataset,
-    last_boxed_content,
     load_dataset,
     load_jsonl_dataset,
     load_sft_examples,
@@ -46,29 +46,6 @@ def write_jsonl(path: Path, rows: list[object | str]) -> Path:
     return path
 
 
-# ------------------------------------------------------------------------------------------- \boxed
-
-
-@pytest.mark.parametrize(
-    ("text", "expected"),
-    [
-        (r"so $x=\boxed{5}$.", "5"),
-        (r"first \boxed{1}, then \boxed{2}", "2"),
-        (r"$\boxed{\frac{1}{2}}$", r"\frac{1}{2}"),
-        (r"$\boxed{\{1,2\}}$", r"\{1,2\}"),
-        (r"$\boxed{\text{(A) } {x}^{2}}$", r"\text{(A) } {x}^{2}"),
-        (r"the answer is $\boxed 5$.", "5"),
-        (r"$\fbox{7}$", "7"),
-        (r"$\boxed {8}$", "8"),
-        (r"\boxed{3} and a broken \boxed{4", "3"),
-        (r"\boxed{}", ""),
-        ("no box here", None),
-    ],
-)
-def test_last_boxed_content(text: str, expected: str | None) -> None:
-    assert last_boxed_content(text) == expected
-
-
 # ------------------------------------------------------------------------------------------- loaders
 
 
@@ -83,14 +60,16 @@ def test_math_with_answer(tmp_path: Path) -> None:
     assert ex.meta["line"] == 1 and ex.meta["source"].endswith("m.jsonl")
 
 
-def test_math_answer_from_last_boxed_of_solution(tmp_path: Path) -> None:
+def test_math_answer_from_last_boxed_of_solution_by_the_graders_rule(tmp_path: Path) -> None:
     rows = [
         {"problem": "p1", "solution": r"Try \boxed{1}; no: $\boxed{\frac{a}{b+{c}}}$."},
-        {"problem": "p2", "solution": r"so $\boxed 5$"},
-        {"problem": "p3", "solution": r"$\fbox{x}$", "answer": ""},  # empty answer falls back to the box
+        {"problem": "p2", "solution": r"so $\boxed 5$"},  # no braces: not an answer to core.extract_boxed
+        {"problem": "p3", "solution": r"$\boxed{7}$", "answer": ""},  # empty answer falls back to the box
+        {"problem": "p4", "solution": r"\boxed{3} and a broken \boxed{4"},  # the last box never closes
     ]
     ds = load_jsonl_dataset(write_jsonl(tmp_path / "m.jsonl", rows))
-    assert ds.answers == [r"\frac{a}{b+{c}}", "5", "x"]
+    assert ds.answers == [r"\frac{a}{b+{c}}", "7"] and ds.skipped == 2
+    assert ds.answers == [extract_boxed(r["solution"]) for r in rows if extract_boxed(r["solution"])]
 
 
 def test_gsm8k(tmp_path: Path) -> None:

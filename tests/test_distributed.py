@@ -25,7 +25,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from doubles import save_tiny_policy, tiny_policy
-from shell.distributed import add_up, interleave, share_of
+from shell.world import add_up, interleave, share_of
 from shell.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -151,7 +151,11 @@ def test_sft_at_world_size_2_equals_world_size_1(tiny, tmp_path):
                           for line in (tmp_path / name / "generations.jsonl").read_text().splitlines()] for name in ("two", "one"))
     assert sampled == expected  # the same responses: noise keyed by (seed, problem, sample), not by rank
     checkpoint = tmp_path / "two" / "checkpoints" / "step_000002"
-    assert {"rng_rank0.pt", "rng_rank1.pt", "sharded", "manifest.json", "trainer_state.pt"} <= {p.name for p in checkpoint.iterdir()}
+    assert {"sharded", "manifest.json", "trainer_state.pt"} <= {p.name for p in checkpoint.iterdir()}
+    from shell.checkpoint import TrainerState
+
+    state = TrainerState.read(checkpoint)  # the one schema: both ranks' RNG states, AdamW in sharded/
+    assert (state.step, state.world_size, len(state.rng), state.optimizer) == (2, 2, 2, None)
 
 
 # ------------------------------------------------------------------------------------------------ the update, spawned ranks
@@ -188,7 +192,8 @@ def _updates(out: Path) -> None:
     """Run every scenario's policy-gradient update (two optimizer steps each, from a fresh tiny policy); save the
     metrics and the full weights (rank 0)."""
     from shell.config import OptimConfig
-    from shell.distributed import gather_state_dict, is_main, is_sharded
+    from shell.fsdp import gather_state_dict, is_sharded
+    from shell.world import is_main
     from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update
 
     results = {}
@@ -211,7 +216,7 @@ def _updates(out: Path) -> None:
 def _rank(rank: int, address: str, out: str) -> None:
     import torch.distributed as dist
 
-    from shell.distributed import close_world
+    from shell.world import close_world
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=address, rank=rank, world_size=2)  # a TCP store, as torchrun's

@@ -137,7 +137,7 @@ def test_dedicated_placement_is_checked_against_the_visible_gpus(monkeypatch):
 def test_the_engine_is_built_in_a_world_of_one(monkeypatch, tiny):
     """The handout's world-size patch: under torchrun each rank's in-process engine sees one rank (and samples
     that rank's share of the prompts); a dedicated engine is for one training process."""
-    from shell.distributed import ShardedSampler
+    from shell.sampling.sharded import ShardedSampler
 
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun launches each rank
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)

@@ -28,7 +28,6 @@ from shell.data.arithmetic import embedded_dataset
 from shell.data.jsonl import FORMATS
 from shell.data.jsonl import Format
 from shell.data.jsonl import detect_format
-from shell.data.jsonl import last_boxed_content
 from shell.data.jsonl import load_jsonl_dataset
 from shell.data.jsonl import load_sft_examples
 from shell.data.jsonl import read_jsonl
@@ -70,7 +69,6 @@ __all__ = [
     "embedded_dataset",
     "held_out_config",
     "keep_within_context",
-    "last_boxed_content",
     "load_dataset",
     "load_jsonl_dataset",
     "load_sft_examples",

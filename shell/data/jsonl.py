@@ -1,8 +1,9 @@
 """MATH / GSM8K / SFT jsonl files: read line by line, each malformed line a ``DataError`` naming
 ``file:line`` and the field.
 
-- ``math``: {problem, answer} or {problem, solution with ``\\boxed{...}``}; records without a usable
-  answer (MATH train's two empty answers) are skipped and counted.
+- ``math``: {problem, answer} or {problem, solution with ``\\boxed{...}``} (its last box, by the grader's
+  rule :func:`core.extract_boxed`, the one that reads the responses); records without a usable answer (MATH
+  train's two empty answers) are skipped and counted.
 - ``gsm8k``: {question, answer ending in ``#### <number>``}.
 - ``sft``: {prompt, response[, ground_truth | answer]} (the course's sft.jsonl, ``make_sft_data`` output).
 """
@@ -17,13 +18,13 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
+from core import extract_boxed
 from shell.data.records import DataError, DataFileNotFoundError, Dataset, Example, SFTExample
 
 __all__ = [
     "FORMATS",
     "Format",
     "detect_format",
-    "last_boxed_content",
     "load_jsonl_dataset",
     "load_sft_examples",
     "read_jsonl",
@@ -81,42 +82,6 @@ def detect_format(fields: Iterable[str]) -> str:
     )
 
 
-_BOXED = re.compile(r"\\(?:boxed|fbox)(?![A-Za-z])")
-
-
-def last_boxed_content(text: str) -> str | None:
-    r"""Content of the last well-formed ``\boxed{...}`` / ``\fbox{...}`` / ``\boxed 5`` in ``text``, or None.
-
-    Braces nest (``\boxed{\frac{1}{2}}`` -> ``\frac{1}{2}``); backslash-escaped characters (``\{``) do not
-    count as braces. ``\boxed 5`` takes the text up to the next ``$`` or newline.
-    """
-    for m in reversed(list(_BOXED.finditer(text))):
-        i = m.end()
-        while i < len(text) and text[i] in " \t":
-            i += 1
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                c = text[j]
-                if c == "\\":
-                    j += 2
-                    continue
-                if c == "{":
-                    depth += 1
-                elif c == "}":
-                    depth -= 1
-                    if depth == 0:
-                        return text[i + 1 : j]
-                j += 1
-            continue  # unbalanced: try an earlier one
-        if i > m.end():  # "\boxed 5"
-            token = re.match(r"[^$\n]*", text[i:])
-            content = token.group(0).strip() if token else ""
-            if content:
-                return content
-    return None
-
-
 _GSM8K_CALC = re.compile(r"<<[^<>]*>>")
 
 
@@ -128,7 +93,7 @@ def _math_example(rec: dict[str, Any], where: str, meta: dict[str, Any]) -> Exam
         raise DataError(f"{where}: field 'answer' is missing (and there is no 'solution' to take it from)")
     answer = (answer or "").strip()
     if not answer and solution is not None:
-        answer = (last_boxed_content(solution) or "").strip()
+        answer = (extract_boxed(solution) or "").strip()
     if not answer:
         return None
     for key in ("subject", "level", "unique_id"):

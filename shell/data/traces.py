@@ -6,7 +6,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
-from shell.data.jsonl import detect_format, last_boxed_content, load_sft_examples, read_jsonl
+from core import extract_boxed
+from shell.data.jsonl import detect_format, load_sft_examples, read_jsonl
 from shell.data.loading import DataConfig, load_dataset, resolve_data_path
 from shell.data.records import DataError, Example, SFTExample
 
@@ -25,7 +26,7 @@ def sft_response(example: Example, template: str) -> str:
         # The prompt ends with "Assistant: <think>"; the trace continues it.
         return f" {solution} </think> <answer> {example.answer} </answer>"
     if template == "question_only":
-        if last_boxed_content(solution) is None:
+        if extract_boxed(solution) is None:  # no answer question_only_reward_fn would read: add one
             solution = f"{solution} The answer is $\\boxed{{{example.answer}}}$."
         return f"\n{solution}"
     raise ValueError(f"no SFT response format for template {template!r}")

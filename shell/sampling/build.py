@@ -38,11 +38,12 @@ def build_sampler(model_cfg: Any, sampler_cfg: Any, *, seed: int = 0, training: 
     on GPU under ``--model.dtype auto``) and wrap it in the sampler of ``sampler_cfg`` (a
     :class:`shell.config.SamplerConfig`): ``(model, tokenizer, sampler)``. A colocated vLLM engine goes on the
     policy's GPU, a dedicated one on ``--sampler.vllm-device``. Under torchrun the sampler is a
-    :class:`shell.distributed.ShardedSampler` (each rank samples its share of the prompts; with vLLM, one
+    :class:`shell.sampling.sharded.ShardedSampler` (each rank samples its share of the prompts; with vLLM, one
     colocated engine per rank, each in a world of one)."""
     import torch
 
-    from shell.distributed import ShardedSampler, active, sampler_copy_dtype
+    from shell.sampling.sharded import ShardedSampler, sampler_copy_dtype
+    from shell.world import active
     from shell.models import load_policy, resolve_model_path
 
     model, tokenizer = load_policy(model_cfg.name_or_path, device=model_cfg.device, dtype=model_cfg.dtype, training=training)

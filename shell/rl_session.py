@@ -1,0 +1,144 @@
+"""What GRPO and expert iteration share around their algorithm: the data (loaded and checked before anything
+else), the policy and its sampler, the context filters, entropy scoring of sampled responses, the warm start
+or resume, and the tail of every step (sync the sampler once, evaluate or checkpoint as due), then the finish
+and the final evaluation.
+
+A loop reads::
+
+    data = load_rl_data(cfg)                                   # phase 0: nothing written or loaded yet
+    with Run(cfg, total_steps=n) as run:
+        session = RLSession(run, cfg, data, microbatch=m)      # policy, sampler, filters, resume
+        session.open()                                         # warm start + evaluation 0, or the resumed weights
+        for step in run.steps():
+            ...rollout (session.sampler) → score → train (session.learner) → run.log(...)
+            session.after_step(step)
+        return session.finish()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from shell.data import Dataset, held_out_config, load_dataset, make_sft_examples, questions_within_context
+from shell.evaluation import final_evaluation, run_eval
+from shell.loop import Run
+from shell.models import prompt_token_limit
+from shell.prompts import PromptTemplate, load_prompt
+from shell.sampling import build_sampler
+from shell.update import Learner, response_entropies, warm_start
+
+__all__ = ["RLData", "RLSession", "load_rl_data"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RLData:
+    """An RL loop's prompt and problems: training questions, the held-out set (and the sentence saying where it
+    comes from), and the final evaluation's set when the loop has one enabled."""
+
+    template: PromptTemplate
+    train: Dataset
+    held_out: Dataset
+    held_note: str
+    final: Dataset | None = None
+
+
+def load_rl_data(cfg: Any) -> RLData:
+    """Phase 0 of an RL loop whose config ``cfg`` has ``prompt``, ``data``, ``eval_data``, ``warm_start`` and
+    ``run`` (and optionally ``final_eval``): seed torch, load the prompt and every set, and refuse a warm start
+    without solutions to make SFT traces from; before anything is written or a model loads."""
+    torch.manual_seed(cfg.run.seed)
+    template = load_prompt(cfg.prompt)
+    train = load_dataset(cfg.data)
+    held_cfg, held_note = held_out_config(cfg.data, cfg.eval_data)
+    held_out = load_dataset(held_cfg)
+    final_eval = getattr(cfg, "final_eval", None)
+    final = (load_dataset(held_out_config(cfg.data, final_eval.data)[0])
+             if final_eval is not None and final_eval.enabled else None)
+    if cfg.warm_start.steps > 0 and not any(ex.solution is not None for ex in train):
+        raise ValueError("--warm-start.steps: the training data has no solutions to make SFT traces from")
+    return RLData(template=template, train=train, held_out=held_out, held_note=held_note, final=final)
+
+
+class RLSession:
+    """An RL loop's policy (:attr:`learner`, :attr:`model`), its :attr:`sampler` and its data within the model's
+    context, attached to ``run`` (resumed from its newest checkpoint when ``--resume``).
+
+    Args:
+        run: the entered :class:`shell.loop.Run`.
+        cfg: the loop's config (``model``, ``sampler``, ``optim``, ``sampling``, ``eval``, ``grading``,
+            ``warm_start``, ``data``; optionally ``final_eval``).
+        data: :func:`load_rl_data`'s sets.
+        microbatch: responses per microbatch when the policy scores entropies.
+        eval_extra: extra keys logged with every evaluation (called at evaluation time).
+    """
+
+    def __init__(self, run: Run, cfg: Any, data: RLData, *, microbatch: int,
+                 eval_extra: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.run, self.cfg, self.template = run, cfg, data.template
+        self.microbatch = max(1, microbatch)
+        self.eval_extra = eval_extra
+        self.final_eval = getattr(cfg, "final_eval", None)
+        self.model, self.tokenizer, self.sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed, training=True)
+        self.train_set = self._within_context(data.train, "training questions", cfg.sampling.max_tokens)
+        self.eval_set = self._within_context(data.held_out, "held-out set", cfg.eval.max_tokens)
+        self.final_set = (None if data.final is None else
+                          self._within_context(data.final, "final evaluation set", self.final_eval.sampling.max_tokens))
+        self.learner = Learner(self.model, self.tokenizer, cfg.optim)
+        run.begin(self.learner, closing=[self.sampler.close])
+
+    def _within_context(self, dataset: Dataset, what: str, reserve: int) -> Dataset:
+        limit = prompt_token_limit(self.model, reserve=reserve, max_prompt_tokens=self.cfg.data.max_prompt_tokens)
+        return questions_within_context(dataset, self.template, self.tokenizer, what=what, limit=limit)
+
+    def entropy(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+        """Each response's mean token entropy under the policy (where the sampler gives none: vLLM)."""
+        return response_entropies(self.learner, prompts, responses, microbatch=self.microbatch)
+
+    def open(self, prepare: Callable[[bool], T] | None = None) -> T | None:
+        """A fresh run: the SFT warm start (``--warm-start.steps``), ``prepare(True)``, the evaluation of step 0.
+        A resumed one: ``prepare(False)``, and the sampler gets the restored policy. Returns what ``prepare``
+        returned (the loop's own start-up, e.g. GRPO's KL reference)."""
+        fresh = self.run.start == 0
+        if fresh:
+            warm_start(self.learner, make_sft_examples(self.train_set, self.template), self.cfg.warm_start,
+                       seed=self.cfg.run.seed, run_dir=self.run.dir)
+        prepared = prepare(fresh) if prepare is not None else None
+        self.sampler.load_weights(self.model)
+        if fresh:
+            self.evaluate(0)
+        return prepared
+
+    def evaluate(self, step: int) -> dict[str, Any]:
+        """The held-out evaluation at ``step`` (the sampler holds the policy's weights); with a final evaluation
+        ahead, it also keeps room for it in ``--budget-hours``, scaled from this one's time."""
+        m = run_eval(self.run, self.sampler, self.model, self.eval_set, template=self.template, sampling=self.cfg.eval,
+                     grading=self.cfg.grading, step=step, extra=self.eval_extra() if self.eval_extra else None,
+                     entropy=self.entropy)
+        if self.final_set is not None:  # the final evaluation, plus the last checkpoint and final/ (a margin)
+            passes = 2 if self.final_eval.greedy else 1
+            self.run.reserve_s = 1.15 * m["eval/seconds"] / max(1, len(self.eval_set)) * len(self.final_set) * passes + 30
+        return m
+
+    def after_step(self, step: int) -> None:
+        """The tail of every step: the sampler gets the updated policy (once), then the evaluation and the
+        checkpoint when due."""
+        self.sampler.load_weights(self.model)
+        if self.run.eval_due(step):
+            self.evaluate(step)
+        self.run.checkpoint_if_due(step)
+
+    def finish(self) -> Path:
+        """The run's finish (last checkpoint, ``final/``, figures), then the final evaluation when enabled;
+        returns the run folder."""
+        folder = self.run.finish()
+        if self.final_set is not None:
+            final_evaluation(self.run, self.sampler, self.model, self.final_set, template=self.template,
+                             cfg=self.final_eval, grading=self.cfg.grading, entropy=self.entropy)
+        return folder
