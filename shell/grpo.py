@@ -24,7 +24,9 @@ from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
     at_least, check_parts, flag, require, run_cli,
 )
-from shell.data import DataConfig, HeldOutConfig, held_out_config, load_dataset, make_sft_examples, questions_within_context
+from shell.data import (
+    DataConfig, HeldOutConfig, held_out_config, load_dataset, make_sft_examples, questions_within_context, shared_data,
+)
 from shell.models import prompt_token_limit
 from shell.distributed import require_world_multiple
 from shell.evaluation import FinalEvalConfig, final_evaluation, run_eval
@@ -280,8 +282,8 @@ def train(cfg: GRPOConfig) -> Path:
 def _h100(**overrides: Any) -> GRPOConfig:
     base = GRPOConfig(
         model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
-        data=DataConfig(path="../shared/data/math/train.jsonl"),
-        eval_data=HeldOutConfig(path="../shared/data/math/validation.jsonl", limit=1024, shuffle=True),
+        data=DataConfig(path=shared_data("math/train.jsonl")),
+        eval_data=HeldOutConfig(path=shared_data("math/validation.jsonl"), limit=1024, shuffle=True),
         n_grpo_steps=200, rollout_batch_size=256, group_size=8, train_batch_size=256, gradient_accumulation_steps=128,
         loss_type="reinforce_with_baseline", use_std_normalization=True,
         sampling=SamplingConfig(min_tokens=4, max_tokens=1024),
@@ -356,7 +358,7 @@ def _modern() -> dict[str, tuple[str, GRPOConfig]]:
 
 def _leaderboard() -> GRPOConfig:
     """The leaderboard run (2 H100s, 4 hours; values and sources in the README's "Leaderboard")."""
-    validation = "../shared/data/math/validation.jsonl"
+    validation = shared_data("math/validation.jsonl")
     cfg = _h100(
         n_grpo_steps=1000,  # --budget-hours ends it
         loss_type="grpo_clip", cliprange=0.2, use_std_normalization=False, length_normalization="masked_normalize",
@@ -376,7 +378,7 @@ _LAPTOP = GRPOConfig(
     loss_type="reinforce_with_baseline", use_std_normalization=True,
     optim=OptimConfig(lr=2e-5, weight_decay=0.0, beta1=0.9, beta2=0.95, share_prompt_prefix=True),
     sampling=SamplingConfig(min_tokens=4, max_tokens=48), eval=SamplingConfig(max_tokens=48),
-    loop=LoopConfig(eval_every=5), warm_start=WarmStartConfig(steps=3, batch_size=16, lr=3e-5),
+    loop=LoopConfig(eval_every=5, keep_checkpoints=1), warm_start=WarmStartConfig(steps=3, batch_size=16, lr=3e-5),
     run=RunConfig(name="grpo_laptop"),
 )
 
@@ -401,7 +403,7 @@ PRESETS: dict[str, tuple[str, GRPOConfig]] = {
             warm_start=WarmStartConfig(steps=110, batch_size=16, lr=1e-4),
             optim=OptimConfig(lr=2e-5, warmup_steps=5, weight_decay=0.0, beta1=0.9, beta2=0.95, share_prompt_prefix=True),
             sampling=SamplingConfig(min_tokens=4, max_tokens=64), eval=SamplingConfig(max_tokens=64),
-            loop=LoopConfig(eval_every=5, budget_hours=0.25),
+            loop=LoopConfig(eval_every=5, keep_checkpoints=1, budget_hours=0.25),
             final_eval=FinalEvalConfig(enabled=True, data=HeldOutConfig(limit=None, phrasing="plain"),
                                        sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=96), greedy=True),
             run=RunConfig(name="grpo_laptop_leaderboard"),

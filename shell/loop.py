@@ -41,7 +41,7 @@ from shell.distributed import (
     World, check_resume_world, close_world, from_main, gather, init_world, is_sharded, load_sharded_checkpoint,
     main_first, save_sharded_checkpoint,
 )
-from shell.files import atomic_write_jsonl
+from shell.files import atomic_write_jsonl, missing_folders, remove_unused_folders
 from shell.progress import progress_bar, say
 from shell.runlog import RunLogger, plot_curves, read_jsonl_records, read_metrics
 from shell.steps import compiled_graph_count
@@ -183,6 +183,7 @@ class Run:
         self.reserve_s = 0.0
         """Seconds to keep free of the budget for the work after the last step (the final evaluation)."""
         self._lock = _Lock(self.dir)
+        self._made: list[Path] = []
         self._changes: dict[str, tuple[Any, Any]] = {}
         self._signal: int | None = None
         self._old_handlers: dict[int, Any] = {}
@@ -204,6 +205,7 @@ class Run:
     def _open_folder(self) -> dict[str, tuple[Any, Any]]:
         """Lock the folder, clear what a killed run left, refuse to start over checkpoints without --resume and
         compare the flags on --resume; returns the accepted changes."""
+        self._made = missing_folders(self.dir)  # removed again if the start fails before anything is written
         self._lock.acquire()
         try:
             removed = remove_stale_temporaries(self.dir)
@@ -306,6 +308,8 @@ class Run:
             fn()
         self.closing = []
         self._lock.release()
+        if self.learner is None:  # the start failed before begin(): leave no empty run folder behind
+            remove_unused_folders(self._made)
         close_world(wait=clean)
 
     def _truncate_generations(self, step: int) -> None:

@@ -49,7 +49,8 @@ def test_evaluate_writes_results_and_summary(tiny_dir, tmp_path, capsys):
     from shell import evaluate
 
     result = evaluate.main([*_common(tiny_dir, tmp_path)[:2], "--data.limit", "5", "--eval.max-tokens", "5",
-                            "--grading.workers", "0", "--sampler.generation-dtype", "None", "--run.runs-dir", str(tmp_path)])
+                            "--grading.workers", "0", "--sampler.generation-dtype", "None", "--run.runs-dir", str(tmp_path),
+                            "--run.name", "zero_shot"])
     run_dir = tmp_path / "zero_shot"
     rows = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 5 == len(result.records)

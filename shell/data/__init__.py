@@ -32,7 +32,10 @@ from shell.data.jsonl import last_boxed_content
 from shell.data.jsonl import load_jsonl_dataset
 from shell.data.jsonl import load_sft_examples
 from shell.data.jsonl import read_jsonl
+from shell.data.loading import DATA_ROOT_ENV
 from shell.data.loading import DataConfig
+from shell.data.loading import check_data_path
+from shell.data.loading import data_root
 from shell.data.loading import keep_within_context
 from shell.data.loading import HeldOutConfig
 from shell.data.loading import held_out_config
@@ -40,6 +43,7 @@ from shell.data.loading import load_dataset
 from shell.data.loading import overlap
 from shell.data.loading import questions_within_context
 from shell.data.loading import resolve_data_path
+from shell.data.loading import shared_data
 from shell.data.loading import within_token_limit
 from shell.data.records import DataError
 from shell.data.records import DataFileNotFoundError
@@ -51,6 +55,7 @@ from shell.data.traces import sft_examples_for
 from shell.data.traces import sft_response
 
 __all__ = [
+    "DATA_ROOT_ENV",
     "DEFAULT_EMBEDDED_SIZES",
     "DataConfig",
     "DataError",
@@ -66,6 +71,8 @@ __all__ = [
     "Split",
     "arithmetic_problem",
     "arithmetic_split",
+    "check_data_path",
+    "data_root",
     "detect_format",
     "embedded_dataset",
     "held_out_config",
@@ -79,6 +86,7 @@ __all__ = [
     "questions_within_context",
     "read_jsonl",
     "resolve_data_path",
+    "shared_data",
     "sft_examples_for",
     "sft_response",
     "within_token_limit",
