@@ -376,7 +376,7 @@ def asdict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def _preset_argv(argv: list[str], names: Sequence[str]) -> list[str]:
+def _preset_argv(argv: list[str], names: Sequence[str], config_type: type) -> list[str]:
     """``[--preset NAME] flags…`` (or ``NAME flags…``) as tyro's subcommand form ``NAME flags…``; the
     first preset when none is named. A bare ``--help`` stays bare: it lists the presets."""
     for i, a in enumerate(argv):
@@ -386,33 +386,34 @@ def _preset_argv(argv: list[str], names: Sequence[str]) -> list[str]:
             else:
                 name, rest = (argv[i + 1] if i + 1 < len(argv) else ""), argv[:i] + argv[i + 2 :]
             if name not in names:
-                _unknown_preset(name, names)
+                _unknown_preset(name, names, config_type)
             return [name, *rest]
     if argv and argv[0] in names:
         return argv
     if argv and not argv[0].startswith("-"):
-        _unknown_preset(argv[0], names)
+        _unknown_preset(argv[0], names, config_type)
     if argv in (["--help"], ["-h"]):
         return argv
     return [names[0], *argv]
 
 
-def _entry_point() -> str:
-    """How the running entry point is spelled on a command line (``python -m shell.sft``)."""
-    if sys.argv and sys.argv[0].endswith(".py"):
-        path = Path(sys.argv[0]).resolve()
-        if path.parent.name == "shell":
-            return f"python -m shell.{path.stem}"
-    return Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python -m shell.<entry point>"
+def _entry_point(config_type: type) -> str | None:
+    """How the entry point of ``config_type`` is spelled on a command line (``python -m shell.sft``), where known."""
+    module = config_type.__module__
+    if module.startswith("shell."):
+        return f"python -m {module}"
+    if sys.argv and sys.argv[0].endswith(".py") and Path(sys.argv[0]).resolve().parent.name == "shell":
+        return f"python -m shell.{Path(sys.argv[0]).stem}"  # python -m shell.sft: the config's module is __main__
+    return None
 
 
-def _unknown_preset(name: str, names: Sequence[str]) -> None:
+def _unknown_preset(name: str, names: Sequence[str], config_type: type) -> None:
     """Exit 2: ``name`` is no preset; the closest names, and where the list is."""
     import difflib
 
     close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
     print(f"error: unknown preset {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else "")
-          + f" ({_entry_point()} --help lists the presets)", file=sys.stderr)
+          + f" ({_entry_point(config_type) or 'the entry point'} --help lists the presets)", file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -455,7 +456,7 @@ def _unknown_flags(argv: Sequence[str], config_type: type, preset: str) -> str |
         close = difflib.get_close_matches(a, known, n=3, cutoff=0.6)
         parts.append(f"{a}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
     return (f"error: unrecognized flag{'s' if len(unknown) > 1 else ''} {', '.join(parts)}; "
-            f"{_entry_point()} {preset} --help lists every flag")
+            f"{_entry_point(config_type) or 'the entry point'} {preset} --help lists every flag")
 
 
 def cli(config_type: type[T], presets: Mapping[str, tuple[str, T]], *, description: str,
@@ -469,13 +470,13 @@ def cli(config_type: type[T], presets: Mapping[str, tuple[str, T]], *, descripti
     names = list(presets)
     if any(type(cfg) is not config_type for _, cfg in presets.values()):
         raise TypeError(f"every preset must be a {config_type.__name__}")
-    argv = _preset_argv(list(sys.argv[1:] if args is None else args), names)
+    argv = _preset_argv(list(sys.argv[1:] if args is None else args), names, config_type)
     choices = tyro.extras.subcommand_type_from_defaults(
         defaults={k: cfg for k, (_, cfg) in presets.items()},
         descriptions={k: d for k, (d, _) in presets.items()},
     )
-    if prog is None and sys.argv and sys.argv[0].endswith(".py") and Path(sys.argv[0]).resolve().parent.name == "shell":
-        prog = _entry_point()
+    if prog is None:
+        prog = _entry_point(config_type)
     text = (f"{description}\n\nPresets (the first is the default): `--preset NAME` or `NAME`, then flags that "
             f"override its values; `NAME --help` lists every flag.")
     if argv and argv[0] in names:  # a misspelled flag: our one-line hint, not tyro's list over every preset
