@@ -88,8 +88,20 @@ def data_label(data: DataConfig) -> str:
 
 
 def run_name(cfg: EvaluateConfig) -> str:
-    """``--run.name``, or for ``auto`` ``eval_<model>_<data>_n<limit>``."""
-    return cfg.run.name if cfg.run.name != AUTO_NAME else f"eval_{model_label(cfg.model.name_or_path)}_{data_label(cfg.data)}"
+    """``--run.name``, or for ``auto`` ``eval_<model>_<data>_n<limit>``, then what differs from the default
+    evaluation: the prompt, the vLLM backend, the temperature and top-p (``…_question_only_vllm_t0``)."""
+    if cfg.run.name != AUTO_NAME:
+        return cfg.run.name
+    parts = [f"eval_{model_label(cfg.model.name_or_path)}_{data_label(cfg.data)}"]
+    if cfg.prompt != "r1_zero":
+        parts.append(cfg.prompt)
+    if cfg.sampler.backend != "hf":
+        parts.append(cfg.sampler.backend)
+    if cfg.eval.temperature != 1.0:
+        parts.append(f"t{cfg.eval.temperature:g}")
+    if cfg.eval.top_p != 1.0:
+        parts.append(f"p{cfg.eval.top_p:g}")
+    return "_".join(parts)
 
 
 def check_folder(run_dir: Path, *, overwrite: bool) -> None:

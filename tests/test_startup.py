@@ -230,7 +230,7 @@ def test_two_evaluations_with_different_limits_leave_both_results(tiny, tmp_path
 def test_evaluation_folder_names_follow_the_model_and_the_data():
     from shell.data import DataConfig
     from shell.evaluate import EvaluateConfig, run_name
-    from shell.config import ModelConfig, RunConfig
+    from shell.config import ModelConfig, RunConfig, SamplerConfig, SamplingConfig
 
     def name(model: str, **data) -> str:
         return run_name(EvaluateConfig(model=ModelConfig(name_or_path=model), data=DataConfig(split="validation", **data)))
@@ -242,6 +242,12 @@ def test_evaluation_folder_names_follow_the_model_and_the_data():
     assert name("models/Qwen2.5-Math-1.5B", difficulty=3, phrasing="varied", limit=64) == \
         "eval_Qwen2.5-Math-1.5B_embedded-d3-varied-validation_n64"
     assert run_name(EvaluateConfig(run=RunConfig(name="mine"))) == "mine"
+    assert run_name(EvaluateConfig(sampler=SamplerConfig(backend="vllm"), eval=SamplingConfig(temperature=0.0),
+                                   prompt="question_only")) == \
+        "eval_smollm2_embedded-d1-validation_n128_question_only_vllm_t0"
+    from shell.evaluate import PRESETS
+
+    assert run_name(PRESETS["h100"][1]) == "eval_Qwen2.5-Math-1.5B_math-validation_all_vllm"
 
 
 def test_evaluate_refuses_a_training_runs_folder_and_a_folder_in_use(tiny, tmp_path, capsys):
