@@ -76,7 +76,7 @@ def test_sft_run_writes_metrics_curves_checkpoints(tiny_dir, tmp_path):
     assert all(r["train/grad_norm"] >= 0 for r in train)
     assert (run / "curves.png").stat().st_size > 0
     assert (run / "final" / "config.json").exists()
-    assert len(list((run / "checkpoints").glob("step_*"))) == 2
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000006"]  # the laptop preset keeps one
     gens = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
     assert [g["step"] for g in gens] == [0, 3, 6]
 
