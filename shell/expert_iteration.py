@@ -30,7 +30,7 @@ from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
     at_least, check_parts, flag, require, run_cli, variant,
 )
-from shell.data import DataConfig, HeldOutConfig, SFTExample
+from shell.data import DataConfig, HeldOutConfig, SFTExample, shared_data
 from shell.evaluation import mean_or_none
 from shell.loop import Run, write_curves
 from shell.progress import say
@@ -260,8 +260,8 @@ def _h100(**overrides: Any) -> EIConfig:
     """The h100 preset with ``overrides`` (fields, and ``name``: the run's name)."""
     return variant(EIConfig(
         model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
-        data=DataConfig(path="../shared/data/math/train.jsonl"),
-        eval_data=HeldOutConfig(path="../shared/data/math/validation.jsonl", limit=1024, shuffle=True),
+        data=DataConfig(path=shared_data("math/train.jsonl")),
+        eval_data=HeldOutConfig(path=shared_data("math/validation.jsonl"), limit=1024, shuffle=True),
         n_ei_steps=5, ei_batch_size=512, group_size=4, sampling=SamplingConfig(min_tokens=4, max_tokens=1024),
         sft_epochs=1.0, sft_batch_size=64, sft_gradient_accumulation_steps=32,
         optim=OptimConfig(lr=2e-5, warmup_steps=10, compile=True),
@@ -281,6 +281,7 @@ PRESETS: dict[str, tuple[str, EIConfig]] = {
             optim=OptimConfig(lr=5e-5, share_prompt_prefix=True),
             eval=SamplingConfig(max_tokens=48),
             warm_start=WarmStartConfig(steps=3, batch_size=16, lr=5e-5),
+            loop=LoopConfig(eval_every=1, checkpoint_every=1, keep_checkpoints=1),
             run=RunConfig(name="ei_laptop"),
         ),
     ),

@@ -19,7 +19,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_bytes", "atomic_write_jsonl", "atomic_write_text", "fsync_dir", "fsync_tree", "publish_dir"]
+__all__ = ["FolderInUse", "FolderLock", "atomic_write_bytes", "atomic_write_jsonl", "atomic_write_text", "fsync_dir",
+           "fsync_tree", "missing_folders", "publish_dir", "remove_unused_folders"]
 
 
 def _umask() -> int:
@@ -112,3 +113,68 @@ def publish_dir(target: Path | str, fill: Callable[[Path], Any]) -> Path:
     fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
     return target
+
+
+class FolderInUse(ValueError):
+    """Another process holds the folder's lock."""
+
+
+class FolderLock:
+    """An exclusive ``flock`` on ``<folder>/.lock`` holding the owner's pid and host (the protocol of a training
+    run's lock, so an evaluation and a training run exclude each other); the OS releases it when the process ends,
+    however it ends."""
+
+    def __init__(self, folder: Path | str) -> None:
+        self.path = Path(folder) / ".lock"
+        self.fd: int | None = None
+
+    def acquire(self, *, hint: str = "choose another --run.name") -> None:
+        """Take the lock (making the folder), or raise :class:`FolderInUse` naming the holder."""
+        import datetime
+        import fcntl
+        import socket
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise FolderInUse(f"{self.path.parent} is in use by {holder}: wait for it to finish, or {hint}") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} "
+                     f"(since {datetime.datetime.now():%Y-%m-%d %H:%M:%S})\n".encode())
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def missing_folders(path: Path | str) -> list[Path]:
+    """``path`` and those of its parents that do not exist yet, deepest first: what making ``path`` creates."""
+    out, p = [], Path(path)
+    while not p.exists() and p != p.parent:
+        out.append(p)
+        p = p.parent
+    return out
+
+
+def remove_unused_folders(folders: Iterable[Path], *, leftovers: tuple[str, ...] = (".lock",)) -> None:
+    """Remove each of ``folders`` (deepest first) that holds nothing but ``leftovers`` (a released lock file): a
+    start that failed before writing anything leaves no empty run folder behind. Anything else stays."""
+    for folder in folders:
+        try:
+            entries = list(folder.iterdir())
+        except OSError:
+            continue
+        if any(e.name not in leftovers or not e.is_file() for e in entries):
+            return  # something was written: keep it and every folder above
+        try:
+            for e in entries:
+                e.unlink()
+            folder.rmdir()
+        except OSError:
+            return

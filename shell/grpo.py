@@ -24,7 +24,7 @@ from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
     at_least, check_parts, flag, require, run_cli, variant,
 )
-from shell.data import DataConfig, HeldOutConfig
+from shell.data import DataConfig, HeldOutConfig, shared_data
 from shell.evaluation import FinalEvalConfig
 from shell.loop import Run, write_curves
 from shell.progress import say
@@ -247,8 +247,8 @@ def _h100(**overrides: Any) -> GRPOConfig:
     """The h100 preset with ``overrides`` (fields, and ``name``: the run's name)."""
     return variant(GRPOConfig(
         model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
-        data=DataConfig(path="../shared/data/math/train.jsonl"),
-        eval_data=HeldOutConfig(path="../shared/data/math/validation.jsonl", limit=1024, shuffle=True),
+        data=DataConfig(path=shared_data("math/train.jsonl")),
+        eval_data=HeldOutConfig(path=shared_data("math/validation.jsonl"), limit=1024, shuffle=True),
         n_grpo_steps=200, rollout_batch_size=256, group_size=8, train_batch_size=256, gradient_accumulation_steps=128,
         loss_type="reinforce_with_baseline", use_std_normalization=True,
         sampling=SamplingConfig(min_tokens=4, max_tokens=1024),
@@ -320,7 +320,7 @@ def _modern() -> dict[str, tuple[str, GRPOConfig]]:
 
 def _leaderboard() -> GRPOConfig:
     """The leaderboard run (2 H100s, 4 hours; values and sources in the README's "Leaderboard")."""
-    validation = "../shared/data/math/validation.jsonl"
+    validation = shared_data("math/validation.jsonl")
     cfg = _h100(
         n_grpo_steps=1000,  # --budget-hours ends it
         loss_type="grpo_clip", cliprange=0.2, use_std_normalization=False, length_normalization="masked_normalize",
@@ -340,7 +340,7 @@ _LAPTOP = GRPOConfig(
     loss_type="reinforce_with_baseline", use_std_normalization=True,
     optim=OptimConfig(lr=2e-5, weight_decay=0.0, beta1=0.9, beta2=0.95, share_prompt_prefix=True),
     sampling=SamplingConfig(min_tokens=4, max_tokens=48), eval=SamplingConfig(max_tokens=48),
-    loop=LoopConfig(eval_every=5), warm_start=WarmStartConfig(steps=3, batch_size=16, lr=3e-5),
+    loop=LoopConfig(eval_every=5, keep_checkpoints=1), warm_start=WarmStartConfig(steps=3, batch_size=16, lr=3e-5),
     run=RunConfig(name="grpo_laptop"),
 )
 
@@ -365,7 +365,7 @@ PRESETS: dict[str, tuple[str, GRPOConfig]] = {
             warm_start=WarmStartConfig(steps=110, batch_size=16, lr=1e-4),
             optim=OptimConfig(lr=2e-5, warmup_steps=5, weight_decay=0.0, beta1=0.9, beta2=0.95, share_prompt_prefix=True),
             sampling=SamplingConfig(min_tokens=4, max_tokens=64), eval=SamplingConfig(max_tokens=64),
-            loop=LoopConfig(eval_every=5, budget_hours=0.25),
+            loop=LoopConfig(eval_every=5, keep_checkpoints=1, budget_hours=0.25),
             final_eval=FinalEvalConfig(enabled=True, data=HeldOutConfig(limit=None, phrasing="plain"),
                                        sampling=SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=96), greedy=True),
             run=RunConfig(name="grpo_laptop_leaderboard"),

@@ -192,7 +192,7 @@ class Run:
         for fn in self.closing:
             fn()
         self.closing = []
-        self.folder.release()
+        self.folder.release(started=self.learner is not None)
         close_world(wait=clean)
 
     def _stop_for_signal(self, step: int) -> None:

@@ -69,7 +69,31 @@ def main(cfg: MakeSFTDataConfig) -> dict[str, int]:
     return stats
 
 
+def check_config(cfg: MakeSFTDataConfig) -> None:
+    """--input exists (a file, or a folder with the split's file) and --output's folder can be written, before
+    anything is read; each message names the flag."""
+    from pathlib import Path
+
+    from shell.config import at_least, check_output_folder
+    from shell.data import check_data_path
+
+    at_least(cfg.limit, 1, "--limit", optional=True)
+    check_data_path(cfg.input, cfg.split, "--input")
+    check_output_folder(Path(cfg.output).parent, "--output")
+
+
 if __name__ == "__main__":
+    import sys
+
     import tyro
 
-    main(tyro.cli(MakeSFTDataConfig))
+    config = tyro.cli(MakeSFTDataConfig, prog="python -m shell.make_sft_data")
+    try:
+        check_config(config)
+        main(config)
+    except ValueError as e:  # bad input (DataError included): the message names the flag or file:line
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except OSError as e:  # a full disk, a folder that cannot be made: the message names the path
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None

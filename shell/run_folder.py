@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
-import socket
 from pathlib import Path
 from typing import Any
 
 from shell.checkpoint import remove_stale_temporaries
 from shell.config import LoopConfig, asdict
-from shell.files import atomic_write_jsonl
+from shell.files import FolderInUse, FolderLock, atomic_write_jsonl, missing_folders, remove_unused_folders
 from shell.progress import say
 from shell.runlog import read_jsonl_records
 
-__all__ = ["FREE_TO_CHANGE", "FolderLock", "RunFolder", "RunLocked", "config_changes"]
+__all__ = ["FREE_TO_CHANGE", "RunFolder", "RunLocked", "config_changes"]
 
 FREE_TO_CHANGE = ("loop.", "run.logger", "run.runs_dir", "grading.", "sampler.batch_size", "model.device",
                   "sampler.placement", "sampler.gpu_memory_utilization", "sampler.vllm_device", "sampler.sleep",
@@ -28,8 +26,8 @@ FREE_TO_CHANGE = ("loop.", "run.logger", "run.runs_dir", "grading.", "sampler.ba
 HISTORY = "config_history.jsonl"
 
 
-class RunLocked(ValueError):
-    """Another process holds the run folder."""
+RunLocked = FolderInUse
+"""Another process holds the run folder (the lock is :class:`shell.files.FolderLock`, shared with ``shell.evaluate``)."""
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -49,36 +47,6 @@ def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tupl
     return {k: v for k, v in changed.items() if not k.startswith(FREE_TO_CHANGE)}
 
 
-class FolderLock:
-    """An exclusive ``flock`` on ``<run>/.lock`` holding the owner's pid and host; the OS releases it when the
-    process ends, however it ends, so a crashed run never leaves a stale lock."""
-
-    def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / ".lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> None:
-        import fcntl
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 4096).decode(errors="replace").strip() or "another process"
-            os.close(fd)
-            raise RunLocked(f"{self.path.parent} is in use by {holder}: wait for it to finish, or choose another "
-                            f"--run.name") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()} (since {datetime.datetime.now():%Y-%m-%d %H:%M:%S})\n".encode())
-        self.fd = fd
-
-    def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 class RunFolder:
     """``path`` for a run of ``config`` (an entry point's config, holding ``loop``: :class:`LoopConfig`).
 
@@ -93,9 +61,13 @@ class RunFolder:
         self.loop: LoopConfig = config.loop
         self.changes: dict[str, tuple[Any, Any]] = {}
         self.lock = FolderLock(path)
+        self.made: list[Path] = []
+        """The folders :meth:`open` created (the run folder and missing parents): removed by :meth:`release`
+        if the start fails before anything is written in them."""
 
     def open(self) -> dict[str, tuple[Any, Any]]:
         """Lock, clear, refuse or compare (see the class); returns the accepted changes."""
+        self.made = missing_folders(self.path)
         self.lock.acquire()
         try:
             removed = remove_stale_temporaries(self.path)
@@ -146,5 +118,9 @@ class RunFolder:
         """A fresh start: no recorded changes."""
         (self.path / HISTORY).unlink(missing_ok=True)
 
-    def release(self) -> None:
+    def release(self, *, started: bool = True) -> None:
+        """Release the lock; a run that never ``started`` (it failed before loading anything) leaves no empty
+        folder behind."""
         self.lock.release()
+        if not started:
+            remove_unused_folders(self.made)

@@ -23,7 +23,7 @@ from shell.config import (
 )
 from shell.data import (
     DataConfig, DataError, HeldOutConfig, SFTExample, held_out_config, keep_within_context, load_dataset,
-    questions_within_context, sft_examples_for,
+    questions_within_context, sft_examples_for, shared_data,
 )
 from shell.world import require_world_multiple
 from shell.models import prompt_token_limit
@@ -174,7 +174,7 @@ def _h100(*, num_examples: int | None = None, filter_correct: bool = False, name
     return SFTConfig(
         model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
         data=SFTDataConfig(path="data/sft_math.jsonl", num_examples=num_examples, filter_correct=filter_correct),
-        eval_data=HeldOutConfig(path="../shared/data/math/validation.jsonl", limit=None),
+        eval_data=HeldOutConfig(path=shared_data("math/validation.jsonl"), limit=None),
         batch_size=64, gradient_accumulation_steps=32, epochs=2.0,
         loop=LoopConfig(eval_every=25, checkpoint_every=100),
         optim=OptimConfig(lr=2e-5, warmup_steps=10, compile=True),
@@ -187,7 +187,7 @@ PRESETS: dict[str, tuple[str, SFTConfig]] = {
     "laptop": (
         "CPU, minutes: SmolLM2-135M-Instruct on r1_zero traces of the embedded arithmetic task",
         SFTConfig(
-            num_steps=24, batch_size=16, gradient_accumulation_steps=2, loop=LoopConfig(eval_every=8),
+            num_steps=24, batch_size=16, gradient_accumulation_steps=2, loop=LoopConfig(eval_every=8, keep_checkpoints=1),
             optim=OptimConfig(lr=3e-5, share_prompt_prefix=True),
             eval=SamplingConfig(max_tokens=64),
             run=RunConfig(name="sft_laptop"),

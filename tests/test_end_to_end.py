@@ -40,8 +40,9 @@ def _answer_rewards(run_dir: Path) -> list[tuple[int, float]]:
 
 def test_evaluate_laptop(tmp_path):
     proc = _run("shell.evaluate", tmp_path)
-    summary = json.loads((tmp_path / "zero_shot" / "summary.json").read_text())
-    rows = (tmp_path / "zero_shot" / "results.jsonl").read_text().splitlines()
+    run_dir = tmp_path / "eval_smollm2_embedded-d1-validation_n128"  # named from the model and the data
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = (run_dir / "results.jsonl").read_text().splitlines()
     assert summary["num_examples"] == len(rows) == 128
     assert sum(summary["counts"].values()) == 128
     assert "format 1, answer 1" in proc.stdout

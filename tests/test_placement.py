@@ -123,6 +123,7 @@ def test_a_resumed_run_may_move_vllm_to_another_gpu():
 
 
 def test_dedicated_placement_is_checked_against_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr("shell.config.vllm_installed", lambda: True)
     with pytest.raises(ValueError, match="--sampler.vllm-device must name one GPU"):
         SamplerConfig(backend="vllm", placement="dedicated", vllm_device="gpu1").check()
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -227,7 +228,8 @@ def test_evaluate_under_vllm_scores_entropy_with_the_policy(monkeypatch, tiny, t
 
     install_fake_vllm(monkeypatch, platform="cpu")
     evaluate.main(["--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "6", "--eval.max-tokens",
-                   "4", "--grading.workers", "0", "--run.runs-dir", str(tmp_path), "--sampler.backend", "vllm"])
+                   "4", "--grading.workers", "0", "--run.runs-dir", str(tmp_path), "--sampler.backend", "vllm",
+                   "--run.name", "zero_shot"])
     records = [json.loads(line) for line in (tmp_path / "zero_shot" / "results.jsonl").read_text().splitlines()]
     assert len(records) == 6 and all(r["mean_token_entropy"] > 0 for r in records if r["num_tokens"])
     summary = json.loads((tmp_path / "zero_shot" / "summary.json").read_text())

@@ -77,3 +77,46 @@ def test_report_phases_of_a_run_with_warm_start_and_final_evaluation(tmp_path):
     assert rows[0] == ["warm", "start", "0.0", "2.0", "2.0", "3", "0.700"]
     assert rows[1] == ["training", "2.0", "5.0", "3.0", "2", "0.800"]
     assert rows[2] == ["final", "evaluation", "5.0", "8.0", "3.0", "0", "0.750", "on", "500", "(greedy", "0.900)"]
+
+
+def test_report_without_runs_or_without_the_metric_exits_2_and_keeps_the_old_figure(tmp_path):
+    proc = _report()
+    assert proc.returncode == 2 and "python -m shell.report runs/NAME" in proc.stderr
+    old = tmp_path / "old.png"
+    old.write_bytes(b"an earlier figure")
+    empty = tmp_path / "run_empty"
+    empty.mkdir()
+    (empty / "metrics.jsonl").write_text(json.dumps({"train_step": 1, "train/loss": 2.0}) + "\n")
+    proc = _report(str(empty), "--out", str(old))
+    assert proc.returncode == 2 and "no eval/answer_reward" in proc.stderr
+    assert old.read_bytes() == b"an earlier figure"
+
+
+def test_report_usage_names_the_module_and_the_figure_goes_under_runs():
+    proc = _report("--help")
+    assert proc.returncode == 0 and "usage: python -m shell.report" in proc.stdout
+    from shell.report import ReportConfig
+
+    assert ReportConfig().out.startswith("runs/")
+
+
+def test_the_phase_plot_labels_the_loss_axis_within_one_decade(tmp_path, monkeypatch):
+    """Losses from 2 to 5 (within one decade, above symlog's linear part: that axis had no tick in view): the
+    loss axis shows labelled ticks."""
+    import shell.report as report
+
+    run = tmp_path / "run_small"
+    run.mkdir()
+    rows = [{"train_step": s, "train/loss": 1.5 + 0.5 * s, "time/elapsed_s": 2.0 * s} for s in range(1, 8)]
+    rows.append({"eval_step": 7, "eval/answer_reward": 0.3, "time/elapsed_s": 15.0})
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, out, dpi: figures.append(fig))
+    report.plot_phases([run], tmp_path / "p.png", "eval/answer_reward")
+    loss_axis = figures[0].axes[1]
+    figures[0].canvas.draw()
+    lo, hi = loss_axis.get_ylim()
+    in_view = [(tick, label.get_text()) for minor in (False, True)
+               for tick, label in zip(loss_axis.get_yticks(minor=minor), loss_axis.get_yticklabels(minor=minor))
+               if lo <= tick <= hi and label.get_text()]
+    assert len(in_view) >= 2, in_view

@@ -383,7 +383,7 @@ def test_vllm_evaluate_and_grpo_end_to_end(tmp_path) -> None:
     tiny = save_tiny_policy(tmp_path / "tiny")
     common = ["--model.name-or-path", str(tiny), "--model.device", "cpu", "--grading.workers", "0",
               "--run.runs-dir", str(tmp_path), "--sampler.backend", "vllm", "--sampler.enforce-eager"]
-    evaluate.main([*common, "--data.limit", "128", "--eval.max-tokens", "8"])
+    evaluate.main([*common, "--data.limit", "128", "--eval.max-tokens", "8", "--run.name", "zero_shot"])
     records = [json.loads(x) for x in (tmp_path / "zero_shot" / "results.jsonl").read_text().splitlines()]
     assert len(records) == 128 and all(r["mean_token_entropy"] is not None for r in records if r["num_tokens"])
 

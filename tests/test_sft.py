@@ -49,7 +49,8 @@ def test_evaluate_writes_results_and_summary(tiny_dir, tmp_path, capsys):
     from shell import evaluate
 
     result = evaluate.main([*_common(tiny_dir, tmp_path)[:2], "--data.limit", "5", "--eval.max-tokens", "5",
-                            "--grading.workers", "0", "--sampler.generation-dtype", "None", "--run.runs-dir", str(tmp_path)])
+                            "--grading.workers", "0", "--sampler.generation-dtype", "None", "--run.runs-dir", str(tmp_path),
+                            "--run.name", "zero_shot"])
     run_dir = tmp_path / "zero_shot"
     rows = [json.loads(x) for x in (run_dir / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 5 == len(result.records)
@@ -75,7 +76,7 @@ def test_sft_run_writes_metrics_curves_checkpoints(tiny_dir, tmp_path):
     assert all(r["train/grad_norm"] >= 0 for r in train)
     assert (run / "curves.png").stat().st_size > 0
     assert (run / "final" / "config.json").exists()
-    assert len(list((run / "checkpoints").glob("step_*"))) == 2
+    assert [p.name for p in (run / "checkpoints").glob("step_*")] == ["step_000006"]  # the laptop preset keeps one
     gens = [json.loads(x) for x in (run / "generations.jsonl").read_text().splitlines()]
     assert [g["step"] for g in gens] == [0, 3, 6]
 

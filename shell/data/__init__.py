@@ -31,7 +31,10 @@ from shell.data.jsonl import detect_format
 from shell.data.jsonl import load_jsonl_dataset
 from shell.data.jsonl import load_sft_examples
 from shell.data.jsonl import read_jsonl
+from shell.data.loading import DATA_ROOT_ENV
 from shell.data.loading import DataConfig
+from shell.data.loading import check_data_path
+from shell.data.loading import data_root
 from shell.data.loading import keep_within_context
 from shell.data.loading import HeldOutConfig
 from shell.data.loading import held_out_config
@@ -39,6 +42,7 @@ from shell.data.loading import load_dataset
 from shell.data.loading import overlap
 from shell.data.loading import questions_within_context
 from shell.data.loading import resolve_data_path
+from shell.data.loading import shared_data
 from shell.data.loading import within_token_limit
 from shell.data.records import DataError
 from shell.data.records import DataFileNotFoundError
@@ -50,6 +54,7 @@ from shell.data.traces import sft_examples_for
 from shell.data.traces import sft_response
 
 __all__ = [
+    "DATA_ROOT_ENV",
     "DEFAULT_EMBEDDED_SIZES",
     "DataConfig",
     "DataError",
@@ -65,6 +70,8 @@ __all__ = [
     "Split",
     "arithmetic_problem",
     "arithmetic_split",
+    "check_data_path",
+    "data_root",
     "detect_format",
     "embedded_dataset",
     "held_out_config",
@@ -77,6 +84,7 @@ __all__ = [
     "questions_within_context",
     "read_jsonl",
     "resolve_data_path",
+    "shared_data",
     "sft_examples_for",
     "sft_response",
     "within_token_limit",

@@ -17,8 +17,9 @@ from shell.data.arithmetic import Phrasing, SolutionStyle, Split, embedded_datas
 from shell.data.jsonl import Format, load_jsonl_dataset
 from shell.data.records import DataError, DataFileNotFoundError, Dataset, Example
 
-__all__ = ["DataConfig", "HeldOutConfig", "held_out_config", "keep_within_context", "load_dataset", "overlap",
-           "questions_within_context", "resolve_data_path", "within_token_limit"]
+__all__ = ["DATA_ROOT_ENV", "DataConfig", "HeldOutConfig", "check_data_path", "data_root", "held_out_config",
+           "keep_within_context", "load_dataset", "overlap", "questions_within_context", "resolve_data_path",
+           "shared_data", "within_token_limit"]
 
 EMBEDDED = "embedded"
 """The ``--eval-data.path`` value that names the embedded task explicitly."""
@@ -60,6 +61,7 @@ class DataConfig:
         at_least(self.limit, 1, flag(prefix, "limit"), optional=True)
         at_least(self.max_prompt_tokens, 1, flag(prefix, "max_prompt_tokens"), optional=True)
         at_least(self.difficulty, 1, flag(prefix, "difficulty"))
+        check_data_path(self.path, self.split, flag(prefix, "path"))
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,35 @@ class HeldOutConfig:
         """Ranges, with each message naming the flag."""
         at_least(self.limit, 1, flag(prefix, "limit"), optional=True)
         at_least(self.difficulty, 1, flag(prefix, "difficulty"), optional=True)
+        check_data_path(self.path, "validation", flag(prefix, "path"))
+
+
+def check_data_path(path: str | None, split: str, flag_name: str) -> None:
+    """A data path names a file, or a folder with the split's file, before anything loads: ``DataError`` naming
+    ``flag_name`` (the embedded task, ``None`` or ``"embedded"``, needs nothing)."""
+    if path is None or path == EMBEDDED:
+        return
+    try:
+        resolve_data_path(path, split)
+    except DataFileNotFoundError as e:
+        hint = (f"; the presets read {DATA_ROOT_ENV} (now {data_root()}): set it to the folder holding math/"
+                if str(path).startswith(data_root()) else "")
+        raise DataFileNotFoundError(f"{flag_name} {path}: {e}{hint}") from None
+
+
+DATA_ROOT_ENV = "REASONING_RL_DATA"
+"""The environment variable naming the folder the presets read their data from (``math/train.jsonl``, ...)."""
+
+
+def data_root() -> str:
+    """Where the presets look for data: ``$REASONING_RL_DATA``, else ``../shared/data`` (relative to the working
+    directory: a checkout beside the course's shared folder)."""
+    return os.environ.get(DATA_ROOT_ENV) or "../shared/data"
+
+
+def shared_data(relative: str) -> str:
+    """A preset's data path: ``relative`` (e.g. ``"math/validation.jsonl"``) under :func:`data_root`."""
+    return os.path.join(data_root(), relative)
 
 
 def held_out_config(train: DataConfig, held: HeldOutConfig) -> tuple[DataConfig, str]:
