@@ -129,3 +129,27 @@ def test_evaluate_cli_samples_per_problem(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "shell.evaluate", *args[:-1], "0"], cwd=REPO,
                          env={**os.environ, **ENV_KEYS}, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--samples-per-problem must be >= 1" in bad.stderr
+
+
+def test_training_evaluations_log_intervals_and_the_final_evaluation_writes_the_evaluate_summary(tmp_path):
+    from shell import grpo
+    from shell.runlog import read_metrics
+
+    tiny = save_tiny_policy(tmp_path / "policy")
+    grpo.main(["--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "16", "--eval-data.limit", "4",
+               "--eval.max-tokens", "4", "--grading.workers", "0", "--sampler.generation-dtype", "None",
+               "--run.logger", "none", "--run.runs-dir", str(tmp_path), "--run.name", "g", "--n-grpo-steps", "1",
+               "--rollout-batch-size", "8", "--group-size", "4", "--train-batch-size", "8",
+               "--gradient-accumulation-steps", "2", "--sampling.max-tokens", "4", "--eval-every", "1",
+               "--warm-start.steps", "0", "--final-eval.enabled", "--final-eval.data.limit", "3",
+               "--final-eval.sampling.max-tokens", "4", "--final-eval.samples-per-problem", "2"])
+    evals = [r for r in read_metrics(tmp_path / "g") if "eval/answer_reward" in r]
+    assert [r["eval_step"] for r in evals] == [0, 1]
+    for r in evals:
+        for name in ("answer_reward", "format_reward"):
+            assert r[f"eval/{name}_ci_low"] <= r[f"eval/{name}"] <= r[f"eval/{name}_ci_high"]
+    summary = json.loads((tmp_path / "g" / "final_eval" / "summary.json").read_text())
+    assert summary["samples_per_problem"] == 2 and {"avg@2", "pass@1", "pass@2", "maj@2", "ci95"} <= set(summary)
+    _check_intervals(summary)
+    final = next(r for r in read_metrics(tmp_path / "g") if "final/answer_reward" in r)
+    assert final["final/pass@2"] == summary["pass@2"] and "final/answer_reward_ci_low" in final
