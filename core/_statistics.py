@@ -9,7 +9,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-_CHUNK = 256  # bootstrap resamples drawn at a time (bounds memory at 256 x problems weights)
+_CHUNK_ELEMENTS = 1 << 22  # values gathered per batch of resamples (bounds memory at 32 MiB of float64)
 
 
 def pass_at_k(
@@ -138,13 +138,12 @@ def bootstrap_ci(
     x2, d2 = x.reshape(problems, -1), d.reshape(problems, -1)
     estimate = x2.sum(0) / d2.sum(0)
     generator = torch.Generator().manual_seed(seed)
+    chunk = max(1, min(resamples, _CHUNK_ELEMENTS // (problems * x2.shape[1] or 1)))
     draws = []
-    for start in range(0, resamples, _CHUNK):
-        rows = min(_CHUNK, resamples - start)
-        picks = torch.randint(problems, (rows, problems), generator=generator)
-        weights = torch.zeros(rows, problems, dtype=torch.float64).scatter_add_(
-            1, picks, torch.ones(rows, problems, dtype=torch.float64))
-        draws.append((weights @ x2) / (weights @ d2))
+    for start in range(0, resamples, chunk):
+        rows = min(chunk, resamples - start)
+        picks = torch.randint(problems, (rows, problems), generator=generator)  # problem indices, with replacement
+        draws.append(x2[picks].sum(1) / d2[picks].sum(1))
     theta = torch.cat(draws)  # (resamples, metric)
     theta = torch.where(torch.isfinite(theta), theta, torch.full_like(theta, float("nan")))
     q = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=torch.float64)

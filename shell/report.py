@@ -391,15 +391,16 @@ def plot_report(dirs: list[Path], out: Path | str, metric: str, *, group_seeds: 
             if band:
                 bx, lo, hi = zip(*band)
                 ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
-    for d in evaluations:
+    for i, d in enumerate(evaluations):
         s = read_summary(d) or {}
         value, interval = s.get(figure_key(metric)), (s.get("ci95") or {}).get(figure_key(metric))
         if value is None:
             continue
+        colour = f"C{(len(groups) + i) % 10}"  # after the curves' colours
         for ax in axes[0]:
-            line = ax.axhline(value, linestyle="--", linewidth=1, label=f"{d.name} (evaluation)")
+            ax.axhline(value, color=colour, linestyle="--", linewidth=1, label=f"{d.name} (evaluation)")
             if interval:
-                ax.axhspan(interval[0], interval[1], color=line.get_color(), alpha=0.15, linewidth=0)
+                ax.axhspan(interval[0], interval[1], color=colour, alpha=0.15, linewidth=0)
     for ax, step_key in zip(axes[0], ("eval_step", "time/elapsed_s")):
         ax.set_title(f"{metric} (bands: {'± std over seeds / ' if group_seeds else ''}95% CI)")
         ax.set_xlabel(step_key)
@@ -477,7 +478,8 @@ def plot_pass_at_k(curves: list[dict[str, Any]], out: Path | str) -> Path:
 
 
 def format_pass_at_k(curves: list[dict[str, Any]]) -> str:
-    lines = []
+    header = f"{'pass@k':30s} {'problems':>9s}  pass@j [95% CI over problems]"
+    lines = [header, "-" * len(header)]
     for c in curves:
         cells = "  ".join(f"pass@{j} {v:.3f} [{lo:.3f}, {hi:.3f}]" for j, v, lo, hi in zip(c["js"], c["values"], c["lows"], c["highs"]))
         lines.append(f"{c['run'][:30]:30s} {c['problems']:5d} x {c['k']:<3d} {cells}")
