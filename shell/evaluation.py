@@ -91,10 +91,11 @@ def _problems(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 def per_problem_values(records: Sequence[dict[str, Any]]) -> tuple[dict[str, tuple[float, float]], list[dict[str, tuple[float, float]]]]:
     """Every figure of :func:`summarize` as a ratio of per-problem sums: ``figure = Σ_i num_i / Σ_i den_i``.
 
-    Returns ``(_, rows)`` where ``rows[i][figure] = (num_i, den_i)`` for problem ``i`` (problems in the order of
-    their first record): rewards, ``accuracy``, ``avg@k``, the categories (fractions of the samples), and the
-    mean lengths / entropy over samples (``den`` = the problem's samples that count), and ``pass@j``, ``maj@k``
-    with ``den = 1`` (means over problems). The first element maps each figure to ``(Σ num, Σ den)``.
+    Returns ``(totals, rows)``: ``rows[i][figure] = (num_i, den_i)`` for problem ``i`` (problems in the order of
+    their first record) and ``totals[figure] = (Σ num, Σ den)``. Rewards, ``accuracy``, ``avg@k``, the three
+    categories and the mean length / entropy are means over samples (``den_i``: the problem's samples that
+    count, e.g. its correct ones for ``mean_length_correct``); ``pass@j`` and ``maj@k`` are means over problems
+    (``den_i = 1``).
     """
     problems = _problems(records)
     k = min((len(p) for p in problems), default=1)
