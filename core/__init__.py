@@ -9,7 +9,9 @@ from core._advantages import nonconstant_group_mask
 from core._advantages import normalize_group_rewards
 from core._advantages import reward_statistics
 from core._grading import extract_boxed
+from core._grading import extract_r1_zero_answer
 from core._grading import grade_answer
+from core._grading import normalize_answer
 from core._grading import question_only_reward_fn
 from core._grading import r1_zero_reward_fn
 from core._logprobs import compute_entropy
@@ -27,6 +29,10 @@ from core._losses import sft_microbatch_loss
 from core._losses import truncated_importance_weights
 from core._masking import masked_mean
 from core._masking import masked_normalize
+from core._statistics import bootstrap_ci
+from core._statistics import majority_vote
+from core._statistics import paired_bootstrap_ci
+from core._statistics import pass_at_k
 from core._tokenize import tokenize_prompt_and_output
 
 __all__ = [
@@ -34,6 +40,7 @@ __all__ = [
     "LOSS_TYPES",
     "LengthNormalization",
     "LossType",
+    "bootstrap_ci",
     "compute_entropy",
     "compute_group_normalized_rewards",
     "compute_grpo_clip_loss",
@@ -41,14 +48,19 @@ __all__ = [
     "compute_naive_policy_gradient_loss",
     "compute_policy_gradient_loss",
     "extract_boxed",
+    "extract_r1_zero_answer",
     "get_response_log_probs",
     "grade_answer",
     "group_normalized_advantages",
     "grpo_microbatch_loss",
+    "majority_vote",
     "masked_mean",
     "masked_normalize",
     "nonconstant_group_mask",
+    "normalize_answer",
     "normalize_group_rewards",
+    "paired_bootstrap_ci",
+    "pass_at_k",
     "question_only_reward_fn",
     "r1_zero_reward_fn",
     "reward_statistics",

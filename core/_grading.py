@@ -48,7 +48,9 @@ from sympy.parsing import sympy_parser
 
 __all__ = [
     "extract_boxed",
+    "extract_r1_zero_answer",
     "grade_answer",
+    "normalize_answer",
     "question_only_reward_fn",
     "r1_zero_reward_fn",
 ]
@@ -904,17 +906,65 @@ def r1_zero_reward_fn(response: str, ground_truth: object, fast: bool = True) ->
         bounded time in any thread.
     """
     try:
-        if not isinstance(response, str) or "</think> <answer>" not in response or "</answer>" not in response:
+        if not _r1_zero_formatted(response):
             return _rewards(False, False)
-        answer = response.rpartition("<answer>")[2].replace("</answer>", "")
-        if "\\boxed" in answer:
-            boxed = extract_boxed(answer)
-            if boxed is None:
-                return _rewards(True, False)
-            answer = boxed
+        answer = _r1_zero_answer(response)
+        if answer is None:
+            return _rewards(True, False)
         return _rewards(True, grade_answer(answer, ground_truth, fast))
     except Exception:  # noqa: BLE001 - a reward must never raise
         return _rewards(True, False)
+
+
+def _r1_zero_formatted(response: object) -> bool:
+    return isinstance(response, str) and "</think> <answer>" in response and "</answer>" in response
+
+
+def _r1_zero_answer(response: str) -> str | None:
+    answer = response.rpartition("<answer>")[2].replace("</answer>", "")
+    if "\\boxed" in answer:
+        return extract_boxed(answer)
+    return answer
+
+
+def extract_r1_zero_answer(response: str) -> str | None:
+    r"""The answer :func:`r1_zero_reward_fn` grades: the text after the last ``<answer>`` without any
+    ``</answer>``, reduced to its last ``\boxed{}`` content when it has one.
+
+    .. math::  \mathrm{answer}(o) = \mathrm{boxed}(o_{\,>\text{last <answer>}}) \text{ or that text itself}
+
+    Args:
+        response: a model's completion (any string).
+
+    Returns:
+        The answer string; ``None`` when the response is not in the r1_zero format (the reward function's
+        format check) or holds a ``\boxed`` without usable braces (formatted, wrong). Never raises.
+    """
+    try:
+        return _r1_zero_answer(response) if _r1_zero_formatted(response) else None
+    except Exception:  # noqa: BLE001 - extraction must never raise
+        return None
+
+
+def normalize_answer(answer: str) -> str:
+    r"""The MATH ("mathd") normalisation the grader compares first: answers that normalise alike are graded
+    alike by its first rule (maj@k votes on these).
+
+    .. math::  \mathrm{norm}(a) = \mathrm{mathd\_strip}(\mathrm{unwrap\_text}(\mathrm{strip}(a)))
+
+    Args:
+        answer: an extracted answer (e.g. from :func:`extract_r1_zero_answer` or :func:`extract_boxed`).
+
+    Returns:
+        The normalised string (``"0.5"`` and ``"\\frac12"`` both give ``"\\frac{1}{2}"``); answers over
+        ``_MAX_ANSWER_CHARS`` characters (and any the normalisation fails on) come back stripped. Never raises.
+    """
+    if not isinstance(answer, str):
+        return ""
+    stripped = answer.strip()
+    if len(stripped) > _MAX_ANSWER_CHARS:
+        return stripped
+    return _mathd_normalize(answer)
 
 
 def question_only_reward_fn(response: str, ground_truth: object, fast: bool = True) -> dict[str, float]:

@@ -2,7 +2,8 @@
 
 Phases: the folder (``<runs_dir>/<run name>/``, named from the model and the data unless ``--run.name``; an
 earlier evaluation there is refused unless ``--overwrite``, a training run's always; its lock taken) → load data
-→ build prompts → sample → grade → write ``results.jsonl`` and ``summary.json`` → print the summary table.
+→ build prompts → sample (``--samples-per-problem`` k) → grade → write ``results.jsonl`` and ``summary.json``
+(pass@j, avg@k, maj@k and a 95% bootstrap interval on every figure) → print the summary table.
 """
 
 from __future__ import annotations
@@ -41,6 +42,9 @@ class EvaluateConfig:
     """Prompt template; each has its own reward function (r1_zero → r1_zero_reward_fn)."""
     eval: SamplingConfig = SamplingConfig()
     """How each response is sampled (stop after </answer>, kept)."""
+    samples_per_problem: int = 1
+    """Responses sampled per problem (k): results.jsonl gets one row per sample (index, sample) and summary.json
+    pass@j (j = 1, 2, 4, ... <= k), avg@k and maj@k beside accuracy, each with a 95% interval (ci95)."""
     grading: GradingConfig = GradingConfig()
     sampler: SamplerConfig = SamplerConfig()
     entropy_microbatch: int = 8
@@ -56,6 +60,7 @@ class EvaluateConfig:
 def check_config(cfg: EvaluateConfig) -> None:
     """Every flag's range, before anything loads; each message names the flag."""
     at_least(cfg.entropy_microbatch, 0, "--entropy-microbatch")
+    at_least(cfg.samples_per_problem, 1, "--samples-per-problem")
     check_parts(cfg, trains=())
 
 
@@ -154,8 +159,9 @@ def _evaluate_into(cfg: EvaluateConfig, run_dir: Path) -> EvalResult:
     dataset = load_dataset(cfg.data)
     check_writable(run_dir)
     print(f"evaluating {cfg.model.name_or_path} on {len(dataset)} problems from {dataset.source}"
-          + (f" ({dataset.skipped} skipped: empty answer)" if dataset.skipped else "") + f"; results in {run_dir}",
-          flush=True)
+          + (f" ({dataset.skipped} skipped: empty answer)" if dataset.skipped else "")
+          + (f", {cfg.samples_per_problem} samples each" if cfg.samples_per_problem > 1 else "")
+          + f"; results in {run_dir}", flush=True)
     # Phase 1: sample and grade.
     model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed, training=False)
     dataset = questions_within_context(dataset, template, tokenizer, what="evaluation set", limit=prompt_token_limit(
@@ -166,7 +172,8 @@ def _evaluate_into(cfg: EvaluateConfig, run_dir: Path) -> EvalResult:
 
     try:
         result = evaluate(sampler, dataset, template=template, sampling=cfg.eval, grading=cfg.grading,
-                          seed=cfg.run.seed, entropy=entropy if cfg.entropy_microbatch else None, progress=True)
+                          seed=cfg.run.seed, entropy=entropy if cfg.entropy_microbatch else None, progress=True,
+                          samples_per_problem=cfg.samples_per_problem)
     finally:
         sampler.close()
     # Phase 2: write and report.

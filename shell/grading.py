@@ -43,13 +43,17 @@ from typing import Any
 import core
 from shell.progress import progress_bar
 
-__all__ = ["close_pool", "grade_batch", "reward_fn_by_name"]
+__all__ = ["answer_extractor_by_name", "close_pool", "grade_batch", "reward_fn_by_name"]
 
 RewardFn = Callable[..., dict[str, float]]
 
 _REWARD_FNS: dict[str, RewardFn] = {
     "r1_zero": core.r1_zero_reward_fn,
     "question_only": core.question_only_reward_fn,
+}
+_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
+    "r1_zero": core.extract_r1_zero_answer,
+    "question_only": core.extract_boxed,
 }
 _KEYS = ("format_reward", "answer_reward", "reward")
 
@@ -78,6 +82,17 @@ def reward_fn_by_name(name: str) -> RewardFn:
     if key not in _REWARD_FNS:
         raise ValueError(f"unknown reward function {name!r}; available: {', '.join(sorted(_REWARD_FNS))}")
     return _REWARD_FNS[key]
+
+
+def answer_extractor_by_name(name: str) -> Callable[[str], str | None]:
+    """The answer the reward function called ``name`` grades, as a function of the response (``None``: no
+    answer): ``core.extract_r1_zero_answer`` for r1_zero, ``core.extract_boxed`` for question_only.
+
+    Raises:
+        ValueError: for any other name (as :func:`reward_fn_by_name`).
+    """
+    reward_fn_by_name(name)  # validates
+    return _EXTRACTORS[name[: -len("_reward_fn")] if name.endswith("_reward_fn") else name]
 
 
 def _canonical_name(reward_fn: str | RewardFn) -> str | None:

@@ -180,7 +180,8 @@ def plot_curves(
 ) -> Path:
     """Draw ``(key, step_key)`` panels from one or more runs' metrics into one PNG (atomically).
 
-    ``step_key`` may be ``time/elapsed_s`` for a wall-clock axis. Missing keys leave a panel empty.
+    ``step_key`` may be ``time/elapsed_s`` for a wall-clock axis. Missing keys leave a panel empty. Where the
+    records hold ``{key}_ci_low`` and ``{key}_ci_high`` (the evaluations' 95% intervals) the curve gets that band.
     """
     import matplotlib
 
@@ -197,7 +198,12 @@ def plot_curves(
             pts = [(r[step_key], r[key]) for r in rows if key in r and step_key in r and r[key] is not None]
             if pts:
                 xs, ys = zip(*pts)
-                ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=label)
+                line, = ax.plot(xs, ys, marker="o" if len(pts) < 30 else None, markersize=3, label=label)
+                band = [(r[step_key], r[f"{key}_ci_low"], r[f"{key}_ci_high"]) for r in rows
+                        if step_key in r and r.get(f"{key}_ci_low") is not None and r.get(f"{key}_ci_high") is not None]
+                if band:
+                    bx, lo, hi = zip(*band)
+                    ax.fill_between(bx, lo, hi, color=line.get_color(), alpha=0.2, linewidth=0)
     for ax, (key, step_key) in zip(axes[0], panels):
         ax.set_title(key)
         ax.set_xlabel(step_key)

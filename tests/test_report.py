@@ -120,3 +120,93 @@ def test_the_phase_plot_labels_the_loss_axis_within_one_decade(tmp_path, monkeyp
                for tick, label in zip(loss_axis.get_yticks(minor=minor), loss_axis.get_yticklabels(minor=minor))
                if lo <= tick <= hi and label.get_text()]
     assert len(in_view) >= 2, in_view
+
+
+def _evaluation(run_dir: Path, correct: list[list[int]], truths: list[str] | None = None) -> Path:
+    """A shell.evaluate folder: ``correct[i][j]`` is sample ``j`` of problem ``i`` right (1) or wrong (0)."""
+    from shell.evaluation import EvalResult, summarize, write_results
+
+    truths = truths or [str(i) for i in range(len(correct))]
+    records = [{"index": i, "sample": j, "prompt": f"q{i}", "response": "r", "ground_truth": truths[i],
+                "format_reward": 1.0, "answer_reward": float(c), "reward": float(c), "num_tokens": 5,
+                "mean_token_entropy": None, "finish_reason": "stop", "extracted_answer": truths[i] if c else f"w{j % 2}"}
+               for i, samples in enumerate(correct) for j, c in enumerate(samples)]
+    write_results(run_dir, EvalResult(records=records, summary=summarize(records, resamples=1000)), {"run": {"seed": 0}})
+    return run_dir
+
+
+def test_report_paired_prints_each_runs_difference_to_the_first(tmp_path):
+    """40 problems, k = 4. Run b solves what a solves plus 10 more problems (all 4 samples): pass@1 +0.25,
+    an interval excluding 0; run c equals a: difference 0, interval [0, 0], not excluding 0."""
+    base = [[1, 1, 0, 0] if i < 10 else [0, 0, 0, 0] for i in range(40)]
+    better = [row if i < 10 else ([1, 1, 1, 1] if i < 20 else row) for i, row in enumerate(base)]
+    a, b, c = _evaluation(tmp_path / "a", base), _evaluation(tmp_path / "b", better), _evaluation(tmp_path / "c", base)
+    out = tmp_path / "p.png"
+    proc = _report(str(a), str(b), str(c), "--paired", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "paired difference to a (the same 40 problems" in proc.stdout
+    rows = {(ln.split()[0], ln.split()[1]): ln.split() for ln in proc.stdout.splitlines()
+            if ln.split()[:1] in (["b"], ["c"]) and len(ln.split()) == 8}
+    # run  figure  first  this  diff  [lo,  hi]  excludes
+    assert rows[("b", "pass@1")][2:5] == ["0.125", "0.375", "+0.250"] and rows[("b", "pass@1")][-1] == "yes"
+    lo, hi = float(rows[("b", "pass@1")][5].strip("[,")), float(rows[("b", "pass@1")][6].strip("]"))
+    assert 0 < lo < 0.25 < hi
+    assert rows[("b", "pass@4")][4] == "+0.250" and rows[("b", "maj@4")][-1] == "yes"
+    assert rows[("c", "pass@1")][4:] == ["+0.000", "[+0.000,", "+0.000]", "no"]
+    assert {f for run, f in rows} == {"accuracy", "format_reward", "pass@1", "pass@2", "pass@4", "maj@4"}
+    # The evaluations' own table: each figure with its interval.
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("b ") and "pass@4" in ln)
+    assert "pass@1 0.375 [" in line and "maj@4" in line
+
+
+def test_report_paired_refuses_different_problems_and_single_runs(tmp_path):
+    a = _evaluation(tmp_path / "a", [[1, 0]] * 5)
+    b = _evaluation(tmp_path / "b", [[1, 0]] * 6)
+    c = _evaluation(tmp_path / "c", [[1, 0]] * 5, truths=["9"] * 5)
+    for args in ((a, b), (a, c), (a,)):
+        proc = _report(*map(str, args), "--paired", "--out", str(tmp_path / "x.png"))
+        assert proc.returncode == 2, proc.stdout
+        assert "same problems" in proc.stderr or "at least two runs" in proc.stderr
+        assert not (tmp_path / "x.png").exists()
+    train = _run(tmp_path / "train", [(0, 0.1, 1.0)])   # no evaluation folder at all
+    proc = _report(str(a), str(train), "--paired", "--out", str(tmp_path / "x.png"))
+    assert proc.returncode == 2 and "no results.jsonl" in proc.stderr
+
+
+def test_report_pass_at_k_and_bands(tmp_path):
+    k4 = _evaluation(tmp_path / "k4", [[1, 0, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]] * 4)
+    k1 = _evaluation(tmp_path / "k1", [[1], [0]])
+    out = tmp_path / "pk.png"
+    proc = _report(str(k4), str(k1), "--pass-at-k", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("k4 "))
+    assert "pass@1 0.417" in line and "pass@4 0.667" in line          # (1/4 + 1 + 0) / 3 ; (1 + 1 + 0) / 3
+    proc = _report(str(k1), "--pass-at-k", "--out", str(tmp_path / "none.png"))
+    assert proc.returncode == 2 and "more than one sample" in proc.stderr
+
+
+def test_report_table_gives_the_final_interval_and_groups_seeds(tmp_path):
+    runs = []
+    for seed, finals in ((0, 0.30), (1, 0.40), (2, 0.50)):
+        d = _run(tmp_path / f"grpo_s{seed}", [(0, 0.05, 10.0), (5, finals, 100.0)])
+        lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        for r in lines:
+            if "eval/answer_reward" in r:
+                r["eval/answer_reward_ci_low"] = r["eval/answer_reward"] - 0.05
+                r["eval/answer_reward_ci_high"] = r["eval/answer_reward"] + 0.05
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        (d / "config.json").write_text(json.dumps({"optim": {"lr": 1e-5}, "run": {"name": d.name, "seed": seed}}))
+        runs.append(d)
+    other = _run(tmp_path / "other_lr", [(0, 0.05, 10.0), (5, 0.9, 100.0)])
+    (other / "config.json").write_text(json.dumps({"optim": {"lr": 1e-4}, "run": {"name": "other_lr", "seed": 0}}))
+    out = tmp_path / "g.png"
+    proc = _report(*map(str, runs), str(other), "--group-seeds", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    row = next(ln.split() for ln in proc.stdout.splitlines() if ln.startswith("grpo_s1 "))
+    assert row[-2:] == ["[0.350,", "0.450]"]                      # the final evaluation's interval
+    group = next(ln for ln in proc.stdout.splitlines() if ln.startswith("grpo_s0 +2 (seeds)"))
+    # group  seeds  final mean  ± std  min  max  @step
+    assert group.split()[3:] == ["3", "0.400", "0.100", "0.300", "0.500", "5"]
+    assert next(ln for ln in proc.stdout.splitlines() if ln.startswith("other_lr ") and len(ln.split()) == 7)
