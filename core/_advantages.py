@@ -146,3 +146,59 @@ def nonconstant_group_mask(
     groups = rewards.reshape(-1, group_size)
     nonconstant = (groups != groups[:, :1]).any(dim=1)
     return nonconstant.repeat_interleave(group_size)
+
+
+def compute_rloo_advantages(raw_rewards: Float[Tensor, "batch"], *, group_size: int) -> Float[Tensor, "batch"]:
+    r"""REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024): each response's reward
+    minus the mean reward of the other responses to the same question.
+
+    .. math::  A_i = r_i - \frac{1}{G-1}\sum_{j \in G(i),\, j \ne i} r_j = \frac{G}{G-1}\big(r_i - \bar r_{G(i)}\big)
+
+    Groups are consecutive blocks of ``group_size`` responses.
+
+    Args:
+        raw_rewards: ``(batch,)`` rewards, ``batch = n_groups * group_size``.
+        group_size: ``G \ge 2``.
+
+    Returns:
+        ``(batch,)`` float32 advantages; they sum to zero within each group.
+    """
+    if group_size < 2:
+        raise ValueError(f"RLOO needs group_size >= 2 (a leave-one-out mean of no rewards), got {group_size}")
+    if raw_rewards.ndim != 1 or raw_rewards.shape[0] % group_size != 0:
+        raise ValueError(
+            f"rollout batch of shape {tuple(raw_rewards.shape)} is not a whole number of groups of {group_size}"
+        )
+    groups = raw_rewards.float().reshape(-1, group_size)
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+def overlong_penalty(
+    response_lengths: Shaped[Tensor, "batch"], *, max_tokens: int, buffer: int, penalty: float = 1.0
+) -> Float[Tensor, "batch"]:
+    r"""DAPO's soft overlong punishment (Yu et al. 2025), a reward term for responses near the token limit.
+
+    .. math::  R_\mathrm{len}(L) = \begin{cases}
+                 0 & L \le L_\max - B \\
+                 -P\,\frac{L - (L_\max - B)}{B} & L_\max - B < L \le L_\max \\
+                 -P & L > L_\max
+               \end{cases}
+
+    with ``L_max = max_tokens``, ``B = buffer`` (DAPO's ``L_cache``) and ``P = penalty``.
+
+    Args:
+        response_lengths: ``(batch,)`` response lengths in tokens (any real dtype).
+        max_tokens: ``L_max``, the generation limit.
+        buffer: ``B`` in ``[1, max_tokens]``.
+        penalty: ``P \ge 0``.
+
+    Returns:
+        ``(batch,)`` float32 penalties in ``[-P, 0]``, to add to the rewards.
+    """
+    if not 1 <= buffer <= max_tokens:
+        raise ValueError(f"buffer must be in [1, max_tokens={max_tokens}], got {buffer}")
+    if penalty < 0:
+        raise ValueError(f"penalty must be >= 0, got {penalty}")
+    excess = (response_lengths.float() - (max_tokens - buffer)).clamp(min=0.0, max=float(buffer))
+    return -penalty * excess / buffer
