@@ -6,18 +6,18 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from core import normalize_group_rewards, reward_statistics
+from core import compute_rloo_advantages, normalize_group_rewards, reward_statistics
 from shell.config import GradingConfig, SamplingConfig
 from shell.grading import grade_batch
 from shell.prompts import PromptTemplate
 from shell.sampling import Sampler, SamplingParams
 
-__all__ = ["Rollouts", "group_advantages", "grade", "rollout"]
+__all__ = ["AdvantageEstimator", "Rollouts", "group_advantages", "grade", "rollout", "rollout_diagnostics"]
 
 
 @dataclass
@@ -94,15 +94,34 @@ def grade(rollouts: Rollouts, template: PromptTemplate, grading: GradingConfig, 
                        timeout_s=grading.timeout_s, num_workers=grading.workers, progress=progress)
 
 
+AdvantageEstimator = Literal["grpo", "rloo"]
+"""grpo: group-normalised rewards (:func:`core.normalize_group_rewards`); rloo: leave-one-out baselines
+(:func:`core.compute_rloo_advantages`)."""
+
+
 def group_advantages(
-    scores: Sequence[dict[str, float]], *, group_size: int, advantage_eps: float, normalize_by_std: bool
+    scores: Sequence[dict[str, float]], *, group_size: int, advantage_eps: float, normalize_by_std: bool,
+    estimator: AdvantageEstimator = "grpo", reward_shaping: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, dict[str, float]]:
-    """Raw rewards ``(rollout_batch,)``, group-normalised advantages ``(rollout_batch,)`` and reward statistics
-    (mean, std, fraction of zero-variance groups, format and answer reward means)."""
-    raw = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
-    advantages = normalize_group_rewards(raw, group_size=group_size, advantage_eps=advantage_eps,
-                                         normalize_by_std=normalize_by_std)
-    stats = reward_statistics(raw, group_size=group_size)
+    """Raw rewards ``(rollout_batch,)`` (plus ``reward_shaping``, e.g. :func:`core.overlong_penalty`, when given),
+    their advantages ``(rollout_batch,)`` by ``estimator``, and statistics of the task rewards (mean, std, fraction
+    of zero-variance groups, format and answer reward means)."""
+    task = torch.tensor([s["reward"] for s in scores], dtype=torch.float32)
+    raw = task if reward_shaping is None else task + reward_shaping.to(task.dtype)
+    if estimator == "rloo":
+        advantages = compute_rloo_advantages(raw, group_size=group_size)
+    else:
+        advantages = normalize_group_rewards(raw, group_size=group_size, advantage_eps=advantage_eps,
+                                             normalize_by_std=normalize_by_std)
+    stats = reward_statistics(task, group_size=group_size)
     stats["format_reward_mean"] = statistics.fmean(s["format_reward"] for s in scores)
     stats["answer_reward_mean"] = statistics.fmean(s["answer_reward"] for s in scores)
     return raw, advantages, stats
+
+
+def rollout_diagnostics(rollouts: Rollouts) -> dict[str, float]:
+    """TRL's completion diagnostics of a rollout batch: ``train/completions/clipped_ratio`` (the fraction that hit
+    the token limit) and ``train/completions/mean_terminated_length`` (the mean length of the others; 0 if none)."""
+    ended = [n for n, reason in zip(rollouts.num_tokens, rollouts.finish_reasons) if reason != "length"]
+    return {"train/completions/clipped_ratio": 1.0 - len(ended) / max(1, len(rollouts)),
+            "train/completions/mean_terminated_length": statistics.fmean(ended) if ended else 0.0}
