@@ -9,7 +9,7 @@
 * :func:`mean_token_entropies` -- each response's mean token entropy under a model (where a sampler reports none).
 
 Per-token tensors (log-probs, entropies, old and reference log-probs, masks) always cover every position
-of the tokenized batch: where a shared prompt prefix is run once without gradient, its positions hold 0
+of the tokenized batch: where a shared prompt prefix is run once apart, its positions hold 0
 in the outputs and are sliced off the inputs inside the step, so every caller sees one shape.
 """
 
@@ -27,7 +27,6 @@ from core import (
     ObjectiveInputs, ObjectiveSettings, grpo_microbatch_loss, label_log_probs, masked_mean, policy_gradient_objective,
     sft_microbatch_loss, tokenize_prompt_and_output,
 )
-from shell.distributed import is_sharded
 from shell.models import cache_kwarg
 
 __all__ = [
@@ -148,7 +147,7 @@ def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
 def tokenize_batch(prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, device: torch.device | str) -> dict[str, Any]:
     """``tokenize_prompt_and_output`` on ``device`` (``input_ids``, ``labels``, ``response_mask``: (batch, seq))
     plus ``prefix_len``, the length of the prompt prefix shared by the whole batch that a step may run once
-    without gradient (it never covers a response label)."""
+    apart (it never covers a response label)."""
     batch = tokenize_prompt_and_output(list(prompts), list(responses), tokenizer)
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     prefix = min(common_prefix_len(prompt_ids), min(len(p) for p in prompt_ids) - 1)
@@ -161,8 +160,9 @@ def tokenize_batch(prompts: Sequence[str], responses: Sequence[str], tokenizer: 
 
 
 class PrefixedModel(torch.nn.Module):
-    """``model`` on the suffix of a batch, after its shared prefix ``prefix_ids`` (1, p) has been run once
-    without gradient into a KV cache repeated for every row."""
+    """``model`` on the suffix of a batch, after its shared prefix ``prefix_ids`` (1, p) has been run once into a
+    KV cache repeated for every row. Where gradients are on, the prefix keeps its gradient (the repeat sums the
+    rows' gradients back into it), so the loss and gradient are the whole batch's exactly."""
 
     def __init__(self, model: torch.nn.Module, prefix_ids: Tensor):
         super().__init__()
@@ -171,10 +171,7 @@ class PrefixedModel(torch.nn.Module):
 
     def forward(self, input_ids: Tensor) -> Any:
         kw = cache_kwarg(self.model)
-        with torch.no_grad():
-            out = self.model(self.prefix_ids, use_cache=True)
-        if is_sharded(self.model):  # FSDP's gathered weights: their autocast copies made without grad must not serve below
-            torch.clear_autocast_cache()
+        out = self.model(self.prefix_ids, use_cache=True)  # with gradient where it is on: one exact backward
         cache = out.past_key_values
         cache.batch_repeat_interleave(input_ids.shape[0])
         p = self.prefix_ids.shape[1]
@@ -312,7 +309,7 @@ def make_train_step(
     length; a separate one for a microbatch with a shared prefix and one for an activation-checkpointed
     microbatch); ``backward`` runs through the compiled graph.
 
-    ``share_prompt_prefix``: a batch's shared prompt prefix (``prefix_len``) is run once without gradient.
+    ``share_prompt_prefix``: a batch's shared prompt prefix (``prefix_len``) is run once (with its gradient).
     ``checkpoint_above_tokens``: a microbatch of more (padded) tokens is run with activation checkpointing
     (and whole).
 

@@ -189,7 +189,7 @@ def accumulate_and_step(
     Under torchrun ``microbatches`` are this rank's share of the step's; the metrics are summed over ranks."""
     optimizer = optimizer or learner.optimizer
     learner.model.train()
-    loss_sum, tokens, entropy_sum, known = 0.0, 0, 0.0, 0.0
+    loss_sum, tokens, entropy_sum, known, reported = 0.0, 0, 0.0, 0.0, False
     weighted: dict[str, float] = defaultdict(float)
     maxima: dict[str, float] = {}
     for tb, kwargs in microbatches:
@@ -207,6 +207,7 @@ def accumulate_and_step(
         entropy_sum += float((meta["token_entropy"] * mask).sum())
         n_known = float(meta.get("sampler_known_count", 0.0))
         known += n_known
+        reported |= "sampler_known_count" in meta
         for key, value in meta.items():
             if not (isinstance(value, Tensor) and value.ndim == 0 and value.is_floating_point()) or key == "sampler_known_count":
                 continue
@@ -214,7 +215,8 @@ def accumulate_and_step(
                 maxima[key] = max(maxima.get(key, float("-inf")), float(value))
             else:
                 weighted[key] += float(value) * (n_known if key in _PER_KNOWN_TOKEN else n)
-    loss_sum, tokens, entropy_sum, known, weighted = sum_over_ranks((loss_sum, tokens, entropy_sum, known, dict(weighted)))
+    loss_sum, tokens, entropy_sum, known, reported, weighted = sum_over_ranks(
+        (loss_sum, tokens, entropy_sum, known, int(reported), dict(weighted)))
     every_max = gather(maxima)
     maxima = {k: max(m[k] for m in every_max if k in m) for k in dict.fromkeys(k for m in every_max for k in m)}
     norm = optimizer.step()
@@ -228,7 +230,7 @@ def accumulate_and_step(
     }
     metrics.update({f"train/{k}": v / max(known if k in _PER_KNOWN_TOKEN else tokens, 1) for k, v in weighted.items()})
     metrics.update({f"train/{k}": v for k, v in maxima.items()})
-    if known:
+    if reported:
         metrics["train/sampler_known_fraction"] = known / max(tokens, 1)
     return metrics
 
