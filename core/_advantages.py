@@ -10,6 +10,15 @@ from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
 
 
+def _groups(values: Tensor, group_size: int) -> Tensor:
+    """``values`` (batch,) as (n_groups, group_size), or ValueError naming what does not fit."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if values.ndim != 1 or values.shape[0] % group_size != 0:
+        raise ValueError(f"rollout batch of shape {tuple(values.shape)} is not a whole number of groups of {group_size}")
+    return values.reshape(-1, group_size)
+
+
 def normalize_group_rewards(
     raw_rewards: Float[Tensor, "batch"],
     *,
@@ -33,12 +42,7 @@ def normalize_group_rewards(
     Returns:
         ``(batch,)`` float32 advantages; they sum to zero within each group.
     """
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if raw_rewards.ndim != 1 or raw_rewards.shape[0] % group_size != 0:
-        raise ValueError(
-            f"rollout batch of shape {tuple(raw_rewards.shape)} is not a whole number of groups of {group_size}"
-        )
+    _groups(raw_rewards, group_size)
     if normalize_by_std and group_size < 2:
         raise ValueError("normalize_by_std needs group_size >= 2 (the unbiased std of one sample is undefined)")
     groups = raw_rewards.float().reshape(-1, group_size)
@@ -137,13 +141,7 @@ def nonconstant_group_mask(
     Raises:
         ValueError: ``group_size < 1``, or ``rewards`` is not 1-D or not a whole number of groups.
     """
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if rewards.ndim != 1 or rewards.shape[0] % group_size != 0:
-        raise ValueError(
-            f"rollout batch of shape {tuple(rewards.shape)} is not a whole number of groups of {group_size}"
-        )
-    groups = rewards.reshape(-1, group_size)
+    groups = _groups(rewards, group_size)
     nonconstant = (groups != groups[:, :1]).any(dim=1)
     return nonconstant.repeat_interleave(group_size)
 
@@ -165,11 +163,7 @@ def compute_rloo_advantages(raw_rewards: Float[Tensor, "batch"], *, group_size: 
     """
     if group_size < 2:
         raise ValueError(f"RLOO needs group_size >= 2 (a leave-one-out mean of no rewards), got {group_size}")
-    if raw_rewards.ndim != 1 or raw_rewards.shape[0] % group_size != 0:
-        raise ValueError(
-            f"rollout batch of shape {tuple(raw_rewards.shape)} is not a whole number of groups of {group_size}"
-        )
-    groups = raw_rewards.float().reshape(-1, group_size)
+    groups = _groups(raw_rewards, group_size).float()
     others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
     return (groups - others).reshape(-1)
 

@@ -17,6 +17,10 @@ from core._losses import (
 )
 from core._masking import masked_mean, masked_normalize
 
+PerToken = Float[Tensor, "batch seq"]
+PerSequence = Float[Tensor, "batch 1"]
+TokenMask = Bool[Tensor, "batch seq"]
+
 PolicyLossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip", "grpo_no_clip", "gspo", "cispo"]
 """Every per-token loss of :func:`policy_gradient_objective`: the course's four plus GSPO and CISPO."""
 POLICY_LOSS_TYPES: tuple[str, ...] = get_args(PolicyLossType)
@@ -291,21 +295,15 @@ def policy_gradient_objective(
 
 
 def grpo_microbatch_loss(
-    policy_log_probs: Float[Tensor, "batch seq"],
-    response_mask: Bool[Tensor, "batch seq"],
+    policy_log_probs: PerToken,
+    response_mask: TokenMask,
     *,
     gradient_accumulation_steps: int,
     loss_type: str,
-    raw_rewards: Float[Tensor, "batch 1"] | None = None,
-    advantages: Float[Tensor, "batch 1"] | None = None,
-    old_log_probs: Float[Tensor, "batch seq"] | None = None,
-    cliprange: float | None = None,
-    cliprange_high: float | None = None,
-    length_normalization: str = "masked_mean",
-    normalize_constant: float | None = None,
-    importance_weights: Float[Tensor, "batch seq"] | None = None,
-    ref_log_probs: Float[Tensor, "batch seq"] | None = None,
-    kl_coef: float = 0.0,
+    raw_rewards: PerSequence | None = None, advantages: PerSequence | None = None,
+    old_log_probs: PerToken | None = None, cliprange: float | None = None, cliprange_high: float | None = None,
+    length_normalization: str = "masked_mean", normalize_constant: float | None = None,
+    importance_weights: PerToken | None = None, ref_log_probs: PerToken | None = None, kl_coef: float = 0.0,
 ) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
     r"""The GRPO microbatch objective in the course's keyword form: :func:`policy_gradient_objective` with
     ``ObjectiveSettings(loss_type, gradient_accumulation_steps, length_normalization, normalize_constant,

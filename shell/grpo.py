@@ -281,6 +281,7 @@ def train(cfg: GRPOConfig) -> Path:
                 "train/answer_reward": stats["answer_reward_mean"],
                 "train/reward_std": stats["reward_std"],
                 "train/zero_variance_group_fraction": stats["zero_variance_group_fraction"],
+                "train/frac_reward_zero_std": stats["zero_variance_group_fraction"],  # TRL's name of the same
                 "train/response_length": statistics.fmean(rollouts.num_tokens),
                 **rollout_diagnostics(rollouts),
                 "train/rollout_entropy": rollouts.mean_entropy,
