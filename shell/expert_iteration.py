@@ -219,12 +219,15 @@ def train(cfg: EIConfig) -> Path:
         run.state.setdefault("train_step", 0)  # SFT steps across EI steps: saved with every checkpoint
         micro = max(1, cfg.sft_batch_size // cfg.sft_gradient_accumulation_steps)
 
-        def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-            return response_entropies(learner, prompts, responses, microbatch=micro)
+        def entropy_at(temperature: float) -> Any:  # of softmax(logits / T) (T = 1 for greedy)
+            return lambda prompts, responses: response_entropies(learner, prompts, responses, microbatch=micro,
+                                                                 temperature=temperature if temperature > 0 else 1.0)
+
+        entropy = entropy_at(cfg.sampling.temperature)
 
         def evaluate_now(k: int) -> None:
             run_eval(run, sampler, model, eval_set, template=template, sampling=cfg.eval, grading=cfg.grading,
-                     step=k, extra={"eval/sft_steps": run.state["train_step"]}, entropy=entropy)
+                     step=k, extra={"eval/sft_steps": run.state["train_step"]}, entropy=entropy_at(cfg.eval.temperature))
 
         # Phase 2: a fresh run warm-starts and evaluates (EI step 0); a resumed one syncs the sampler.
         if run.start == 0:

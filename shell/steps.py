@@ -27,6 +27,7 @@ from core import (
     ObjectiveInputs, ObjectiveSettings, grpo_microbatch_loss, label_log_probs, masked_mean, policy_gradient_objective,
     sft_microbatch_loss, tokenize_prompt_and_output,
 )
+from shell.distributed import is_sharded
 from shell.models import cache_kwarg
 
 __all__ = [
@@ -172,6 +173,8 @@ class PrefixedModel(torch.nn.Module):
     def forward(self, input_ids: Tensor) -> Any:
         kw = cache_kwarg(self.model)
         out = self.model(self.prefix_ids, use_cache=True)  # with gradient where it is on: one exact backward
+        if is_sharded(self.model):  # (scoring only) FSDP regathers its weights: autocast's copies must not serve below
+            torch.clear_autocast_cache()
         cache = out.past_key_values
         cache.batch_repeat_interleave(input_ids.shape[0])
         p = self.prefix_ids.shape[1]
@@ -199,12 +202,16 @@ def activation_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[
 def _plan(model: torch.nn.Module, input_ids: Tensor, prefix_len: int, *, share_prompt_prefix: bool,
           checkpoint_above_tokens: int | None) -> tuple[bool, int]:
     """(activation checkpointing?, prefix positions run once): a long training microbatch is checkpointed
-    and runs whole; otherwise the shared prefix (when on, at least 2 tokens and 2 rows) is split off."""
+    and runs whole; otherwise the shared prefix (when on, at least 2 tokens and 2 rows) is split off. A training
+    microbatch of an FSDP-sharded policy runs whole too: the prefix's gradient would reach its weights through
+    the KV cache, past FSDP's backward hooks (a segfault in backward)."""
+    grad = torch.is_grad_enabled()
     checkpoint = (
         checkpoint_above_tokens is not None and input_ids.numel() > checkpoint_above_tokens
-        and torch.is_grad_enabled() and getattr(model, "supports_gradient_checkpointing", False)
+        and grad and getattr(model, "supports_gradient_checkpointing", False)
     )
-    p = prefix_len if share_prompt_prefix and input_ids.shape[0] > 1 and not checkpoint else 0
+    whole = checkpoint or (grad and is_sharded(model))
+    p = prefix_len if share_prompt_prefix and input_ids.shape[0] > 1 and not whole else 0
     return checkpoint, (p if p >= 2 else 0)
 
 

@@ -183,7 +183,7 @@ SCENARIOS = {
     "kl": dict(loss_type="grpo_clip", group_size=2, train_batch_size=8, gradient_accumulation_steps=2, kl_coef=0.5),
     "gspo-tempered": dict(loss_type="gspo", group_size=2, train_batch_size=4, gradient_accumulation_steps=2,
                           epochs_per_rollout_batch=2, cliprange=0.05, temperature=0.7),
-    "cispo-entropy": dict(loss_type="cispo", group_size=2, train_batch_size=4, gradient_accumulation_steps=2,
+    "cispo-entropy": dict(loss_type="cispo", group_size=2, train_batch_size=8, gradient_accumulation_steps=4,
                           epochs_per_rollout_batch=2, cliprange=1.0, cliprange_high=0.28, entropy_coef=0.01,
                           length_normalization="token_mean", temperature=0.7),
 }
@@ -199,7 +199,8 @@ def _updates(out: Path) -> None:
     results = {}
     for name, kw in SCENARIOS.items():
         model, tok = tiny_policy(seed=3, tie_word_embeddings=True)
-        learner = Learner(model, tok, OptimConfig(lr=1e-3, share_prompt_prefix=True))  # bf16 autocast, as the laptop
+        # bf16 autocast, as the laptop; no shared prefix: a sharded policy trains on whole microbatches (shell.steps._plan)
+        learner = Learner(model, tok, OptimConfig(lr=1e-3))
         settings = PolicyGradientSettings(**kw)
         reference = Reference.of(learner) if settings.kl_coef else None
         rollouts, raw, advantages = _group_rollouts()
