@@ -79,7 +79,9 @@ def matmul_params(model: torch.nn.Module) -> int:
 def train_phase(shape: dict[str, Any], *, weights: str, compile: bool, sizes: list[tuple[int, int]], device: str,
                 repeats: int) -> list[dict[str, Any]]:
     """Rows of tokens/s, MFU and peak memory of the GRPO microbatch step for each (batch, seq) of ``sizes``."""
+    from core import ObjectiveSettings
     from shell.grpo import PRESETS
+    from shell.steps import PolicyGradientTensors
     from shell.update import Learner
 
     optim = dataclasses.replace(PRESETS["h100"][1].optim, compile=compile)
@@ -93,8 +95,8 @@ def train_phase(shape: dict[str, Any], *, weights: str, compile: bool, sizes: li
         labels = torch.randint(0, shape["vocab_size"], (b, s), generator=g).to(device)
         mask = torch.zeros(b, s, dtype=torch.bool, device=device)
         mask[:, s // 4 :] = True  # a prompt quarter, as r1_zero prompts with ~1k-token responses
-        kwargs = dict(gradient_accumulation_steps=1, loss_type="reinforce_with_baseline",
-                      advantages=torch.randn(b, 1, generator=g).to(device))
+        kwargs = dict(settings=ObjectiveSettings(loss_type="reinforce_with_baseline"),
+                      tensors=PolicyGradientTensors(advantages=torch.randn(b, 1, generator=g).to(device)))
 
         def step() -> None:
             with learner.autocast():

@@ -21,7 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import print_table, timeit, write_json  # noqa: E402
+from core import ObjectiveSettings  # noqa: E402
 from shell import make_train_step  # noqa: E402
+from shell.steps import PolicyGradientTensors  # noqa: E402
 
 
 def build_model(hidden: int, layers: int, vocab: int, device: str) -> torch.nn.Module:
@@ -67,9 +69,9 @@ def main() -> None:
             if objective == "sft":
                 kwargs = {"gradient_accumulation_steps": 1}
             else:
-                kwargs = {"gradient_accumulation_steps": 1, "loss_type": "grpo_clip", "cliprange": 0.2,
-                          "advantages": torch.randn(b, 1, generator=g).to(device),
-                          "old_log_probs": -torch.rand(b, s, generator=g).to(device)}
+                kwargs = {"settings": ObjectiveSettings(loss_type="grpo_clip", cliprange=0.2),
+                          "tensors": PolicyGradientTensors(advantages=torch.randn(b, 1, generator=g).to(device),
+                                                           old_log_probs=-torch.rand(b, s, generator=g).to(device))}
             row: dict[str, object] = {"objective": objective, "batch": b, "seq": s}
             for name, step in steps.items():
                 def run(step=step):

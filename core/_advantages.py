@@ -3,11 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from jaxtyping import Bool, Float, Shaped
 from torch import Tensor
+
+
+def _groups(values: Tensor, group_size: int) -> Tensor:
+    """``values`` (batch,) as (n_groups, group_size), or ValueError naming what does not fit."""
+    if group_size < 1:
+        raise ValueError(f"group_size must be >= 1, got {group_size}")
+    if values.ndim != 1 or values.shape[0] % group_size != 0:
+        raise ValueError(f"rollout batch of shape {tuple(values.shape)} is not a whole number of groups of {group_size}")
+    return values.reshape(-1, group_size)
 
 
 def normalize_group_rewards(
@@ -33,12 +42,7 @@ def normalize_group_rewards(
     Returns:
         ``(batch,)`` float32 advantages; they sum to zero within each group.
     """
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if raw_rewards.ndim != 1 or raw_rewards.shape[0] % group_size != 0:
-        raise ValueError(
-            f"rollout batch of shape {tuple(raw_rewards.shape)} is not a whole number of groups of {group_size}"
-        )
+    _groups(raw_rewards, group_size)
     if normalize_by_std and group_size < 2:
         raise ValueError("normalize_by_std needs group_size >= 2 (the unbiased std of one sample is undefined)")
     groups = raw_rewards.float().reshape(-1, group_size)
@@ -48,38 +52,57 @@ def normalize_group_rewards(
     return centred.reshape(-1)
 
 
+AdvantageEstimator = Literal["grpo", "rloo"]
+"""grpo: group-normalised rewards (:func:`normalize_group_rewards`); rloo: leave-one-out baselines
+(:func:`compute_rloo_advantages`)."""
+
+
 def group_normalized_advantages(
     scores: Sequence[Mapping[str, float]],
     *,
     group_size: int,
     advantage_eps: float,
     normalize_by_std: bool,
+    estimator: AdvantageEstimator = "grpo",
+    reward_shaping: Float[Tensor, "batch"] | None = None,
 ) -> tuple[Float[Tensor, "batch"], Float[Tensor, "batch"], dict[str, float]]:
-    r"""Group-normalised advantages of graded rollouts.
+    r"""Advantages of graded rollouts, by group.
 
-    .. math::  r_i = \mathrm{scores}_i[\text{"reward"}], \quad
+    .. math::  r_i = \mathrm{scores}_i[\text{"reward"}] + s_i, \quad
                A_i = \frac{r_i - \operatorname{mean}_{G(i)} r}{\operatorname{std}_{G(i)} r + \epsilon}
-               \quad\text{(or only } r_i - \operatorname{mean}_{G(i)} r \text{ without std)}
+               \ \text{(grpo; without std: only the centring)}, \quad
+               A_i = r_i - \tfrac{1}{G-1}\textstyle\sum_{j \in G(i), j \ne i} r_j \ \text{(rloo)}
 
-    Groups are consecutive blocks of ``group_size`` responses to the same question.
+    with ``s`` the optional ``reward_shaping`` (e.g. :func:`overlong_penalty`; 0 without it). Groups are
+    consecutive blocks of ``group_size`` responses to the same question.
 
     Args:
         scores: ``batch`` reward dicts ``{"reward", "format_reward", "answer_reward"}`` (a reward function's, or
             the batch grader's), grouped consecutively.
         group_size: responses per question.
-        advantage_eps: added to the std.
-        normalize_by_std: divide by the (unbiased) group std.
+        advantage_eps: added to the std (grpo).
+        normalize_by_std: divide by the (unbiased) group std (grpo).
+        estimator: ``"grpo"`` (:func:`normalize_group_rewards`) or ``"rloo"`` (:func:`compute_rloo_advantages`).
+        reward_shaping: ``(batch,)`` added to the task rewards before the advantages.
 
     Returns:
-        ``advantages`` (batch,) float32, ``raw_rewards`` (batch,) float32, and metadata floats:
-        ``reward_mean/std/min/max``, ``format_reward_mean``, ``answer_reward_mean`` (NaN where a dict lacks the
-        key), ``zero_variance_group_fraction``.
+        ``advantages`` (batch,) float32, ``raw_rewards`` (batch,) float32 (shaped), and metadata floats of the
+        task rewards (before shaping): ``reward_mean/std/min/max``, ``format_reward_mean``, ``answer_reward_mean``
+        (NaN where a dict lacks the key), ``zero_variance_group_fraction``.
     """
-    raw = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)
-    advantages = normalize_group_rewards(
-        raw, group_size=group_size, advantage_eps=advantage_eps, normalize_by_std=normalize_by_std
-    )
-    metadata = reward_statistics(raw, group_size=group_size)
+    task = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)
+    if reward_shaping is not None and reward_shaping.shape != task.shape:
+        raise ValueError(f"reward_shaping of shape {tuple(reward_shaping.shape)} for {task.shape[0]} scores")
+    raw = task if reward_shaping is None else task + reward_shaping.to(task.dtype)
+    if estimator == "rloo":
+        advantages = compute_rloo_advantages(raw, group_size=group_size)
+    elif estimator == "grpo":
+        advantages = normalize_group_rewards(
+            raw, group_size=group_size, advantage_eps=advantage_eps, normalize_by_std=normalize_by_std
+        )
+    else:
+        raise ValueError(f"estimator must be 'grpo' or 'rloo', got {estimator!r}")
+    metadata = reward_statistics(task, group_size=group_size)
     for key in ("format_reward", "answer_reward"):
         values = [float(s.get(key, float("nan"))) for s in scores]
         metadata[f"{key}_mean"] = sum(values) / len(values)
@@ -168,12 +191,58 @@ def nonconstant_group_mask(
     Raises:
         ValueError: ``group_size < 1``, or ``rewards`` is not 1-D or not a whole number of groups.
     """
-    if group_size < 1:
-        raise ValueError(f"group_size must be >= 1, got {group_size}")
-    if rewards.ndim != 1 or rewards.shape[0] % group_size != 0:
-        raise ValueError(
-            f"rollout batch of shape {tuple(rewards.shape)} is not a whole number of groups of {group_size}"
-        )
-    groups = rewards.reshape(-1, group_size)
+    groups = _groups(rewards, group_size)
     nonconstant = (groups != groups[:, :1]).any(dim=1)
     return nonconstant.repeat_interleave(group_size)
+
+
+def compute_rloo_advantages(raw_rewards: Float[Tensor, "batch"], *, group_size: int) -> Float[Tensor, "batch"]:
+    r"""REINFORCE leave-one-out advantages (Kool et al. 2019; Ahmadian et al. 2024): each response's reward
+    minus the mean reward of the other responses to the same question.
+
+    .. math::  A_i = r_i - \frac{1}{G-1}\sum_{j \in G(i),\, j \ne i} r_j = \frac{G}{G-1}\big(r_i - \bar r_{G(i)}\big)
+
+    Groups are consecutive blocks of ``group_size`` responses.
+
+    Args:
+        raw_rewards: ``(batch,)`` rewards, ``batch = n_groups * group_size``.
+        group_size: ``G \ge 2``.
+
+    Returns:
+        ``(batch,)`` float32 advantages; they sum to zero within each group.
+    """
+    if group_size < 2:
+        raise ValueError(f"RLOO needs group_size >= 2 (a leave-one-out mean of no rewards), got {group_size}")
+    groups = _groups(raw_rewards, group_size).float()
+    others = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - others).reshape(-1)
+
+
+def overlong_penalty(
+    response_lengths: Shaped[Tensor, "batch"], *, max_tokens: int, buffer: int, penalty: float = 1.0
+) -> Float[Tensor, "batch"]:
+    r"""DAPO's soft overlong punishment (Yu et al. 2025), a reward term for responses near the token limit.
+
+    .. math::  R_\mathrm{len}(L) = \begin{cases}
+                 0 & L \le L_\max - B \\
+                 -P\,\frac{L - (L_\max - B)}{B} & L_\max - B < L \le L_\max \\
+                 -P & L > L_\max
+               \end{cases}
+
+    with ``L_max = max_tokens``, ``B = buffer`` (DAPO's ``L_cache``) and ``P = penalty``.
+
+    Args:
+        response_lengths: ``(batch,)`` response lengths in tokens (any real dtype).
+        max_tokens: ``L_max``, the generation limit.
+        buffer: ``B`` in ``[1, max_tokens]``.
+        penalty: ``P \ge 0``.
+
+    Returns:
+        ``(batch,)`` float32 penalties in ``[-P, 0]``, to add to the rewards.
+    """
+    if not 1 <= buffer <= max_tokens:
+        raise ValueError(f"buffer must be in [1, max_tokens={max_tokens}], got {buffer}")
+    if penalty < 0:
+        raise ValueError(f"penalty must be >= 0, got {penalty}")
+    excess = (response_lengths.float() - (max_tokens - buffer)).clamp(min=0.0, max=float(buffer))
+    return -penalty * excess / buffer

@@ -248,110 +248,90 @@ def sft_microbatch_loss(
     return -per_example.mean() / gradient_accumulation_steps
 
 
-def grpo_microbatch_loss(
+def _check_same_shape(name: str, value: Tensor, log_probs: Tensor) -> None:
+    if value.shape != log_probs.shape:
+        raise ValueError(f"{name} {tuple(value.shape)} must match policy_log_probs {tuple(log_probs.shape)}")
+
+
+def compute_gspo_loss(
+    advantages: Float[Tensor, "batch 1"],
     policy_log_probs: Float[Tensor, "batch seq"],
+    old_log_probs: Float[Tensor, "batch seq"],
     response_mask: Bool[Tensor, "batch seq"],
     *,
-    gradient_accumulation_steps: int,
-    loss_type: str,
-    raw_rewards: Float[Tensor, "batch 1"] | None = None,
-    advantages: Float[Tensor, "batch 1"] | None = None,
-    old_log_probs: Float[Tensor, "batch seq"] | None = None,
-    cliprange: float | None = None,
+    cliprange: float,
     cliprange_high: float | None = None,
-    length_normalization: str = "masked_mean",
-    normalize_constant: float | None = None,
-    importance_weights: Float[Tensor, "batch seq"] | None = None,
-    ref_log_probs: Float[Tensor, "batch seq"] | None = None,
-    kl_coef: float = 0.0,
-) -> tuple[Float[Tensor, ""], dict[str, Tensor]]:
-    r"""The GRPO microbatch objective.
+) -> tuple[Float[Tensor, "batch seq"], dict[str, Tensor]]:
+    r"""GSPO (Zheng et al. 2025, "Group Sequence Policy Optimization") per-token loss, in its GSPO-token form.
 
-    .. math::  \tilde\ell_{bt} = w_{bt}\,\ell_{bt} + \beta\,\kappa_{bt}, \qquad
-               L = \begin{cases}
-                 \frac{1}{k}\,\frac{1}{B}\sum_b \frac{1}{\sum_t m_{bt}}\sum_t m_{bt}\,\tilde\ell_{bt}
-                   & \text{masked\_mean} \\
-                 \frac{1}{k}\,\frac{1}{B}\sum_b \frac{1}{c}\sum_t m_{bt}\,\tilde\ell_{bt}
-                   & \text{masked\_normalize (Dr. GRPO)} \\
-                 \frac{1}{c}\sum_b\sum_t m_{bt}\,\tilde\ell_{bt}
-                   & \text{token\_mean (DAPO)}
-               \end{cases}
+    .. math::  s_i = \exp\Big(\frac{1}{|y_i|}\sum_{t \in y_i} \log\pi_{\theta,it} - \log\pi_{\mathrm{old},it}\Big),
+               \quad s_{it} = \mathrm{sg}(s_i)\,\frac{\pi_{\theta,it}}{\mathrm{sg}(\pi_{\theta,it})},
+               \quad \ell_{it} = -\min\big(s_{it} A_i,\ \operatorname{clip}(s_{it}, 1-\epsilon, 1+\epsilon_\mathrm{high}) A_i\big)
 
-    where ``\ell`` is :func:`compute_policy_gradient_loss`, ``w`` the ``importance_weights`` (1 when
-    None), ``\kappa_{bt}`` :func:`compute_kl_penalty` against ``ref_log_probs`` and ``\beta = kl_coef``.
-    A response whose mask is all false (e.g. a truncated response under overlong masking) contributes 0.
-    With ``token_mean``, ``c`` is the number of response tokens of the whole train batch (every
-    microbatch of one optimizer step), and there is no ``1/k`` nor ``1/B``: the microbatch losses
-    of one step sum to the mean per-token loss over all its response tokens, and their gradient
-    does not depend on how the batch is cut into microbatches.
+    ``s_it`` has the value ``s_i`` at every token of response ``i``, so a per-response mean of ``\ell``
+    (``masked_mean``) is GSPO's sequence loss ``-min(s_i A_i, clip(s_i) A_i)``; its gradient is GSPO's,
+    ``s_i A_i \frac{1}{|y_i|}\sum_t \nabla\log\pi_{\theta,it}`` where not clipped, 0 where clipped. The
+    mean in ``s_i`` runs over ``response_mask``'s tokens (a response with none has ``s_i = 1``).
 
     Args:
-        policy_log_probs: ``(batch, seq)``.
+        advantages: ``(batch, 1)`` per-sequence advantages.
+        policy_log_probs: ``(batch, seq)`` log-probs under the policy being trained.
+        old_log_probs: ``(batch, seq)`` log-probs under the policy that sampled (no gradient).
         response_mask: ``(batch, seq)`` true on response tokens.
-        gradient_accumulation_steps: ``k`` (unused by ``token_mean``).
-        loss_type, raw_rewards, advantages, old_log_probs, cliprange, cliprange_high: as in
-            :func:`compute_policy_gradient_loss`.
-        length_normalization: ``masked_mean``, ``masked_normalize`` or ``token_mean``.
-        normalize_constant: ``c`` for ``masked_normalize`` (the maximum generation length) and for
-            ``token_mean`` (the number of response tokens in the train batch).
-        importance_weights: ``(batch, seq)`` per-token weights of the policy-gradient loss, e.g.
-            :func:`truncated_importance_weights`; used as given (pass detached weights).
-        ref_log_probs: ``(batch, seq)`` reference-policy log-probs, needed when ``kl_coef > 0``.
-        kl_coef: ``\beta \ge 0``.
+        cliprange: ``\epsilon`` (the paper: 3e-4), the lower side and by default the upper one.
+        cliprange_high: ``\epsilon_high`` (the paper: 4e-4); None means ``cliprange``.
 
     Returns:
-        scalar loss and metadata; ``clip_fraction`` (when clipping applies) is over response tokens;
-        ``kl`` (when ``ref_log_probs`` is given) and ``tis_weight_mean`` (when
-        ``importance_weights`` is given) are detached means over response tokens.
-
-    Raises:
-        ValueError: a shape mismatch, a missing ``normalize_constant`` or ``ref_log_probs``, a
-            negative ``kl_coef``, or an unknown ``length_normalization``.
+        ``(batch, seq)`` per-token loss and metadata: ``ratio`` (batch, seq), ``s_i`` at each token
+        (detached); ``sequence_ratio`` (batch, 1); ``clipped`` (batch, seq) bool, true where the clipped
+        term is the smaller one (no gradient).
     """
-    if response_mask.shape != policy_log_probs.shape:
-        raise ValueError(
-            f"response_mask {tuple(response_mask.shape)} must match policy_log_probs {tuple(policy_log_probs.shape)}"
-        )
-    if length_normalization not in LENGTH_NORMALIZATIONS:
-        raise ValueError(
-            f"unknown length_normalization {length_normalization!r}; expected one of {', '.join(LENGTH_NORMALIZATIONS)}"
-        )
-    if length_normalization != "masked_mean" and normalize_constant is None:
-        what = "max generation length" if length_normalization == "masked_normalize" else "train-batch response tokens"
-        raise ValueError(f"length_normalization={length_normalization!r} needs normalize_constant ({what})")
-    if kl_coef < 0:
-        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
-    if kl_coef > 0 and ref_log_probs is None:
-        raise ValueError(f"kl_coef={kl_coef} needs ref_log_probs")
-    if importance_weights is not None and importance_weights.shape != policy_log_probs.shape:
-        raise ValueError(
-            f"importance_weights {tuple(importance_weights.shape)} "
-            f"must match policy_log_probs {tuple(policy_log_probs.shape)}"
-        )
-    per_token, metadata = compute_policy_gradient_loss(
-        policy_log_probs, loss_type, raw_rewards, advantages, old_log_probs, cliprange,
-        cliprange_high=cliprange_high,
-    )
-    out = dict(metadata)
-    if importance_weights is not None:
-        per_token = per_token * importance_weights.to(per_token.dtype)
-        out["tis_weight_mean"] = masked_mean(importance_weights.detach(), response_mask)
-    if ref_log_probs is not None:
-        kl = compute_kl_penalty(policy_log_probs, ref_log_probs)
-        out["kl"] = masked_mean(kl.detach(), response_mask)
-        if kl_coef > 0:
-            per_token = per_token + kl_coef * kl
-    if length_normalization == "token_mean":
-        loss = masked_normalize(per_token, response_mask, normalize_constant)
-    else:
-        if length_normalization == "masked_mean":
-            # masked_mean per response; a response with no response tokens (masked out, e.g. truncated)
-            # contributes 0 instead of 0/0.
-            counts = response_mask.sum(dim=-1).clamp(min=1).to(per_token.dtype)
-            per_example = masked_normalize(per_token, response_mask, 1.0, dim=-1) / counts
-        else:
-            per_example = masked_normalize(per_token, response_mask, normalize_constant, dim=-1)
-        loss = per_example.mean() / gradient_accumulation_steps
-    if "clipped" in metadata:
-        out["clip_fraction"] = masked_mean(metadata["clipped"].float(), response_mask)
-    return loss, out
+    _check_per_sequence("advantages", advantages, policy_log_probs)
+    _check_same_shape("old_log_probs", old_log_probs, policy_log_probs)
+    _check_same_shape("response_mask", response_mask, policy_log_probs)
+    m = response_mask.to(policy_log_probs.dtype)
+    counts = m.sum(dim=-1, keepdim=True).clamp(min=1)
+    log_s = (torch.where(response_mask, policy_log_probs.detach() - old_log_probs, 0.0).sum(dim=-1, keepdim=True)
+             / counts)
+    ratio = torch.exp(log_s + policy_log_probs - policy_log_probs.detach())
+    a = advantages.to(policy_log_probs.dtype)
+    high = cliprange if cliprange_high is None else cliprange_high
+    unclipped = ratio * a
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + high) * a
+    return -torch.minimum(unclipped, clipped), {
+        "ratio": ratio.detach(), "sequence_ratio": torch.exp(log_s), "clipped": clipped < unclipped,
+    }
+
+
+def compute_cispo_loss(
+    advantages: Float[Tensor, "batch 1"],
+    policy_log_probs: Float[Tensor, "batch seq"],
+    old_log_probs: Float[Tensor, "batch seq"],
+    *,
+    cliprange_low: float,
+    cliprange_high: float,
+) -> tuple[Float[Tensor, "batch seq"], dict[str, Tensor]]:
+    r"""CISPO (MiniMax-M1, 2025) per-token loss: a clipped, stop-gradient importance weight on REINFORCE.
+
+    .. math::  r_t = \exp(\log\pi_{\theta,t} - \log\pi_{\mathrm{old},t}), \quad
+               \ell_t = -\,\mathrm{sg}\big(\operatorname{clip}(r_t, 1-\epsilon_\mathrm{low}, 1+\epsilon_\mathrm{high})\big)\,A\,\log\pi_{\theta,t}
+
+    Unlike the PPO clip, no token loses its gradient: a clipped ratio only bounds the token's weight.
+
+    Args:
+        advantages: ``(batch, 1)`` per-sequence advantages.
+        policy_log_probs: ``(batch, seq)`` log-probs under the policy being trained.
+        old_log_probs: ``(batch, seq)`` log-probs under the policy that sampled (no gradient).
+        cliprange_low: ``\epsilon_low`` (large, e.g. 1.0, leaves the weight unbounded below, as the paper).
+        cliprange_high: ``\epsilon_high``.
+
+    Returns:
+        ``(batch, seq)`` per-token loss and metadata: ``ratio`` (batch, seq, detached), ``clipped_low`` and
+        ``clipped_high`` (batch, seq) bool, where the weight was truncated from below or above.
+    """
+    _check_per_sequence("advantages", advantages, policy_log_probs)
+    _check_same_shape("old_log_probs", old_log_probs, policy_log_probs)
+    ratio = torch.exp(policy_log_probs.detach() - old_log_probs.detach())
+    weight = torch.clamp(ratio, 1.0 - cliprange_low, 1.0 + cliprange_high)
+    loss = -weight * advantages.to(policy_log_probs.dtype) * policy_log_probs
+    return loss, {"ratio": ratio, "clipped_low": ratio < 1.0 - cliprange_low, "clipped_high": ratio > 1.0 + cliprange_high}

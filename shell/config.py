@@ -278,8 +278,9 @@ class OptimConfig:
     weights unless --model.dtype bfloat16; GPU and CPUs with bf16 support)."""
     share_prompt_prefix: bool = False
     """CPU speed-up: run the prompt prefix common to the whole microbatch (e.g. the r1_zero
-    boilerplate) once, without gradient, and train on the rest. Drops only the gradient paths
-    through that shared prefix's keys and values."""
+    boilerplate) once and repeat its keys and values for every row; its gradient is kept, so the
+    loss and gradient are those of the whole microbatch. Under torchrun (FSDP) only scoring (old,
+    reference log-probs, entropy) shares it; training microbatches run whole."""
     checkpoint_above_tokens: int | None = 4096
     """Activation checkpointing for a microbatch of more than this many (padded) tokens: each layer
     is recomputed in backward instead of keeping its activations (SmolLM2, 8 × 2,000 tokens: 20.7 GB

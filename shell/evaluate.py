@@ -168,7 +168,8 @@ def _evaluate_into(cfg: EvaluateConfig, run_dir: Path) -> EvalResult:
         model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
 
     def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        return mean_token_entropies(model, tokenizer, prompts, responses, microbatch=cfg.entropy_microbatch)
+        return mean_token_entropies(model, tokenizer, prompts, responses, microbatch=cfg.entropy_microbatch,
+                                    temperature=cfg.eval.temperature if cfg.eval.temperature > 0 else 1.0)
 
     try:
         result = evaluate(sampler, dataset, template=template, sampling=cfg.eval, grading=cfg.grading,

@@ -19,7 +19,10 @@ from typing import Annotated, Any
 import torch
 import tyro
 
-from core import LengthNormalization, LossType, group_normalized_advantages, nonconstant_group_mask
+from core import (
+    AdvantageEstimator, LengthNormalization, PolicyLossType, group_normalized_advantages, nonconstant_group_mask,
+    overlong_penalty,
+)
 from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
     at_least, check_parts, flag, require, run_cli, variant,
@@ -30,7 +33,7 @@ from shell.loop import Run, write_curves
 from shell.progress import say
 from shell.prompts import PromptName
 from shell.rl_session import RLSession, load_rl_data
-from shell.rollout import Rollouts, grade, rollout
+from shell.rollout import Rollouts, grade, rollout, rollout_diagnostics
 from shell.seeds import batch_indices, derive_seed
 from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update
 from shell.world import require_world_multiple
@@ -64,17 +67,30 @@ class GRPOConfig:
     """Responses per optimizer step (< rollout_batch_size is off-policy)."""
     gradient_accumulation_steps: int = 128
     """Microbatches per optimizer step."""
-    loss_type: LossType = "reinforce_with_baseline"
-    """no_baseline, reinforce_with_baseline, grpo_clip or grpo_no_clip."""
+    loss_type: PolicyLossType = "reinforce_with_baseline"
+    """no_baseline, reinforce_with_baseline, grpo_clip, grpo_no_clip, gspo (sequence-level ratio, Zheng et al. 2025;
+    --cliprange/--cliprange-high e.g. 3e-4/4e-4) or cispo (clipped stop-gradient IS weight, MiniMax-M1; --cliprange is
+    its epsilon_low, --cliprange-high its epsilon_high)."""
+    advantage_estimator: AdvantageEstimator = "grpo"
+    """grpo: (r - group mean) / (group std + eps) (--use-std-normalization off: r - group mean); rloo: r minus the
+    mean of the other responses to the same question (leave-one-out)."""
+    overlong_buffer: int = 0
+    """DAPO's soft overlong punishment: responses longer than --sampling.max-tokens minus this many tokens get a
+    penalty growing linearly to --overlong-penalty at the limit, added to the reward (0: off)."""
+    overlong_penalty: float = 1.0
+    """The soft overlong punishment at --sampling.max-tokens (with --overlong-buffer)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: minus this times the masked token entropy (at the rollout temperature) is added to the loss
+    (0: off)."""
     use_std_normalization: bool = True
     """Divide advantages by the group std."""
     length_normalization: LengthNormalization = "masked_mean"
     """masked_mean (per-response mean over its tokens), masked_normalize (sum / sampling.max_tokens, Dr. GRPO)
     or token_mean (sum over the train batch's response tokens / their number, DAPO)."""
     cliprange: float = 0.2
-    """grpo_clip's epsilon (the lower side, and the upper side unless --cliprange-high)."""
+    """The clip's epsilon of grpo_clip / gspo / cispo (the lower side, and the upper side unless --cliprange-high)."""
     cliprange_high: float | None = None
-    """grpo_clip's upper epsilon (DAPO's clip-higher, e.g. 0.28); None: --cliprange."""
+    """The upper epsilon of grpo_clip / gspo / cispo (DAPO's clip-higher, e.g. 0.28); None: --cliprange."""
     kl_coef: float = 0.0
     """Weight of a k3 KL penalty to a frozen copy of the starting policy (0: off, no reference loaded)."""
     tis_cap: float = 0.0
@@ -118,6 +134,14 @@ def check_config(cfg: GRPOConfig) -> None:
     at_least(cfg.advantage_eps, 0, "--advantage-eps")
     at_least(cfg.kl_coef, 0, "--kl-coef")
     at_least(cfg.tis_cap, 0, "--tis-cap")
+    at_least(cfg.entropy_coef, 0, "--entropy-coef")
+    at_least(cfg.overlong_penalty, 0, "--overlong-penalty")
+    at_least(cfg.overlong_buffer, 0, "--overlong-buffer")
+    require(cfg.overlong_buffer <= cfg.sampling.max_tokens,
+            f"--overlong-buffer ({cfg.overlong_buffer}) must be at most --sampling.max-tokens ({cfg.sampling.max_tokens})")
+    require(cfg.advantage_estimator != "rloo" or cfg.group_size >= 2, "--advantage-estimator rloo needs --group-size >= 2")
+    require(cfg.sampling.temperature > 0, f"--sampling.temperature must be > 0 for rollouts (the policy gradient scores "
+                                          f"the sampled tokens under softmax(logits / T)), got {cfg.sampling.temperature}")
     check_parts(cfg, trains=("sampling",))
     require_world_multiple(cfg.gradient_accumulation_steps, "--gradient-accumulation-steps")
 
@@ -129,7 +153,7 @@ def pg_settings(cfg: GRPOConfig) -> PolicyGradientSettings:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, epochs_per_rollout_batch=cfg.epochs_per_rollout_batch,
         cliprange=cfg.cliprange, cliprange_high=cfg.cliprange_high, length_normalization=cfg.length_normalization,
         normalize_constant=float(cfg.sampling.max_tokens), kl_coef=cfg.kl_coef, tis_cap=cfg.tis_cap,
-        mask_truncated=cfg.mask_truncated,
+        mask_truncated=cfg.mask_truncated, entropy_coef=cfg.entropy_coef, temperature=cfg.sampling.temperature,
     )
 
 
@@ -211,9 +235,14 @@ def train(cfg: GRPOConfig) -> Path:
             rollouts, scores, info = sample_batch(sampler, train_set, template, cfg, step)
             rollouts.fill_entropies(session.entropy)
             sampler.sleep()  # a colocated vLLM frees its KV cache while the policy trains
+            length_penalty = (overlong_penalty(torch.tensor(rollouts.num_tokens), max_tokens=cfg.sampling.max_tokens,
+                                               buffer=cfg.overlong_buffer, penalty=cfg.overlong_penalty)
+                              if cfg.overlong_buffer > 0 else None)
             advantages, raw, stats = group_normalized_advantages(scores, group_size=cfg.group_size,
                                                                  advantage_eps=cfg.advantage_eps,
-                                                                 normalize_by_std=cfg.use_std_normalization)
+                                                                 normalize_by_std=cfg.use_std_normalization,
+                                                                 estimator=cfg.advantage_estimator,
+                                                                 reward_shaping=length_penalty)
             # Train: epochs × train batches of policy-gradient steps.
             updates = grpo_update(learner, rollouts, raw, advantages, settings,
                                   seed=derive_seed(cfg.run.seed, "update", step), reference=reference)
@@ -225,10 +254,14 @@ def train(cfg: GRPOConfig) -> Path:
                 "train/answer_reward": stats["answer_reward_mean"],
                 "train/reward_std": stats["reward_std"],
                 "train/zero_variance_group_fraction": stats["zero_variance_group_fraction"],
+                "train/frac_reward_zero_std": stats["zero_variance_group_fraction"],  # TRL's name of the same
                 "train/response_length": statistics.fmean(rollouts.num_tokens),
+                **rollout_diagnostics(rollouts),
                 "train/rollout_entropy": rollouts.mean_entropy,
                 "train/grading_timeouts": info["timeouts"],
             }
+            if length_penalty is not None:
+                common["train/overlong_penalty"] = float(length_penalty.mean())
             if cfg.dynamic_sampling:
                 common["train/sampling_rounds"] = info["rounds"]
                 common["train/kept_group_fraction"] = info["nonconstant"] / info["groups"]
@@ -310,7 +343,20 @@ def _modern() -> dict[str, tuple[str, GRPOConfig]]:
         kl_coef=0.0, rollout_batch_size=256, train_batch_size=128, gradient_accumulation_steps=64, name="grpo_dr_grpo",
     )
     dr = replace(dr, optim=replace(dr.optim, lr=1e-6))
+    gspo = _h100(loss_type="gspo", cliprange=3e-4, cliprange_high=4e-4, rollout_batch_size=256, train_batch_size=64,
+                 gradient_accumulation_steps=32, kl_coef=0.0, name="grpo_gspo")
+    cispo = _h100(loss_type="cispo", cliprange=1.0, cliprange_high=0.28, length_normalization="token_mean",
+                  rollout_batch_size=256, train_batch_size=64, gradient_accumulation_steps=32, kl_coef=0.0, name="grpo_cispo")
+    rloo = _h100(advantage_estimator="rloo", loss_type="reinforce_with_baseline", name="grpo_rloo")
+    overlong = _h100(overlong_buffer=256, overlong_penalty=1.0, name="grpo_overlong")
     return {
+        "gspo": ("GSPO (Zheng et al. 2025): sequence-level ratio clipped to [1 - 3e-4, 1 + 4e-4], no KL, 4 updates per "
+                 "rollout batch", gspo),
+        "cispo": ("CISPO (MiniMax-M1, 2025): clipped stop-gradient IS weight, no lower bound (epsilon_low 1), "
+                  "epsilon_high 0.28, token-level loss, no KL, 4 updates per rollout batch", cispo),
+        "rloo": ("RLOO (Ahmadian et al. 2024): leave-one-out baselines, reinforce_with_baseline, on-policy", rloo),
+        "overlong": ("DAPO's soft overlong punishment (Yu et al. 2025): the last 256 of 1024 tokens (DAPO: 4096 of "
+                     "20480) cost up to 1 reward", overlong),
         "dapo": ("DAPO (Yu et al. 2025): clip-higher 0.2/0.28, token-level loss, dynamic sampling, overlong masking, "
                  "no KL, lr 1e-6, G 16, 4 updates per rollout batch", dapo),
         "dr-grpo": ("Dr. GRPO (Liu et al. 2025): no std normalisation, sum / max tokens, grpo_clip 0.2, no KL, lr 1e-6, "

@@ -97,9 +97,17 @@ class RLSession:
         limit = prompt_token_limit(self.model, reserve=reserve, max_prompt_tokens=self.cfg.data.max_prompt_tokens)
         return questions_within_context(dataset, self.template, self.tokenizer, what=what, limit=limit)
 
+    def entropy_at(self, temperature: float) -> Callable[[Sequence[str], Sequence[str]], list[float]]:
+        """Scores each response's mean token entropy under the policy at ``temperature`` (of ``softmax(logits / T)``;
+        greedy, T = 0: the model's own distribution), where the sampler gives none (vLLM)."""
+        def score(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
+            return response_entropies(self.learner, prompts, responses, microbatch=self.microbatch,
+                                      temperature=temperature if temperature > 0 else 1.0)
+        return score
+
     def entropy(self, prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-        """Each response's mean token entropy under the policy (where the sampler gives none: vLLM)."""
-        return response_entropies(self.learner, prompts, responses, microbatch=self.microbatch)
+        """Each rollout's mean token entropy at the rollout temperature (``--sampling.temperature``)."""
+        return self.entropy_at(self.cfg.sampling.temperature)(prompts, responses)
 
     def open(self, prepare: Callable[[bool], T] | None = None) -> T | None:
         """A fresh run: the SFT warm start (``--warm-start.steps``), ``prepare(True)``, the evaluation of step 0.
@@ -120,7 +128,7 @@ class RLSession:
         ahead, it also keeps room for it in ``--budget-hours``, scaled from this one's time."""
         m = run_eval(self.run, self.sampler, self.model, self.eval_set, template=self.template, sampling=self.cfg.eval,
                      grading=self.cfg.grading, step=step, extra=self.eval_extra() if self.eval_extra else None,
-                     entropy=self.entropy)
+                     entropy=self.entropy_at(self.cfg.eval.temperature))
         if self.final_set is not None:  # the final evaluation, plus the last checkpoint and final/ (a margin)
             passes = 2 if self.final_eval.greedy else 1
             self.run.reserve_s = 1.15 * m["eval/seconds"] / max(1, len(self.eval_set)) * len(self.final_set) * passes + 30
@@ -140,5 +148,6 @@ class RLSession:
         folder = self.run.finish()
         if self.final_set is not None:
             final_evaluation(self.run, self.sampler, self.model, self.final_set, template=self.template,
-                             cfg=self.final_eval, grading=self.cfg.grading, entropy=self.entropy)
+                             cfg=self.final_eval, grading=self.cfg.grading,
+                             entropy=self.entropy_at(self.final_eval.sampling.temperature))
         return folder

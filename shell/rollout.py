@@ -13,7 +13,7 @@ from shell.grading import grade_batch
 from shell.prompts import PromptTemplate
 from shell.sampling import Sampler, SamplingParams
 
-__all__ = ["Rollouts", "grade", "rollout"]
+__all__ = ["Rollouts", "grade", "rollout", "rollout_diagnostics"]
 
 
 @dataclass
@@ -88,3 +88,11 @@ def grade(rollouts: Rollouts, template: PromptTemplate, grading: GradingConfig, 
     """Every response's rewards (the template's reward function, through the batch grader) and the grader's metadata."""
     return grade_batch(rollouts.responses, rollouts.truths, reward_fn=template.reward_fn_name,
                        timeout_s=grading.timeout_s, num_workers=grading.workers, progress=progress)
+
+
+def rollout_diagnostics(rollouts: Rollouts) -> dict[str, float]:
+    """TRL's completion diagnostics of a rollout batch: ``train/completions/clipped_ratio`` (the fraction that hit
+    the token limit) and ``train/completions/mean_terminated_length`` (the mean length of the others; 0 if none)."""
+    ended = [n for n, reason in zip(rollouts.num_tokens, rollouts.finish_reasons) if reason != "length"]
+    return {"train/completions/clipped_ratio": 1.0 - len(ended) / max(1, len(rollouts)),
+            "train/completions/mean_terminated_length": statistics.fmean(ended) if ended else 0.0}

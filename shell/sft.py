@@ -144,8 +144,9 @@ def train(cfg: SFTConfig) -> Path:
         run.begin(learner, closing=[sampler.close])
         micro = max(1, cfg.batch_size // cfg.gradient_accumulation_steps)
 
-        def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
-            return response_entropies(learner, prompts, responses, microbatch=micro)
+        def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:  # at the evaluation temperature
+            return response_entropies(learner, prompts, responses, microbatch=micro,
+                                      temperature=cfg.eval.temperature if cfg.eval.temperature > 0 else 1.0)
 
         def evaluate_now(step: int) -> None:
             sampler.load_weights(model)

@@ -9,7 +9,7 @@
 * :func:`mean_token_entropies` -- each response's mean token entropy under a model (where a sampler reports none).
 
 Per-token tensors (log-probs, entropies, old and reference log-probs, masks) always cover every position
-of the tokenized batch: where a shared prompt prefix is run once without gradient, its positions hold 0
+of the tokenized batch: where a shared prompt prefix is run once apart, its positions hold 0
 in the outputs and are sliced off the inputs inside the step, so every caller sees one shape.
 """
 
@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from core import (
-    get_response_log_probs, grpo_microbatch_loss, masked_mean, sft_microbatch_loss, tokenize_prompt_and_output,
-    truncated_importance_weights,
+    ObjectiveInputs, ObjectiveSettings, grpo_microbatch_loss, label_log_probs, masked_mean, policy_gradient_objective,
+    sft_microbatch_loss, tokenize_prompt_and_output,
 )
 from shell.fsdp import is_sharded
 from shell.models import cache_kwarg
 
 __all__ = [
+    "PolicyGradientTensors",
     "PrefixedModel",
     "activation_checkpointing",
     "common_prefix_len",
@@ -146,7 +148,7 @@ def common_prefix_len(rows: Sequence[Sequence[int]]) -> int:
 def tokenize_batch(prompts: Sequence[str], responses: Sequence[str], tokenizer: Any, device: torch.device | str) -> dict[str, Any]:
     """``tokenize_prompt_and_output`` on ``device`` (``input_ids``, ``labels``, ``response_mask``: (batch, seq))
     plus ``prefix_len``, the length of the prompt prefix shared by the whole batch that a step may run once
-    without gradient (it never covers a response label)."""
+    apart (it never covers a response label)."""
     batch = tokenize_prompt_and_output(list(prompts), list(responses), tokenizer)
     prompt_ids = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
     prefix = min(common_prefix_len(prompt_ids), min(len(p) for p in prompt_ids) - 1)
@@ -159,8 +161,9 @@ def tokenize_batch(prompts: Sequence[str], responses: Sequence[str], tokenizer: 
 
 
 class PrefixedModel(torch.nn.Module):
-    """``model`` on the suffix of a batch, after its shared prefix ``prefix_ids`` (1, p) has been run once
-    without gradient into a KV cache repeated for every row."""
+    """``model`` on the suffix of a batch, after its shared prefix ``prefix_ids`` (1, p) has been run once into a
+    KV cache repeated for every row. Where gradients are on, the prefix keeps its gradient (the repeat sums the
+    rows' gradients back into it), so the loss and gradient are the whole batch's exactly."""
 
     def __init__(self, model: torch.nn.Module, prefix_ids: Tensor):
         super().__init__()
@@ -169,9 +172,8 @@ class PrefixedModel(torch.nn.Module):
 
     def forward(self, input_ids: Tensor) -> Any:
         kw = cache_kwarg(self.model)
-        with torch.no_grad():
-            out = self.model(self.prefix_ids, use_cache=True)
-        if is_sharded(self.model):  # FSDP's gathered weights: their autocast copies made without grad must not serve below
+        out = self.model(self.prefix_ids, use_cache=True)  # with gradient where it is on: one exact backward
+        if is_sharded(self.model):  # (scoring only) FSDP regathers its weights: autocast's copies must not serve below
             torch.clear_autocast_cache()
         cache = out.past_key_values
         cache.batch_repeat_interleave(input_ids.shape[0])
@@ -200,12 +202,16 @@ def activation_checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[
 def _plan(model: torch.nn.Module, input_ids: Tensor, prefix_len: int, *, share_prompt_prefix: bool,
           checkpoint_above_tokens: int | None) -> tuple[bool, int]:
     """(activation checkpointing?, prefix positions run once): a long training microbatch is checkpointed
-    and runs whole; otherwise the shared prefix (when on, at least 2 tokens and 2 rows) is split off."""
+    and runs whole; otherwise the shared prefix (when on, at least 2 tokens and 2 rows) is split off. A training
+    microbatch of an FSDP-sharded policy runs whole too: the prefix's gradient would reach its weights through
+    the KV cache, past FSDP's backward hooks (a segfault in backward)."""
+    grad = torch.is_grad_enabled()
     checkpoint = (
         checkpoint_above_tokens is not None and input_ids.numel() > checkpoint_above_tokens
-        and torch.is_grad_enabled() and getattr(model, "supports_gradient_checkpointing", False)
+        and grad and getattr(model, "supports_gradient_checkpointing", False)
     )
-    p = prefix_len if share_prompt_prefix and input_ids.shape[0] > 1 and not checkpoint else 0
+    whole = checkpoint or (grad and is_sharded(model))
+    p = prefix_len if share_prompt_prefix and input_ids.shape[0] > 1 and not whole else 0
     return checkpoint, (p if p >= 2 else 0)
 
 
@@ -217,48 +223,66 @@ def _full_width(out: dict[str, Tensor], p: int) -> dict[str, Tensor]:
 
 
 def _forward(model: torch.nn.Module) -> Callable[..., dict[str, Tensor]]:
-    def forward(prefix_ids: Tensor | None, input_ids: Tensor, labels: Tensor, return_token_entropy: bool) -> dict[str, Tensor]:
+    def forward(prefix_ids: Tensor | None, input_ids: Tensor, labels: Tensor, return_token_entropy: bool,
+                temperature: float = 1.0, entropy_grad: bool = False) -> dict[str, Tensor]:
         target = model if prefix_ids is None else PrefixedModel(model, prefix_ids)
-        return get_response_log_probs(target, input_ids, labels, return_token_entropy)
+        return label_log_probs(target(input_ids).logits, labels, temperature=temperature,
+                               return_token_entropy=return_token_entropy, entropy_grad=entropy_grad)
 
     return forward
 
 
-def _sft_objective(policy_log_probs: Tensor, response_mask: Tensor, **kwargs: Any) -> tuple[Tensor, dict[str, Tensor]]:
-    return sft_microbatch_loss(policy_log_probs, response_mask, **kwargs), {}
+@dataclass(frozen=True)
+class PolicyGradientTensors:
+    """One policy-gradient microbatch's tensors besides what the forward computes: ``advantages`` and
+    ``raw_rewards`` ``(batch, 1)``; per-token ``(batch, seq)`` ones over every position of the tokenized batch.
+
+    ``old_log_probs`` None with ``on_policy``: the sampling policy is the current one, so the forward's own
+    detached log-probs serve (the ratio is 1, with its gradient). ``sampler_log_probs`` / ``sampler_mask``: the
+    sampler's log-probs and where they are known (mismatch diagnostics, TIS). ``ref_log_probs``: the KL
+    penalty's reference."""
+
+    advantages: Tensor | None = None
+    raw_rewards: Tensor | None = None
+    old_log_probs: Tensor | None = None
+    on_policy: bool = False
+    sampler_log_probs: Tensor | None = None
+    sampler_mask: Tensor | None = None
+    ref_log_probs: Tensor | None = None
+
+    def after(self, p: int) -> PolicyGradientTensors:
+        """The per-token tensors at positions ``p:`` (a shared prefix of ``p`` positions run apart)."""
+        return replace(self, **{f.name: getattr(self, f.name)[:, p:] for f in fields(self)
+                                if f.name in _PER_TOKEN and getattr(self, f.name) is not None})
+
+    def inputs(self, out: dict[str, Tensor], response_mask: Tensor, settings: ObjectiveSettings) -> ObjectiveInputs:
+        """The objective's inputs from the forward's ``out`` (log-probs, entropy)."""
+        lp = out["log_probs"]
+        old = lp.detach() if self.old_log_probs is None and self.on_policy else self.old_log_probs
+        return ObjectiveInputs(lp, response_mask, advantages=self.advantages, raw_rewards=self.raw_rewards,
+                               old_log_probs=old, sampler_log_probs=self.sampler_log_probs,
+                               sampler_mask=self.sampler_mask, ref_log_probs=self.ref_log_probs,
+                               token_entropy=out.get("token_entropy") if settings.entropy_coef > 0 else None)
+
+
+_PER_TOKEN = ("old_log_probs", "sampler_log_probs", "sampler_mask", "ref_log_probs")
+
+
+def _sft_objective(out: dict[str, Tensor], response_mask: Tensor, *, gradient_accumulation_steps: int,
+                   normalize_constant: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
+    return sft_microbatch_loss(out["log_probs"], response_mask, gradient_accumulation_steps=gradient_accumulation_steps,
+                               normalize_constant=normalize_constant), {}
+
+
+def _grpo_objective(out: dict[str, Tensor], response_mask: Tensor, *, settings: ObjectiveSettings,
+                    tensors: PolicyGradientTensors) -> tuple[Tensor, dict[str, Tensor]]:
+    return policy_gradient_objective(tensors.inputs(out, response_mask, settings), settings=settings)
 
 
 _OBJECTIVES: dict[str, Callable[..., tuple[Tensor, dict[str, Tensor]]]] = {
     "sft": _sft_objective,
-    "grpo": grpo_microbatch_loss,
+    "grpo": _grpo_objective,
 }
-
-
-def _sampler_correction(
-    current: Tensor, response_mask: Tensor, loss_kwargs: dict[str, Any]
-) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """Compare the trainer's old log-probs with the sampler's on the tokens where both are known
-    (``sampler_mask``), and with ``tis_cap > 0`` weight the per-token loss by truncated importance weights
-    (:func:`core.truncated_importance_weights`; weight 1 where the sampler's log-prob is unknown).
-
-    Returns the objective's keyword arguments (without the sampler's, with ``importance_weights`` when on)
-    and metadata: ``logprob_mismatch`` (mean |old - sampler| where known), ``sampler_known_fraction`` (of the
-    response tokens) and, with TIS, ``tis_capped_fraction``.
-    """
-    kwargs = dict(loss_kwargs)
-    sampler = kwargs.pop("sampler_log_probs")
-    known = kwargs.pop("sampler_mask") & response_mask
-    cap = kwargs.pop("tis_cap")
-    old = kwargs.get("old_log_probs")
-    old = current if old is None else old
-    n = known.sum().clamp(min=1)
-    meta = {"logprob_mismatch": torch.where(known, (old - sampler).abs(), 0.0).sum() / n,
-            "sampler_known_fraction": known.sum() / response_mask.sum().clamp(min=1)}
-    if cap > 0:
-        weights = torch.where(known, truncated_importance_weights(old, sampler, cap=cap), 1.0)
-        kwargs["importance_weights"] = weights
-        meta["tis_capped_fraction"] = (known & (weights >= cap)).sum() / n
-    return kwargs, meta
 
 
 def _compile(fn: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
@@ -287,55 +311,49 @@ def make_train_step(
     """A whole microbatch step on ``model``: forward, log-probs, objective, ``backward``.
 
     ``objective`` is ``"sft"`` (:func:`core.sft_microbatch_loss`) or ``"grpo"``
-    (:func:`core.grpo_microbatch_loss`). With ``compile=True`` the forward, the log-probs and the loss are
+    (:func:`core.policy_gradient_objective`). With ``compile=True`` the forward, the log-probs and the loss are
     one ``torch.compile``'d function with dynamic shapes (one graph for every batch size and sequence
     length; a separate one for a microbatch with a shared prefix and one for an activation-checkpointed
     microbatch); ``backward`` runs through the compiled graph.
 
-    ``share_prompt_prefix``: a batch's shared prompt prefix (``prefix_len``) is run once without gradient.
+    ``share_prompt_prefix``: a batch's shared prompt prefix (``prefix_len``) is run once (with its gradient).
     ``checkpoint_above_tokens``: a microbatch of more (padded) tokens is run with activation checkpointing
     (and whole).
 
     Returns:
-        ``step(input_ids, labels, response_mask, *, prefix_len=0, return_token_entropy=False,
-        old_log_probs_from_policy=False, **objective_kwargs) -> (loss, metadata)``: ``input_ids``, ``labels``,
-        ``response_mask`` are ``(batch, seq)``; ``old_log_probs_from_policy`` uses the forward's own detached
-        log-probs as the old ones (on-policy GRPO); ``sampler_log_probs`` (batch, seq), ``sampler_mask``
-        (batch, seq) and ``tis_cap`` compare the old log-probs with the sampler's and, with ``tis_cap > 0``,
-        weight the loss by truncated importance weights; the objective's keyword arguments (``gradient_accumulation_steps``, ``loss_type``,
-        ``advantages`` (batch, 1), ``old_log_probs`` (batch, seq) ...) pass through, per-token ones cut to
-        the positions the forward covers. ``loss`` is detached; metadata holds the objective's metadata
-        (detached), ``log_probs`` (batch, seq) and, when asked, ``token_entropy`` (batch, seq).
+        ``step(input_ids, labels, response_mask, *, prefix_len=0, return_token_entropy=False, temperature=1.0,
+        **objective) -> (loss, metadata)``: ``input_ids``, ``labels``, ``response_mask`` are ``(batch, seq)``; the
+        log-probs (and entropy) are those of ``softmax(logits / temperature)``, the sampler's distribution.
+        ``objective``: SFT's ``gradient_accumulation_steps`` (and ``normalize_constant``); GRPO's ``settings``
+        (:class:`core.ObjectiveSettings`) and ``tensors`` (:class:`PolicyGradientTensors`, its per-token
+        tensors cut to the positions the forward covers). ``loss`` is detached; metadata holds the objective's
+        metrics (detached), ``log_probs`` (batch, seq) and, when asked, ``token_entropy`` (batch, seq).
     """
     if objective not in _OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; expected one of {', '.join(_OBJECTIVES)}")
     loss_fn = _OBJECTIVES[objective]
     forward = _forward(model)
 
-    def forward_and_loss(prefix_ids, input_ids, labels, response_mask, return_token_entropy, old_from_policy, loss_kwargs):
-        out = forward(prefix_ids, input_ids, labels, return_token_entropy)
-        if old_from_policy:  # on-policy: the sampling policy is the current one, so the ratio is 1 with its gradient
-            loss_kwargs = {**loss_kwargs, "old_log_probs": out["log_probs"].detach()}
-        extra: dict[str, Tensor] = {}
-        if "sampler_log_probs" in loss_kwargs:
-            loss_kwargs, extra = _sampler_correction(out["log_probs"].detach(), response_mask, loss_kwargs)
-        loss, meta = loss_fn(out["log_probs"], response_mask, **loss_kwargs)
-        return loss, out, {**meta, **extra}
+    def forward_and_loss(prefix_ids, input_ids, labels, response_mask, return_token_entropy, temperature, loss_kwargs):
+        settings = loss_kwargs.get("settings")
+        entropy_grad = settings is not None and settings.entropy_coef > 0
+        out = forward(prefix_ids, input_ids, labels, return_token_entropy or entropy_grad, temperature, entropy_grad)
+        loss, meta = loss_fn(out, response_mask, **loss_kwargs)
+        return loss, out, meta
 
     compiled = _compile(forward_and_loss, compile)
 
-    def step(input_ids, labels, response_mask, *, prefix_len=0, return_token_entropy=False,
-             old_log_probs_from_policy=False, **loss_kwargs):
+    def step(input_ids, labels, response_mask, *, prefix_len=0, return_token_entropy=False, temperature=1.0,
+             **loss_kwargs):
         checkpoint, p = _plan(model, input_ids, prefix_len, share_prompt_prefix=share_prompt_prefix,
                               checkpoint_above_tokens=checkpoint_above_tokens)
         prefix_ids = input_ids[:1, :p] if p else None
         if p:
-            full = input_ids.shape
             input_ids, labels, response_mask = input_ids[:, p:], labels[:, p:], response_mask[:, p:]
-            loss_kwargs = {k: (v[:, p:] if isinstance(v, Tensor) and v.shape == full else v) for k, v in loss_kwargs.items()}
+            loss_kwargs = {k: (v.after(p) if isinstance(v, PolicyGradientTensors) else v) for k, v in loss_kwargs.items()}
         with activation_checkpointing(model, checkpoint):
-            loss, out, meta = compiled(prefix_ids, input_ids, labels, response_mask, return_token_entropy,
-                                       old_log_probs_from_policy, loss_kwargs)
+            loss, out, meta = compiled(prefix_ids, input_ids, labels, response_mask, return_token_entropy, temperature,
+                                       loss_kwargs)
             loss.backward()
         metadata: dict[str, Any] = {k: (v.detach() if isinstance(v, Tensor) else v) for k, v in meta.items()}
         metadata.update(_full_width({k: v.detach() for k, v in out.items()}, p))
@@ -351,15 +369,16 @@ def make_log_probs_fn(
     log-probs of off-policy GRPO, reference log-probs, the policy's entropy on sampled responses.
 
     Returns:
-        ``fn(input_ids, labels, *, prefix_len=0, return_token_entropy=False) -> {"log_probs": (batch, seq)
-        [, "token_entropy": (batch, seq)]}`` over every position (0 on a shared prefix).
+        ``fn(input_ids, labels, *, prefix_len=0, return_token_entropy=False, temperature=1.0) -> {"log_probs":
+        (batch, seq) [, "token_entropy": (batch, seq)]}`` over every position (0 on a shared prefix), of
+        ``softmax(logits / temperature)``.
     """
     compiled = _compile(_forward(model), compile)
 
-    def log_probs(input_ids, labels, *, prefix_len=0, return_token_entropy=False):
+    def log_probs(input_ids, labels, *, prefix_len=0, return_token_entropy=False, temperature=1.0):
         _, p = _plan(model, input_ids, prefix_len, share_prompt_prefix=share_prompt_prefix, checkpoint_above_tokens=None)
         prefix_ids = input_ids[:1, :p] if p else None
-        out = compiled(prefix_ids, input_ids[:, p:], labels[:, p:], return_token_entropy)
+        out = compiled(prefix_ids, input_ids[:, p:], labels[:, p:], return_token_entropy, temperature)
         return _full_width(out, p)
 
     return log_probs
@@ -367,13 +386,14 @@ def make_log_probs_fn(
 
 def mean_token_entropies(
     model: torch.nn.Module, tokenizer: Any, prompts: Sequence[str], responses: Sequence[str], *, microbatch: int,
-    log_probs: Callable[..., dict[str, Tensor]] | None = None, autocast_bf16: bool = False,
+    log_probs: Callable[..., dict[str, Tensor]] | None = None, autocast_bf16: bool = False, temperature: float = 1.0,
 ) -> list[float]:
     """Each response's mean token entropy under ``model`` (inference mode, ``microbatch`` rows at a time): the
     rollout and evaluation entropy where the sampler reports none (vLLM).
 
     ``log_probs``: the model's :func:`make_log_probs_fn` (e.g. a learner's compiled one; default an eager one);
-    ``autocast_bf16``: score in bf16 autocast. An empty response has entropy 0.
+    ``autocast_bf16``: score in bf16 autocast; ``temperature``: the entropy of ``softmax(logits / temperature)``
+    (the distribution the responses were sampled from). An empty response has entropy 0.
     """
     fn = log_probs if log_probs is not None else make_log_probs_fn(model)
     device = next(model.parameters()).device
@@ -385,7 +405,8 @@ def mean_token_entropies(
         for i in range(0, len(responses), max(1, microbatch)):
             tb = tokenize_batch(prompts[i : i + microbatch], responses[i : i + microbatch], tokenizer, device)
             with torch.inference_mode(), autocast:
-                ent = fn(tb["input_ids"], tb["labels"], prefix_len=tb["prefix_len"], return_token_entropy=True)["token_entropy"]
+                ent = fn(tb["input_ids"], tb["labels"], prefix_len=tb["prefix_len"], return_token_entropy=True,
+                         temperature=temperature)["token_entropy"]
             mask = tb["response_mask"]
             per = (ent.float() * mask).sum(-1) / mask.sum(-1).clamp(min=1)
             out.extend(float(e) for e in per)

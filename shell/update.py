@@ -20,15 +20,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from core import LengthNormalization, LossType
+from core import LengthNormalization, ObjectiveSettings, PolicyLossType
 from shell.config import OptimConfig, WarmStartConfig
 from shell.data import SFTExample
 from shell.fsdp import gathered, is_sharded, max_abs_weight, shard_model, unsharded_copy, zero_gradient_pass
 from shell.progress import say
 from shell.rollout import Rollouts
 from shell.seeds import batch_indices, derive_seed, seeded_permutation
-from shell.steps import make_log_probs_fn, make_train_step, mean_token_entropies, tokenize_batch
-from shell.world import active, is_main, share, share_evenly, sum_over_ranks, unshare, world
+from shell.steps import PolicyGradientTensors, make_log_probs_fn, make_train_step, mean_token_entropies, tokenize_batch
+from shell.world import active, gather, is_main, share, share_evenly, sum_over_ranks, unshare, world
 
 __all__ = [
     "DivergenceGuard",
@@ -183,13 +183,15 @@ def accumulate_and_step(
 ) -> dict[str, float]:
     """One optimizer step: the microbatch step (forward, loss, backward) on each microbatch, then clip +
     AdamW. Returns ``train/`` metrics: the summed loss, the pre-clip gradient norm, the token entropy and
-    every scalar the objective reports (e.g. ``clip_fraction``), averaged over response tokens.
+    every scalar the objective reports (e.g. ``clip_fraction``), averaged over response tokens (the sampler
+    mismatch ones over the tokens whose sampler log-prob is known; a ``…_max`` / ``…/max`` one is the maximum).
 
     Under torchrun ``microbatches`` are this rank's share of the step's; the metrics are summed over ranks."""
     optimizer = optimizer or learner.optimizer
     learner.model.train()
-    loss_sum, tokens, entropy_sum = 0.0, 0, 0.0
+    loss_sum, tokens, entropy_sum, known, reported = 0.0, 0, 0.0, 0.0, False
     weighted: dict[str, float] = defaultdict(float)
+    maxima: dict[str, float] = {}
     for tb, kwargs in microbatches:
         if not bool(tb["response_mask"].any()):
             if is_sharded(learner.model):  # FSDP: every rank takes part in every microbatch's gradient reduction
@@ -203,10 +205,20 @@ def accumulate_and_step(
         loss_sum += float(loss)
         tokens += n
         entropy_sum += float((meta["token_entropy"] * mask).sum())
+        n_known = float(meta.get("sampler_known_count", 0.0))
+        known += n_known
+        reported |= "sampler_known_count" in meta
         for key, value in meta.items():
-            if isinstance(value, Tensor) and value.ndim == 0 and value.is_floating_point():
-                weighted[key] += float(value) * n
-    loss_sum, tokens, entropy_sum, weighted = sum_over_ranks((loss_sum, tokens, entropy_sum, dict(weighted)))
+            if not (isinstance(value, Tensor) and value.ndim == 0 and value.is_floating_point()) or key == "sampler_known_count":
+                continue
+            if key.endswith("_max") or key.endswith("/max"):
+                maxima[key] = max(maxima.get(key, float("-inf")), float(value))
+            else:
+                weighted[key] += float(value) * (n_known if key in _PER_KNOWN_TOKEN else n)
+    loss_sum, tokens, entropy_sum, known, reported, weighted = sum_over_ranks(
+        (loss_sum, tokens, entropy_sum, known, int(reported), dict(weighted)))
+    every_max = gather(maxima)
+    maxima = {k: max(m[k] for m in every_max if k in m) for k in dict.fromkeys(k for m in every_max for k in m)}
     norm = optimizer.step()
     learner.guard.check(loss_sum, norm)
     metrics = {
@@ -216,8 +228,15 @@ def accumulate_and_step(
         "train/response_tokens": tokens,
         "train/lr": optimizer.lr,
     }
-    metrics.update({f"train/{k}": v / max(tokens, 1) for k, v in weighted.items()})
+    metrics.update({f"train/{k}": v / max(known if k in _PER_KNOWN_TOKEN else tokens, 1) for k, v in weighted.items()})
+    metrics.update({f"train/{k}": v for k, v in maxima.items()})
+    if reported:
+        metrics["train/sampler_known_fraction"] = known / max(tokens, 1)
     return metrics
+
+
+_PER_KNOWN_TOKEN = ("logprob_mismatch", "rollout_corr/k3_kl", "sampling/importance_sampling_ratio/mean", "tis_capped_fraction")
+"""Mismatch metrics (:func:`core.sampler_mismatch`): means over the tokens whose sampler log-prob is known."""
 
 
 # ------------------------------------------------------------------------------------------------ SFT
@@ -287,14 +306,14 @@ def warm_start_microbatches(batch_size: int, ranks: int = 1) -> int:
 class PolicyGradientSettings:
     """What a policy-gradient update on one rollout batch needs (GRPO's flags)."""
 
-    loss_type: LossType
+    loss_type: PolicyLossType
     group_size: int
     train_batch_size: int
     gradient_accumulation_steps: int
     epochs_per_rollout_batch: int = 1
     cliprange: float = 0.2
     cliprange_high: float | None = None
-    """grpo_clip's upper epsilon (DAPO's clip-higher); None: ``cliprange``."""
+    """The upper epsilon of grpo_clip / gspo / cispo (DAPO's clip-higher); None: ``cliprange``."""
     length_normalization: LengthNormalization = "masked_mean"
     normalize_constant: float | None = None
     """``masked_normalize``'s constant (the maximum generation length)."""
@@ -304,6 +323,24 @@ class PolicyGradientSettings:
     """Truncated importance sampling of the sampler/trainer mismatch: the weights' cap (0: off)."""
     mask_truncated: bool = False
     """Responses that hit the token limit (finish reason "length") get no loss."""
+    entropy_coef: float = 0.0
+    """Weight of the entropy bonus (0: off)."""
+    temperature: float = 1.0
+    """The rollout temperature: old, new and reference log-probs are those of ``softmax(logits / temperature)``."""
+
+    @property
+    def needs_old_log_probs(self) -> bool:
+        """The objective needs the sampling policy's log-probs (:attr:`core.ObjectiveSettings.needs_old_log_probs`)."""
+        return self.objective(1.0).needs_old_log_probs
+
+    def objective(self, normalize_constant: float | None) -> ObjectiveSettings:
+        """The microbatch objective's settings, with ``normalize_constant`` (a train batch's for ``token_mean``)."""
+        return ObjectiveSettings(
+            loss_type=self.loss_type, gradient_accumulation_steps=self.gradient_accumulation_steps,
+            length_normalization=self.length_normalization, normalize_constant=normalize_constant,
+            cliprange=self.cliprange, cliprange_high=self.cliprange_high, kl_coef=self.kl_coef, tis_cap=self.tis_cap,
+            entropy_coef=self.entropy_coef,
+        )
 
     def off_policy(self, rollout_batch_size: int) -> bool:
         """More than one optimizer step per rollout batch: later steps train on another policy's samples."""
@@ -336,14 +373,15 @@ def plan_microbatches(n: int, settings: PolicyGradientSettings, *, seed: int) ->
     return epochs
 
 
-def _policy_log_probs(learner: Learner, tokenized: Sequence[dict[str, Any]]) -> list[dict[str, Tensor]]:
-    """Log-probs of tokenized batches under the current policy, in inference mode (under torchrun
-    with the policy gathered once for all of them)."""
+def _policy_log_probs(learner: Learner, tokenized: Sequence[dict[str, Any]], *, temperature: float
+                      ) -> list[dict[str, Tensor]]:
+    """Log-probs at ``temperature`` of tokenized batches under the current policy, in inference mode (under
+    torchrun with the policy gathered once for all of them)."""
     learner.model.eval()
     out = []
     with gathered(learner.model), torch.inference_mode(), learner.autocast():
         for tb in tokenized:
-            r = learner.log_probs(tb["input_ids"], tb["labels"], prefix_len=tb["prefix_len"])
+            r = learner.log_probs(tb["input_ids"], tb["labels"], prefix_len=tb["prefix_len"], temperature=temperature)
             out.append({k: v.float().clone() for k, v in r.items()})
     return out
 
@@ -407,8 +445,10 @@ def grpo_update(
 
     Off-policy losses that need them get the old log-probs once, before the first step (the sampling
     policy's, under inference mode); on-policy the forward's own detached log-probs serve. With a
-    ``reference`` (``kl_coef > 0``) its log-probs are computed once too. Every step logs the mean
-    |old - sampler| log-prob mismatch where the sampler reported log-probs; ``tis_cap > 0`` corrects for it.
+    ``reference`` (``kl_coef > 0``) its log-probs are computed once too. Every log-prob (old, new, reference) is
+    that of ``softmax(logits / settings.temperature)``, the distribution the rollouts were sampled from. Every
+    step logs the sampler/trainer mismatch where the sampler reported log-probs (:func:`core.sampler_mismatch`);
+    ``tis_cap > 0`` corrects for it.
 
     Under torchrun every rank holds the whole rollout batch and runs its share of each train batch's
     microbatches (``gradient_accumulation_steps`` must be a multiple of the number of ranks).
@@ -423,44 +463,42 @@ def grpo_update(
         rows = [j for j, i in enumerate(k) if truncated[i]]
         if rows:
             tb["response_mask"][rows] = False
-    needs_old = settings.loss_type in ("grpo_clip", "grpo_no_clip") or settings.tis_cap > 0
+    off_policy = settings.off_policy(n)
+    needs_old = settings.needs_old_log_probs
+    temperature = settings.temperature
     order = list(dict.fromkeys(tuple(mb) for epoch in plan for batch in epoch for mb in share_evenly(batch)))
     old: dict[tuple[int, ...], Tensor] = {}
-    if needs_old and settings.off_policy(n):
-        old = {k: r["log_probs"] for k, r in zip(order, _policy_log_probs(learner, [tokenized[k] for k in order]))}
+    if needs_old and off_policy:
+        old = {k: r["log_probs"] for k, r in zip(order, _policy_log_probs(learner, [tokenized[k] for k in order],
+                                                                          temperature=temperature))}
     ref: dict[tuple[int, ...], Tensor] = {}
     if reference is not None and settings.kl_coef > 0:
         with torch.inference_mode(), learner.autocast():
             for k in order:
                 tb = tokenized[k]
-                ref[k] = reference.log_probs(tb["input_ids"], tb["labels"], prefix_len=tb["prefix_len"])["log_probs"].float().clone()
+                ref[k] = reference.log_probs(tb["input_ids"], tb["labels"], prefix_len=tb["prefix_len"],
+                                             temperature=temperature)["log_probs"].float().clone()
     device = learner.device
     metrics = []
     for epoch in plan:
         for batch in epoch:
             batch_tokens = sum(int(tokenized[tuple(mb)]["response_mask"].sum()) for mb in batch)
             constant = float(max(1, batch_tokens)) if settings.length_normalization == "token_mean" else settings.normalize_constant
+            objective = settings.objective(constant)
             microbatches = []
             for mb in share_evenly(batch):
                 idx = torch.tensor(mb)
                 tb = tokenized[tuple(mb)]
-                kwargs: dict[str, Any] = dict(
-                    gradient_accumulation_steps=settings.gradient_accumulation_steps, loss_type=settings.loss_type,
-                    raw_rewards=raw_rewards[idx].unsqueeze(-1).to(device), advantages=advantages[idx].unsqueeze(-1).to(device),
-                    cliprange=settings.cliprange, cliprange_high=settings.cliprange_high,
-                    length_normalization=settings.length_normalization, normalize_constant=constant,
-                )
-                if old:
-                    kwargs["old_log_probs"] = old[tuple(mb)]
-                elif needs_old:
-                    kwargs["old_log_probs_from_policy"] = True
-                if ref:
-                    kwargs.update(ref_log_probs=ref[tuple(mb)], kl_coef=settings.kl_coef)
+                sampler: dict[str, Tensor] = {}
                 if rollouts.sampler_log_probs and any(rollouts.sampler_log_probs[i] is not None for i in mb):
                     values, known = _sampler_tensors(tb, [rollouts.sampler_token_ids[i] for i in mb],
                                                      [rollouts.sampler_log_probs[i] for i in mb])
-                    kwargs.update(sampler_log_probs=values, sampler_mask=known, tis_cap=settings.tis_cap)
-                microbatches.append((tb, kwargs))
+                    sampler = {"sampler_log_probs": values, "sampler_mask": known}
+                tensors = PolicyGradientTensors(
+                    advantages=advantages[idx].unsqueeze(-1).to(device), raw_rewards=raw_rewards[idx].unsqueeze(-1).to(device),
+                    old_log_probs=old.get(tuple(mb)), on_policy=not old, ref_log_probs=ref.get(tuple(mb)), **sampler,
+                )
+                microbatches.append((tb, {"settings": objective, "tensors": tensors, "temperature": temperature}))
             m = accumulate_and_step(learner, learner.grpo_step, microbatches)
             m.setdefault("train/clip_fraction", 0.0)
             m["train/truncated_fraction"] = sum(truncated[i] for mb in batch for i in mb) / sum(len(mb) for mb in batch)
@@ -468,14 +506,17 @@ def grpo_update(
     return metrics
 
 
-def response_entropies(learner: Learner, prompts: Sequence[str], responses: Sequence[str], *, microbatch: int) -> list[float]:
-    """Each response's mean token entropy under the learner's policy (:func:`shell.steps.mean_token_entropies`
-    with its log-probs function and autocast): the rollout and evaluation entropy where the sampler reports none.
-    Under torchrun each rank scores its share of the responses and every rank gets them all."""
+def response_entropies(learner: Learner, prompts: Sequence[str], responses: Sequence[str], *, microbatch: int,
+                       temperature: float = 1.0) -> list[float]:
+    """Each response's mean token entropy of ``softmax(logits / temperature)`` under the learner's policy
+    (:func:`shell.steps.mean_token_entropies` with its log-probs function and autocast): the rollout and
+    evaluation entropy where the sampler reports none. Under torchrun each rank scores its share of the
+    responses and every rank gets them all."""
     rows = share(range(len(responses)))
     with gathered(learner.model):
         out = mean_token_entropies(learner.model, learner.tokenizer, [prompts[i] for i in rows],
                                    [responses[i] for i in rows], microbatch=microbatch,
-                                   log_probs=learner.log_probs, autocast_bf16=learner.optim.autocast_bf16)
+                                   log_probs=learner.log_probs, autocast_bf16=learner.optim.autocast_bf16,
+                                   temperature=temperature)
     return unshare(out)
 

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 import core
 from shell import grpo_microbatch_train_step, make_train_step, sft_microbatch_train_step
+from shell.steps import PolicyGradientTensors
 
 # ---------------------------------------------------------------- strategies
 
@@ -393,8 +394,8 @@ def test_make_train_step_matches_manual_step():
     mask[:, 0] = True
     adv = torch.randn(3, 1)
     step = make_train_step(wrapped, "grpo")
-    loss, meta = step(ids, labels, mask, gradient_accumulation_steps=1, loss_type="reinforce_with_baseline",
-                      advantages=adv, return_token_entropy=True)
+    loss, meta = step(ids, labels, mask, settings=core.ObjectiveSettings(loss_type="reinforce_with_baseline"),
+                      tensors=PolicyGradientTensors(advantages=adv), return_token_entropy=True)
     grads = [p.grad.clone() for p in wrapped.parameters()]
     wrapped.zero_grad()
     lp = core.get_response_log_probs(wrapped, ids, labels)["log_probs"]

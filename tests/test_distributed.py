@@ -185,6 +185,11 @@ SCENARIOS = {
     "token-mean-masked": dict(loss_type="grpo_clip", group_size=2, train_batch_size=8, gradient_accumulation_steps=4,
                               length_normalization="token_mean", mask_truncated=True),
     "kl": dict(loss_type="grpo_clip", group_size=2, train_batch_size=8, gradient_accumulation_steps=2, kl_coef=0.5),
+    "gspo-tempered": dict(loss_type="gspo", group_size=2, train_batch_size=4, gradient_accumulation_steps=2,
+                          epochs_per_rollout_batch=2, cliprange=0.05, temperature=0.7),
+    "cispo-entropy": dict(loss_type="cispo", group_size=2, train_batch_size=8, gradient_accumulation_steps=4,
+                          epochs_per_rollout_batch=2, cliprange=1.0, cliprange_high=0.28, entropy_coef=0.01,
+                          length_normalization="token_mean", temperature=0.7),
 }
 
 
@@ -199,7 +204,8 @@ def _updates(out: Path) -> None:
     results = {}
     for name, kw in SCENARIOS.items():
         model, tok = tiny_policy(seed=3, tie_word_embeddings=True)
-        learner = Learner(model, tok, OptimConfig(lr=1e-3, share_prompt_prefix=True))  # bf16 autocast, as the laptop
+        # bf16 autocast, as the laptop; no shared prefix: a sharded policy trains on whole microbatches (shell.steps._plan)
+        learner = Learner(model, tok, OptimConfig(lr=1e-3))
         settings = PolicyGradientSettings(**kw)
         reference = Reference.of(learner) if settings.kl_coef else None
         rollouts, raw, advantages = _group_rollouts()
@@ -254,11 +260,16 @@ def test_policy_gradient_update_at_world_size_2_equals_world_size_1(tmp_path):
         for x, y in zip(a, b):
             assert x.keys() == y.keys()
             assert x["train/response_tokens"] == y["train/response_tokens"]
-            for key in ("train/loss", "train/grad_norm", "train/token_entropy", "train/clip_fraction"):
+            for key in ("train/loss", "train/grad_norm", "train/token_entropy", "train/clip_fraction", "train/ratio_mean",
+                        "train/ratio_max", "train/entropy_bonus"):
+                if key not in x:
+                    continue
                 assert y[key] == pytest.approx(x[key], rel=1e-5, abs=1e-6), (name, key)  # float32 sums of ±1 terms
         moved = max(float((one[name]["state"][k] - tiny_start()[k]).abs().max()) for k in tiny_start())
         assert moved > 1e-3, name  # the update did something (2 steps of lr 1e-3 or more)
         assert_adam_close(one[name]["state"], two[name]["state"], lr=1e-3)
+    assert {"train/ratio_max", "train/clip_ratio/region_mean"} <= set(one["gspo-tempered"]["metrics"][0])
+    assert "train/entropy_bonus" in one["cispo-entropy"]["metrics"][0]
     masked = one["token-mean-masked"]["metrics"][0]
     assert masked["train/response_tokens"] < sum(len(r) for r in _group_rollouts()[0].responses)  # rows 4-5 masked
 

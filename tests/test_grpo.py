@@ -224,6 +224,33 @@ def test_modern_objective_flags_run_and_log(tmp_path):
     assert rows and all(0.0 <= r["train/truncated_fraction"] <= 1.0 for r in rows)
 
 
+def test_gspo_cispo_rloo_overlong_and_entropy_flags_run_and_log_the_diagnostics(tmp_path):
+    """--loss-type gspo / cispo, --advantage-estimator rloo, --overlong-buffer, --entropy-coef through the loop at
+    --sampling.temperature 0.7: every step logs the clip ratios, the raw ratio, the mismatch and completion stats."""
+    from shell import grpo
+
+    tiny = save_tiny_policy(tmp_path / "tiny")
+    common = {"train/ratio_mean", "train/ratio_max", "train/logprob_mismatch", "train/rollout_corr/k3_kl",
+              "train/sampling/importance_sampling_ratio/mean", "train/sampling/importance_sampling_ratio/max",
+              "train/completions/clipped_ratio", "train/completions/mean_terminated_length",
+              "train/zero_variance_group_fraction", "train/truncated_fraction"}
+    runs = {
+        "gspo": (["--loss-type", "gspo", "--cliprange", "3e-4", "--cliprange-high", "4e-4"],
+                 {"train/clip_ratio/low_mean", "train/clip_ratio/high_mean", "train/clip_ratio/region_mean"}),
+        "cispo": (["--loss-type", "cispo", "--cliprange", "1.0", "--cliprange-high", "0.28", "--advantage-estimator",
+                   "rloo", "--overlong-buffer", "3", "--entropy-coef", "0.01"],
+                  {"train/clip_ratio/region_mean", "train/overlong_penalty", "train/entropy_bonus"}),
+    }
+    for name, (extra, keys) in runs.items():
+        grpo.main([*_args(tiny, tmp_path, name, 1), "--eval-every", "1", "--sampling.temperature", "0.7",
+                   "--optim.no-autocast-bf16", *extra])
+        rows = [r for r in read_metrics(tmp_path / name) if "train_step" in r]
+        assert rows and (common | keys) <= set(rows[0]), (common | keys) - set(rows[0])
+        assert all(r["train/overlong_penalty"] <= 0 for r in rows if "train/overlong_penalty" in r)
+        # on-policy at T = 0.7 against the sampler's own (float32, no copy) tempered log-probs: no mismatch
+        assert rows[0]["train/logprob_mismatch"] < 1e-4, rows[0]["train/logprob_mismatch"]
+
+
 def test_grpo_resume_equals_uninterrupted(tmp_path):
     from shell import grpo
 

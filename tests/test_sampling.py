@@ -217,16 +217,62 @@ def test_greedy_equals_argmax_with_left_padding(random_model, tok) -> None:
             assert c.entropies == pytest.approx(ref_ent, abs=1e-4)
 
 
-def test_logprobs_are_raw_model_logprobs_of_sampled_tokens(random_model, tok) -> None:
+def recompute_nucleus_logprobs(model, tok, prompt: str, completion: list[int], *, temperature: float, top_p: float
+                               ) -> list[float]:
+    """Log-probs of ``completion`` under softmax(logits / T) restricted to the top-p nucleus, by full recomputation."""
+    prompt_ids = tok.encode(prompt)
+    seq = torch.tensor([prompt_ids + completion])
+    with torch.no_grad():
+        z = model(seq).logits[0].float() / temperature
+    out = []
+    for i, t in enumerate(completion):
+        p = torch.softmax(z[len(prompt_ids) - 1 + i], -1)
+        order = torch.argsort(p, descending=True)
+        before = torch.cumsum(p[order], 0) - p[order]
+        kept = order[before <= top_p]
+        assert t in kept.tolist()  # a sampled token is always in the nucleus
+        out.append(float(torch.log(p[t] / p[kept].sum())))
+    return out
+
+
+def test_logprobs_are_those_of_the_tempered_nucleus_sampled_from(random_model, tok) -> None:
     params = SamplingParams(n=2, temperature=0.7, top_p=0.9, max_tokens=8, stop=(), seed=0, logprobs=True)
     out = HFSampler(random_model, tok).generate(RANDOM_PROMPTS[:3], params)
     for prompt, group in zip(RANDOM_PROMPTS, out):
         for c in group:
             assert len(c.logprobs) == len(c.entropies) == len(c.token_ids)
-            assert c.logprobs == pytest.approx(recompute_logprobs(random_model, tok, prompt, c.token_ids), abs=1e-4)
+            expected = recompute_nucleus_logprobs(random_model, tok, prompt, c.token_ids, temperature=0.7, top_p=0.9)
+            assert c.logprobs == pytest.approx(expected, abs=1e-4)
             assert all(e >= 0 for e in c.entropies)
     plain = HFSampler(random_model, tok).generate(["x"], SamplingParams(max_tokens=3, seed=0))
     assert plain[0][0].logprobs is None and plain[0][0].entropies is None
+
+
+def test_hf_logprobs_at_temperature_0_7_are_the_trainers_tempered_ones(tok) -> None:
+    """A float32 policy with a float32 generation copy: the sampler's log-probs at T = 0.7 (top-p 1) are
+    core.get_response_log_probs(..., temperature=0.7) of the same tokens, and differ from those at T = 1; its
+    entropies are those of softmax(logits / 0.7)."""
+    import core
+
+    policy = tiny_model(seed=4)
+    sampler = HFSampler(policy, tok, generation_dtype="float32")
+    assert sampler.owns_copy and next(sampler.model.parameters()).dtype == torch.float32
+    params = SamplingParams(n=3, temperature=0.7, top_p=1.0, max_tokens=10, stop=(), seed=2, logprobs=True)
+    prompts = RANDOM_PROMPTS[:2]
+    groups = sampler.generate(prompts, params)
+    n_diff = 0
+    for prompt, group in zip(prompts, groups):
+        for c in group:
+            seq = torch.tensor([tok.encode(prompt) + c.token_ids])
+            labels = seq[:, 1:]
+            with torch.no_grad():
+                at_07 = core.get_response_log_probs(policy, seq[:, :-1], labels, True, temperature=0.7)
+                at_1 = core.get_response_log_probs(policy, seq[:, :-1], labels)["log_probs"]
+            k = len(c.token_ids)
+            assert c.logprobs == pytest.approx(at_07["log_probs"][0, -k:].tolist(), abs=1e-4)
+            assert c.entropies == pytest.approx(at_07["token_entropy"][0, -k:].tolist(), abs=1e-4)
+            n_diff += int((torch.tensor(c.logprobs) - at_1[0, -k:]).abs().max() > 1e-2)
+    assert n_diff == sum(len(g) for g in groups)  # every response's log-probs differ from the T = 1 ones
 
 
 def test_tiny_top_p_is_greedy(random_model, tok) -> None:

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from doubles import save_tiny_policy, tiny_policy
-from shell.steps import make_log_probs_fn, make_train_step, tokenize_batch
+from core import ObjectiveSettings
+from shell.steps import PolicyGradientTensors, make_log_probs_fn, make_train_step, tokenize_batch
 
 PROMPTS = ["Question: 12 + 30? Think.", "Question: 7 - 2? Think.", "Question: 9 + 9? Think."]
 RESPONSES = [" 12 + 30 = 42 </think> <answer> 42 </answer>", " 5 </think> <answer> 5 </answer>",
@@ -35,8 +36,9 @@ def test_compiled_step_gives_the_same_loss_and_gradients_as_eager(objective, sha
             old = old_lp if old is None else old
             kwargs = {"gradient_accumulation_steps": 2}
             if objective == "grpo":
-                kwargs.update(loss_type="grpo_clip", advantages=torch.linspace(-1, 1, n).unsqueeze(-1),
-                              old_log_probs=old_lp - 0.05, cliprange=0.2)
+                kwargs = {"settings": ObjectiveSettings(loss_type="grpo_clip", gradient_accumulation_steps=2, cliprange=0.2),
+                          "tensors": PolicyGradientTensors(advantages=torch.linspace(-1, 1, n).unsqueeze(-1),
+                                                           old_log_probs=old_lp - 0.05)}
             model.zero_grad(set_to_none=True)
             loss, meta = step(tb["input_ids"], tb["labels"], tb["response_mask"], prefix_len=tb["prefix_len"],
                               return_token_entropy=True, **kwargs)

@@ -9,8 +9,12 @@
 Semantics shared by both backends (vLLM's): the text is cut right after the first stop string (the stop string
 is kept) and ``token_ids`` end with the token that completes it; an eos token ends a sample (its id is kept in
 ``token_ids``, its text is not); ``min_tokens`` forbids eos and ignores stop strings that end within the first
-``min_tokens`` tokens; ``temperature == 0`` is greedy; log-probs (and entropies) are those of the model's raw
-next-token distribution (before temperature and top-p), as vLLM's default ``raw_logprobs``.
+``min_tokens`` tokens; ``temperature == 0`` is greedy. Log-probs are those of the distribution the token was
+drawn from: ``softmax(logits / T)`` restricted to the top-p nucleus and renormalised (vLLM's
+``processed_logprobs``), before ``min_tokens``' eos ban; at ``T = 0`` the model's own (T = 1). With ``top_p = 1``
+they equal :func:`core.get_response_log_probs` at the same temperature, so an on-policy importance ratio is 1;
+with ``top_p < 1`` each exceeds the trainer's by ``-log`` (the nucleus' mass), which truncated importance
+sampling (``--tis-cap``) corrects. Entropies (HF only) are of the whole ``softmax(logits / T)``.
 """
 
 from __future__ import annotations

@@ -16,7 +16,9 @@ from shell.progress import progress_bar
 from shell.sampling.api import Completion, SamplingParams, first_stop_end
 from shell.seeds import derive_seed
 
-__all__ = ["HFSampler", "eos_token_ids", "generation_copy_dtype", "make_cache", "random_seed", "sample_next_tokens"]
+__all__ = [
+    "HFSampler", "eos_token_ids", "generation_copy_dtype", "make_cache", "random_seed", "sample_next_tokens", "tempered_nucleus",
+]
 
 
 def random_seed() -> int:
@@ -51,6 +53,20 @@ def generation_copy_dtype(requested: str | torch.dtype | None, policy_dtype: tor
     return resolve_dtype(requested, device)
 
 
+def tempered_nucleus(logits: torch.Tensor, *, temperature: float, top_p: float) -> torch.Tensor:
+    r"""The logits of the distribution :func:`sample_next_tokens` draws from at ``temperature > 0``:
+    ``logits / temperature``, with ``-inf`` outside the nucleus (the most probable tokens whose mass before them
+    is at most ``top_p``; the top token always stays). ``log_softmax`` of it is that distribution's log-probs."""
+    scaled = logits / temperature if temperature != 1.0 else logits
+    if top_p < 1.0:
+        sorted_logits, sorted_idx = torch.sort(scaled, dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        remove = (probs.cumsum(-1) - probs) > top_p  # keeps at least the top token
+        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
+    return scaled
+
+
 def sample_next_tokens(
     logits: torch.Tensor, *, temperature: float, top_p: float, uniforms: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -59,7 +75,7 @@ def sample_next_tokens(
     .. math::  p_v \propto \exp(z_v / T) \;\text{on the nucleus}, \quad
                \text{nucleus} = \text{the most probable tokens whose mass before them is} \le \text{top\_p}
 
-    (the top token always stays), by inverse CDF: row ``r`` takes the first token whose cumulative
+    (:func:`tempered_nucleus`), by inverse CDF: row ``r`` takes the first token whose cumulative
     probability reaches ``1 - uniforms[r]`` (one uniform per row; ``torch.multinomial`` draws one exponential
     per vocabulary entry, which dominated a decode step on CPU). ``uniforms`` are ``(rows,)`` draws from
     [0, 1) (drawn here when None); ``1 - u`` lies in (0, 1], so a zero-probability token is never taken.
@@ -67,14 +83,7 @@ def sample_next_tokens(
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    scaled = logits / temperature if temperature != 1.0 else logits
-    if top_p < 1.0:
-        sorted_logits, sorted_idx = torch.sort(scaled, dim=-1, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        remove = (probs.cumsum(-1) - probs) > top_p  # keeps at least the top token
-        sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
-        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, sorted_idx, sorted_logits)
-    cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
+    cdf = torch.softmax(tempered_nucleus(logits, temperature=temperature, top_p=top_p), dim=-1).cumsum(dim=-1)
     if uniforms is None:
         uniforms = torch.rand(cdf.shape[0], device=cdf.device)
     u = (1.0 - uniforms.to(cdf.device, cdf.dtype)).unsqueeze(1) * cdf[:, -1:]
@@ -271,9 +280,12 @@ class HFSampler:
         window = max((len(s) for s in stops), default=0) + 4  # tokens of tail to decode for stop detection
 
         for step in range(params.max_tokens):
-            if params.logprobs:
-                logp = torch.log_softmax(logits, dim=-1)
-                entropy = -(logp.exp() * logp).nan_to_num().sum(-1)
+            if params.logprobs:  # of the distribution sampled from (before min_tokens' eos ban); T = 0: the model's own
+                t = params.temperature if params.temperature > 0 else 1.0
+                full = torch.log_softmax(logits / t if t != 1.0 else logits, dim=-1)
+                entropy = -(full.exp() * full).nan_to_num().sum(-1)
+                logp = (torch.log_softmax(tempered_nucleus(logits, temperature=t, top_p=params.top_p), dim=-1)
+                        if params.top_p < 1.0 and params.temperature > 0 else full)
             if step < params.min_tokens and eos.numel():
                 logits[:, eos] = float("-inf")
             uniforms = None

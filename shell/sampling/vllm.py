@@ -1,6 +1,13 @@
 """The vLLM backend: :class:`VLLMSampler` over ``vllm.LLM``, placed by :func:`engine_kwargs`; vllm is imported
 when a sampler is built, never when this module is.
 
+Log-probs: the engine is built with ``logprobs_mode="processed_logprobs"`` where the installed vLLM has it (0.10.2
+and later, so 0.32): each sampled token's log-prob under the distribution it was drawn from, after temperature,
+vLLM's logits processors (``min_tokens``' eos ban among them) and top-k / top-p, as the HF backend returns. An older
+vLLM returns its default ``raw_logprobs`` (the model's own distribution, before temperature and top-p); those are
+then passed on only where they are the sampled distribution's (``temperature`` 0 or 1 with ``top_p`` 1), else the
+completion carries no log-probs (no mismatch diagnostics, no TIS) rather than wrong ones.
+
 Placement on GPU (``--sampler.placement``):
 
 * ``colocate``: the engine shares the policy's GPU with a small memory share (0.3 by default) and, where the
@@ -171,6 +178,9 @@ class VLLMSampler:
             kwargs["max_model_len"] = max_model_len
         kwargs.update(llm_kwargs)
         accepted = {f.name for f in dataclasses.fields(vllm.EngineArgs)}
+        if "logprobs_mode" in accepted:  # the log-probs of the distribution sampled from (temperature, top-p applied)
+            kwargs.setdefault("logprobs_mode", "processed_logprobs")
+        self.processed_logprobs = kwargs.get("logprobs_mode") == "processed_logprobs"
         for name in ("device_ids", "kv_cache_memory_bytes"):
             if name in kwargs and name not in accepted:
                 raise ValueError(f"vLLM {getattr(vllm, '__version__', '?')} has no {name}; the GPU placement needs "
@@ -222,13 +232,14 @@ class VLLMSampler:
             for key in keys
         ]
         outputs = self.llm.generate(prompts, vparams, use_tqdm=progress and sys.stderr.isatty())
+        raw_is_sampled = params.temperature in (0, 1.0) and params.top_p >= 1.0  # raw log-probs are then the sampled ones
         results: list[list[Completion]] = []
         for out in outputs:
             samples = []
             for o in sorted(out.outputs, key=lambda o: o.index):
                 ids = list(o.token_ids)
                 logps = None
-                if params.logprobs and o.logprobs is not None:
+                if params.logprobs and o.logprobs is not None and (self.processed_logprobs or raw_is_sampled):
                     logps = [float(step[tok].logprob) for step, tok in zip(o.logprobs, ids)]
                 reason = o.finish_reason or "length"
                 if reason == "stop" and o.stop_reason is None:
