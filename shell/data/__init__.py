@@ -25,13 +25,16 @@ from shell.data.arithmetic import Split
 from shell.data.arithmetic import arithmetic_problem
 from shell.data.arithmetic import arithmetic_split
 from shell.data.arithmetic import embedded_dataset
+from shell.data.arithmetic import example_record
 from shell.data.jsonl import FORMATS
 from shell.data.jsonl import Format
+from shell.data.jsonl import PASS_RATE_FIELDS
 from shell.data.jsonl import detect_format
 from shell.data.jsonl import last_boxed_content
 from shell.data.jsonl import load_jsonl_dataset
 from shell.data.jsonl import load_sft_examples
 from shell.data.jsonl import read_jsonl
+from shell.data.loading import CurriculumName
 from shell.data.loading import DataConfig
 from shell.data.loading import keep_within_context
 from shell.data.loading import HeldOutConfig
@@ -51,6 +54,7 @@ from shell.data.traces import sft_examples_for
 from shell.data.traces import sft_response
 
 __all__ = [
+    "CurriculumName",
     "DEFAULT_EMBEDDED_SIZES",
     "DataConfig",
     "DataError",
@@ -68,6 +72,7 @@ __all__ = [
     "arithmetic_split",
     "detect_format",
     "embedded_dataset",
+    "example_record",
     "held_out_config",
     "keep_within_context",
     "last_boxed_content",
@@ -76,6 +81,7 @@ __all__ = [
     "load_sft_examples",
     "make_sft_examples",
     "overlap",
+    "PASS_RATE_FIELDS",
     "questions_within_context",
     "read_jsonl",
     "resolve_data_path",
