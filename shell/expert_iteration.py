@@ -32,7 +32,8 @@ from shell.config import (
     at_least, check_parts, flag, require, run_cli,
 )
 from shell.data import (
-    DataConfig, HeldOutConfig, SFTExample, held_out_config, load_dataset, make_sft_examples, questions_within_context,
+    DataConfig, HeldOutConfig, SFTExample, group_pass_rates, held_out_config, load_dataset, make_curriculum,
+    make_sft_examples, questions_within_context, restore_curriculum,
 )
 from shell.distributed import launched_world_size, require_world_multiple
 from shell.models import prompt_token_limit
@@ -203,6 +204,7 @@ def train(cfg: EIConfig) -> Path:
     eval_set = load_dataset(held_cfg)
     if cfg.warm_start.steps > 0 and not any(ex.solution is not None for ex in train_set):
         raise ValueError("--warm-start.steps: the training data has no solutions to make SFT traces from")
+    make_curriculum(cfg.data, train_set, seed=cfg.run.seed, total_steps=cfg.n_ei_steps)  # its data errors, early
     say(f"expert iteration: {cfg.n_ei_steps} steps × {cfg.ei_batch_size} questions × G={cfg.group_size}, "
           f"SFT {cfg.sft_epochs:g} epoch(s) on the correct ones; {held_note} ({len(eval_set)} problems)")
 
@@ -214,8 +216,13 @@ def train(cfg: EIConfig) -> Path:
             model, reserve=cfg.sampling.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
         eval_set = questions_within_context(eval_set, template, tokenizer, what="held-out set", limit=prompt_token_limit(
             model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
+        curriculum = make_curriculum(cfg.data, train_set, seed=cfg.run.seed, total_steps=cfg.n_ei_steps)
         learner = Learner(model, tokenizer, cfg.optim)
         run.begin(learner, closing=[sampler.close])
+        if run.start > 0 and (note := restore_curriculum(curriculum, run.state.get("curriculum"))):
+            run.say(note)
+        if cfg.data.curriculum != "none":
+            run.say(f"training problems: {curriculum.describe()}")
         run.state.setdefault("train_step", 0)  # SFT steps across EI steps: saved with every checkpoint
         micro = max(1, cfg.sft_batch_size // cfg.sft_gradient_accumulation_steps)
 
@@ -237,7 +244,7 @@ def train(cfg: EIConfig) -> Path:
         for k in run.steps():
             # Rollout: D_b questions × G responses from the current policy.
             t0 = time.perf_counter()
-            idx = batch_indices(len(train_set), cfg.ei_batch_size, k - 1, seed=cfg.run.seed)
+            idx = curriculum.indices(k, cfg.ei_batch_size)
             model.eval()
             rollouts = rollout(sampler, [train_set[i] for i in idx], template, cfg.sampling, group_size=cfg.group_size,
                                seed=derive_seed(cfg.run.seed, "rollout", k), keys=idx)
@@ -245,6 +252,8 @@ def train(cfg: EIConfig) -> Path:
             sampler.sleep()  # a colocated vLLM frees its KV cache while the policy trains
             # Score: grade, keep the correct responses.
             scores, grading = grade(rollouts, template, cfg.grading)
+            curriculum.observe(idx, group_pass_rates(scores, group_size=cfg.group_size), step=k)
+            run.state["curriculum"] = curriculum.state_dict()  # saved with this step's checkpoint
             rewards = [s["reward"] for s in scores]
             kept = select_correct(rollouts.prompts, rollouts.responses, rollouts.truths, rewards)
             if rollouts.mean_entropy is None and cfg.entropy_fallback_responses > 0:

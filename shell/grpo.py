@@ -24,7 +24,10 @@ from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
     at_least, check_parts, flag, require, run_cli,
 )
-from shell.data import DataConfig, HeldOutConfig, held_out_config, load_dataset, make_sft_examples, questions_within_context
+from shell.data import (
+    DataConfig, HeldOutConfig, QuestionSampler, group_pass_rates, held_out_config, load_dataset, make_curriculum,
+    make_sft_examples, questions_within_context, restore_curriculum,
+)
 from shell.models import prompt_token_limit
 from shell.distributed import require_world_multiple
 from shell.evaluation import FinalEvalConfig, final_evaluation, run_eval
@@ -33,7 +36,7 @@ from shell.progress import say
 from shell.prompts import PromptName, load_prompt
 from shell.rollout import Rollouts, grade, group_advantages, rollout
 from shell.sampling import build_sampler
-from shell.seeds import batch_indices, derive_seed
+from shell.seeds import derive_seed
 from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update, response_entropies, warm_start
 
 
@@ -134,11 +137,12 @@ def pg_settings(cfg: GRPOConfig) -> PolicyGradientSettings:
     )
 
 
-def sample_batch(sampler: Any, train_set: Any, template: Any, cfg: GRPOConfig, step: int
-                 ) -> tuple[Rollouts, list[dict[str, float]], dict[str, float]]:
+def sample_batch(sampler: Any, train_set: Any, template: Any, cfg: GRPOConfig, step: int,
+                 curriculum: QuestionSampler | None = None) -> tuple[Rollouts, list[dict[str, float]], dict[str, float]]:
     """A rollout batch for GRPO step ``step``: n_questions × G graded responses from the sampler's (old)
-    policy. With --dynamic-sampling, rounds of fresh questions until that many groups with differing rewards
-    are found, or the rounds run out (then constant groups, which carry no signal, fill the batch).
+    policy, the questions chosen by ``curriculum`` (``--data.curriculum``; None: uniform), which then observes
+    each question's pass rate. With --dynamic-sampling, rounds of fresh questions until that many groups with
+    differing rewards are found, or the rounds run out (then constant groups, which carry no signal, fill the batch).
 
     Returns the rollouts, their scores and ``rounds``, ``groups`` (sampled), ``nonconstant`` (groups) and
     ``timeouts`` (grading)."""
@@ -146,14 +150,16 @@ def sample_batch(sampler: Any, train_set: Any, template: Any, cfg: GRPOConfig, s
     kept, spare, scores, spare_scores = Rollouts(), Rollouts(), [], []
     info = {"rounds": 0, "groups": 0, "nonconstant": 0, "timeouts": 0.0}
     rounds = cfg.max_sampling_rounds if cfg.dynamic_sampling else 1
+    if curriculum is None:
+        curriculum = make_curriculum(DataConfig(), train_set, seed=cfg.run.seed, total_steps=cfg.n_grpo_steps,
+                                     rounds_per_step=cfg.max_sampling_rounds)
     while len(kept) < cfg.rollout_batch_size and info["rounds"] < rounds:
         r = info["rounds"]
-        idx = (batch_indices(len(train_set), n_questions, step - 1, seed=cfg.run.seed) if r == 0 else
-               batch_indices(len(train_set), n_questions, (step - 1) * cfg.max_sampling_rounds + r, seed=cfg.run.seed,
-                             stream="dynamic-sampling"))
+        idx = curriculum.indices(step, n_questions, round=r)
         batch = rollout(sampler, [train_set[i] for i in idx], template, cfg.sampling, group_size=cfg.group_size,
                         seed=derive_seed(cfg.run.seed, "rollout", step, r), keys=idx)
         batch_scores, grading = grade(batch, template, cfg.grading)
+        curriculum.observe(idx, group_pass_rates(batch_scores, group_size=cfg.group_size), step=step)
         useful = nonconstant_group_mask(torch.tensor([x["reward"] for x in batch_scores]), group_size=cfg.group_size)
         info["rounds"] += 1
         info["groups"] += n_questions
@@ -185,6 +191,7 @@ def train(cfg: GRPOConfig) -> Path:
     if cfg.warm_start.steps > 0 and not any(ex.solution is not None for ex in train_set):
         raise ValueError("--warm-start.steps: the training data has no solutions to make SFT traces from")
     settings = pg_settings(cfg)
+    make_curriculum(cfg.data, train_set, seed=cfg.run.seed, total_steps=cfg.n_grpo_steps)  # its data errors, early
     say(f"GRPO: {cfg.n_grpo_steps} steps × {cfg.rollout_batch_size // cfg.group_size} questions × G={cfg.group_size}, "
           f"loss {cfg.loss_type}, {'off' if settings.off_policy(cfg.rollout_batch_size) else 'on'}-policy; {held_note} "
           f"({len(eval_set)} problems)")
@@ -200,8 +207,14 @@ def train(cfg: GRPOConfig) -> Path:
             final_set = questions_within_context(final_set, template, tokenizer, what="final evaluation set",
                                                  limit=prompt_token_limit(model, reserve=cfg.final_eval.sampling.max_tokens,
                                                                           max_prompt_tokens=cfg.data.max_prompt_tokens))
+        curriculum = make_curriculum(cfg.data, train_set, seed=cfg.run.seed, total_steps=cfg.n_grpo_steps,
+                                     rounds_per_step=cfg.max_sampling_rounds)
         learner = Learner(model, tokenizer, cfg.optim)
         run.begin(learner, closing=[sampler.close])
+        if run.start > 0 and (note := restore_curriculum(curriculum, run.state.get("curriculum"))):
+            run.say(note)
+        if cfg.data.curriculum != "none":
+            run.say(f"training problems: {curriculum.describe()}")
         micro = max(1, cfg.train_batch_size // cfg.gradient_accumulation_steps)
 
         def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
@@ -235,7 +248,8 @@ def train(cfg: GRPOConfig) -> Path:
         for step in run.steps():
             # Rollout and score: n_questions × G graded responses from the current (old) policy.
             model.eval()
-            rollouts, scores, info = sample_batch(sampler, train_set, template, cfg, step)
+            rollouts, scores, info = sample_batch(sampler, train_set, template, cfg, step, curriculum)
+            run.state["curriculum"] = curriculum.state_dict()  # saved with this step's checkpoint
             rollouts.fill_entropies(entropy)
             sampler.sleep()  # a colocated vLLM frees its KV cache while the policy trains
             raw, advantages, stats = group_advantages(scores, group_size=cfg.group_size, advantage_eps=cfg.advantage_eps,

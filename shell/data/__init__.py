@@ -26,6 +26,10 @@ from shell.data.arithmetic import arithmetic_problem
 from shell.data.arithmetic import arithmetic_split
 from shell.data.arithmetic import embedded_dataset
 from shell.data.arithmetic import example_record
+from shell.data.curriculum import QuestionSampler
+from shell.data.curriculum import group_pass_rates
+from shell.data.curriculum import make_curriculum
+from shell.data.curriculum import restore_curriculum
 from shell.data.jsonl import FORMATS
 from shell.data.jsonl import Format
 from shell.data.jsonl import PASS_RATE_FIELDS
@@ -65,6 +69,7 @@ __all__ = [
     "Format",
     "HeldOutConfig",
     "Phrasing",
+    "QuestionSampler",
     "SFTExample",
     "SolutionStyle",
     "Split",
@@ -73,18 +78,21 @@ __all__ = [
     "detect_format",
     "embedded_dataset",
     "example_record",
+    "group_pass_rates",
     "held_out_config",
     "keep_within_context",
     "last_boxed_content",
     "load_dataset",
     "load_jsonl_dataset",
     "load_sft_examples",
+    "make_curriculum",
     "make_sft_examples",
     "overlap",
     "PASS_RATE_FIELDS",
     "questions_within_context",
     "read_jsonl",
     "resolve_data_path",
+    "restore_curriculum",
     "sft_examples_for",
     "sft_response",
     "within_token_limit",
