@@ -339,3 +339,33 @@ def test_online_curriculum_grpo_resume_equals_uninterrupted(tmp_path):
     b = [{k: v for k, v in r.items() if k not in drop} for r in read_metrics(tmp_path / "resumed")]
     assert a == b and sorted({r["train_step"] for r in a if "train_step" in r}) == [1, 2, 3, 4]
     assert (tmp_path / "resumed" / "generations.jsonl").read_text() == (tmp_path / "straight" / "generations.jsonl").read_text()
+
+
+def test_expert_iteration_takes_its_questions_from_the_curriculum(tmp_path, monkeypatch):
+    """--data.curriculum level in EI: step 1 draws only from the easiest quarter (difficulty 1), and the
+    checkpoint holds the curriculum's state."""
+    from shell import expert_iteration as ei
+
+    from doubles import save_tiny_policy
+
+    seen: list[list[int]] = []
+    real = ei.rollout
+
+    def recording(sampler, questions, *a, **k):
+        seen.append([q.meta["difficulty"] for q in questions])
+        return real(sampler, questions, *a, **k)
+
+    monkeypatch.setattr(ei, "rollout", recording)
+    tiny = save_tiny_policy(tmp_path / "tiny")
+    ei.main([
+        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "12", "--data.difficulty-max", "3",
+        "--data.curriculum", "level", "--data.curriculum-steps", "2", "--eval-data.limit", "4", "--eval.max-tokens", "6",
+        "--grading.workers", "0", "--sampler.generation-dtype", "None", "--run.logger", "none",
+        "--run.runs-dir", str(tmp_path), "--run.name", "ei", "--n-ei-steps", "3", "--ei-batch-size", "3",
+        "--group-size", "2", "--sampling.max-tokens", "6", "--sft-batch-size", "4", "--sft-gradient-accumulation-steps",
+        "2", "--warm-start.steps", "0", "--eval-every", "3",
+    ])
+    assert seen[0] == [1, 1, 1]  # competence 0.25 of 12: the three easiest, all difficulty 1
+    assert len(seen) == 3
+    state = torch.load(tmp_path / "ei" / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=False)
+    assert state["loop"]["curriculum"] == {"kind": "level", "size": 12}
