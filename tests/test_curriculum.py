@@ -107,6 +107,10 @@ def test_pass_rate_curriculum_orders_by_rate_and_keeps_the_band():
     with pytest.raises(DataError, match="no problem's pass_rate lies in"):
         make_curriculum(DataConfig(curriculum="pass-rate", curriculum_band_min=0.9, curriculum_band_max=0.95), ds,
                         seed=0, total_steps=5)
+    with pytest.raises(ValueError, match="--data.curriculum pass-rate needs a --data.path"):
+        DataConfig(curriculum="pass-rate").check()
+    with pytest.raises(ValueError, match="--data.curriculum-band-min"):
+        DataConfig(curriculum="online", curriculum_band_min=0.7, curriculum_band_max=0.3).check()
     with pytest.raises(DataError, match="have no 'pass_rate'.*shell.pass_rates"):
         make_curriculum(DataConfig(curriculum="pass-rate"), _dataset([1, 2]), seed=0, total_steps=5)
 

@@ -92,6 +92,11 @@ class DataConfig:
         for name in ("curriculum_band_min", "curriculum_band_max"):
             value = getattr(self, name)
             require(value is None or 0.0 <= value <= 1.0, f"{flag(prefix, name)} must be in [0, 1], got {value}")
+        if self.curriculum == "pass-rate" and (self.path is None or not Path(self.path).expanduser().exists()):
+            where = "needs" if self.path is None else f"{flag(prefix, 'path')} {self.path} does not exist; it needs"
+            raise ValueError(f"{flag(prefix, 'curriculum')} pass-rate {where} a {flag(prefix, 'path')} whose records "
+                             "carry pass_rate: make one with python -m shell.pass_rates --output FILE.jsonl (e.g. "
+                             "python -m shell.pass_rates --preset h100 for MATH train)")
         lo, hi = self.curriculum_band_min, self.curriculum_band_max
         require(lo is None or hi is None or lo <= hi,
                 f"{flag(prefix, 'curriculum_band_min')} ({lo}) must be <= {flag(prefix, 'curriculum_band_max')} ({hi})")
