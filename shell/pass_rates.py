@@ -31,6 +31,7 @@ from shell.data import (
 from shell.distributed import barrier, close_world, from_main, init_world, is_main
 from shell.files import atomic_write_jsonl, fsync_dir
 from shell.models import prompt_token_limit
+from shell.progress import say
 from shell.prompts import PromptName, load_prompt
 from shell.rollout import grade, rollout
 from shell.sampling import build_sampler
@@ -201,9 +202,8 @@ def _estimate(cfg: PassRatesConfig, output: Path, partial: Path, template: Any, 
             if done:  # check the graded ones against the problems that fit
                 done = read_partial(partial, records, samples=k)
         if done:
-            print(f"--resume: {len(done)} of {len(records)} problems already graded in {partial}", flush=True)
-        print(f"pass rates: {len(records)} problems × {k} samples with {cfg.model.name_or_path} from {fits.source}",
-              flush=True)
+            say(f"--resume: {len(done)} of {len(records)} problems already graded in {partial}")
+        say(f"pass rates: {len(records)} problems × {k} samples with {cfg.model.name_or_path} from {fits.source}")
         if is_main():
             partial.touch()
         for start in range(len(done), len(records), cfg.chunk_problems):
@@ -220,7 +220,7 @@ def _estimate(cfg: PassRatesConfig, output: Path, partial: Path, template: Any, 
                     os.fsync(f.fileno())
             done += graded
             mean = sum(r["pass_rate"] for r in done) / len(done)
-            print(f"[pass rates] {len(done)}/{len(records)} problems, mean pass rate {mean:.3f}", flush=True)
+            say(f"[pass rates] {len(done)}/{len(records)} problems, mean pass rate {mean:.3f}")
     finally:
         sampler.close()
     # The output (filtered), the histogram; the partial file goes.
@@ -234,8 +234,8 @@ def _estimate(cfg: PassRatesConfig, output: Path, partial: Path, template: Any, 
         partial.unlink()
         fsync_dir(output.parent)
         band = f" with pass rate in [{cfg.keep_min:g}, {cfg.keep_max:g}]" if banded else ""
-        print(f"kept {len(kept)} of {len(done)} problems{band}; wrote {output} and {png}"
-              + (f" (all {len(done)}: {output.name[: -len('.jsonl')]}.all.jsonl)" if banded else ""), flush=True)
+        say(f"kept {len(kept)} of {len(done)} problems{band}; wrote {output} and {png}"
+            + (f" (all {len(done)}: {output.name[: -len('.jsonl')]}.all.jsonl)" if banded else ""))
     barrier()
     return from_main(output)
 
