@@ -1,7 +1,7 @@
 """Data strategies on the laptop: GRPO's uniform sampling vs each curriculum, on the embedded task with mixed
 difficulties (1-3), held-out answer reward on mixed held-out problems.
 
-    python benchmarks/bench_curricula.py [--seeds 0 1] [--strategies uniform level pass-rate-band online] [--steps 12]
+    python benchmarks/bench_curricula.py [--seeds 0 1] [--strategies uniform level pass-rate-band online] [--steps 10]
 
 One SFT model (``shell.sft``, 16 steps on mixed-difficulty traces) is every run's start; ``shell.pass_rates``
 estimates its pass rate on a training pool of 48 problems (8 samples each); every GRPO run then trains on that
@@ -57,8 +57,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--strategies", nargs="+", default=["uniform", "level", "pass-rate-band", "online"],
                    choices=list(STRATEGIES))
-    p.add_argument("--steps", type=int, default=12)
-    p.add_argument("--eval-problems", type=int, default=300)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--out", default="curricula", help="benchmarks/results/<out>.json")
     a = p.parse_args()
