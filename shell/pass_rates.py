@@ -26,7 +26,7 @@ from shell.config import (
     GradingConfig, ModelConfig, SamplerConfig, SamplingConfig, at_least, check_parts, require, run_cli,
 )
 from shell.data import (
-    DataConfig, DataError, Dataset, example_record, load_dataset, questions_within_context, read_jsonl, resolve_data_path,
+    MATH_PASS_RATES, DataConfig, DataError, Dataset, example_record, load_dataset, questions_within_context, read_jsonl, resolve_data_path,
 )
 from shell.distributed import barrier, close_world, from_main, init_world, is_main
 from shell.files import atomic_write_jsonl, fsync_dir
@@ -248,7 +248,7 @@ PRESETS: dict[str, tuple[str, PassRatesConfig]] = {
         PassRatesConfig(
             model=ModelConfig(name_or_path="models/Qwen2.5-Math-1.5B"),
             data=DataConfig(path="../shared/data/math/train.jsonl"),
-            output="data/math_train_pass_rates.jsonl", chunk_problems=1024,
+            output=MATH_PASS_RATES, chunk_problems=1024,
             sampling=SamplingConfig(min_tokens=4, max_tokens=1024),
             sampler=SamplerConfig(backend="vllm", placement="colocate", gpu_memory_utilization=0.85, sleep=False),
         ),

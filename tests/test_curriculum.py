@@ -373,3 +373,17 @@ def test_expert_iteration_takes_its_questions_from_the_curriculum(tmp_path, monk
     assert len(seen) == 3
     state = torch.load(tmp_path / "ei" / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=False)
     assert state["loop"]["curriculum"] == {"kind": "level", "size": 12}
+
+
+def test_leaderboard_preset_trains_on_the_pass_rate_band_and_names_the_file_it_needs(tmp_path, monkeypatch):
+    from shell.config import cli
+    from shell.grpo import PRESETS, GRPOConfig, check_config
+
+    cfg = cli(GRPOConfig, PRESETS, description="", args=["--preset", "leaderboard"])
+    assert (cfg.data.curriculum, cfg.data.curriculum_band_min, cfg.data.curriculum_band_max) == ("pass-rate", 0.1, 0.9)
+    from shell.pass_rates import PRESETS as PR
+
+    assert cfg.data.path == PR["h100"][1].output  # the file shell.pass_rates --preset h100 writes
+    monkeypatch.chdir(tmp_path)  # no data/ here
+    with pytest.raises(ValueError, match="shell.pass_rates --preset h100"):
+        check_config(cfg)

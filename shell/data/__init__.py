@@ -26,6 +26,7 @@ from shell.data.arithmetic import arithmetic_problem
 from shell.data.arithmetic import arithmetic_split
 from shell.data.arithmetic import embedded_dataset
 from shell.data.arithmetic import example_record
+from shell.data.curriculum import MATH_PASS_RATES
 from shell.data.curriculum import QuestionSampler
 from shell.data.curriculum import group_pass_rates
 from shell.data.curriculum import make_curriculum
@@ -68,6 +69,7 @@ __all__ = [
     "FORMATS",
     "Format",
     "HeldOutConfig",
+    "MATH_PASS_RATES",
     "Phrasing",
     "QuestionSampler",
     "SFTExample",

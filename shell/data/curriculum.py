@@ -32,11 +32,15 @@ from shell.data.loading import DataConfig
 from shell.data.records import DataError, Dataset, Example
 from shell.seeds import batch_indices, derive_seed, seeded_permutation
 
-__all__ = ["ONLINE_WEIGHT", "Online", "QuestionSampler", "Staged", "Uniform", "competence", "difficulty_of",
+__all__ = ["MATH_PASS_RATES", "ONLINE_WEIGHT", "Online", "QuestionSampler", "Staged", "Uniform", "competence", "difficulty_of",
            "group_pass_rates", "make_curriculum", "restore_curriculum"]
 
 ONLINE_WEIGHT = 0.5
 """Weight of a problem's newest group pass rate in its running rate (the rest: its previous running rate)."""
+
+MATH_PASS_RATES = "data/math_train_pass_rates.jsonl"
+"""Where ``python -m shell.pass_rates --preset h100`` writes MATH train's pass rates under Qwen2.5-Math-1.5B (the
+``leaderboard`` GRPO preset trains on it)."""
 
 
 class QuestionSampler(Protocol):
