@@ -133,6 +133,8 @@ class Staged:
 
     def describe(self) -> str:
         left = f" ({self.size - len(self.order)} of {self.size} outside the band left out)" if len(self.order) < self.size else ""
+        if self.start >= 1.0:
+            return f"{self.kind} curriculum over {len(self.order)} problems{left}, uniformly from the start"
         return (f"{self.kind} curriculum over {len(self.order)} problems{left}, easy to hard: the easiest "
                 f"{self.start:.0%} at step 1, all from step {self.steps + 1}")
 
