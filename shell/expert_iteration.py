@@ -30,7 +30,7 @@ from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
     at_least, check_parts, flag, require, run_cli, variant,
 )
-from shell.data import DataConfig, HeldOutConfig, SFTExample, shared_data
+from shell.data import DataConfig, HeldOutConfig, SFTExample, group_pass_rates, shared_data
 from shell.evaluation import mean_or_none
 from shell.loop import Run, write_curves
 from shell.progress import say
@@ -192,7 +192,7 @@ def train(cfg: EIConfig) -> Path:
     """Run expert iteration as configured; returns the run folder."""
     # Phase 0: configuration and data, before anything is written.
     check_config(cfg)
-    data = load_rl_data(cfg)
+    data = load_rl_data(cfg, total_steps=cfg.n_ei_steps)
     say(f"expert iteration: {cfg.n_ei_steps} steps × {cfg.ei_batch_size} questions × G={cfg.group_size}, "
           f"SFT {cfg.sft_epochs:g} epoch(s) on the correct ones; {data.held_note} ({len(data.held_out)} problems)")
 
@@ -200,7 +200,7 @@ def train(cfg: EIConfig) -> Path:
     with Run(cfg, total_steps=cfg.n_ei_steps, unit="EI step", step_keys=("train/ei_step", "eval_step"),
              plot=write_plots) as run:
         session = RLSession(run, cfg, data, microbatch=cfg.sft_batch_size // cfg.sft_gradient_accumulation_steps,
-                            eval_extra=lambda: {"eval/sft_steps": run.state["train_step"]})
+                            total_steps=cfg.n_ei_steps, eval_extra=lambda: {"eval/sft_steps": run.state["train_step"]})
         learner, sampler, template, train_set = session.learner, session.sampler, session.template, session.train_set
         run.state.setdefault("train_step", 0)  # SFT steps across EI steps: saved with every checkpoint
 
@@ -211,7 +211,7 @@ def train(cfg: EIConfig) -> Path:
         for k in run.steps():
             # Rollout: D_b questions × G responses from the current policy.
             t0 = time.perf_counter()
-            idx = batch_indices(len(train_set), cfg.ei_batch_size, k - 1, seed=cfg.run.seed)
+            idx = session.curriculum.indices(k, cfg.ei_batch_size)
             session.model.eval()
             rollouts = rollout(sampler, [train_set[i] for i in idx], template, cfg.sampling, group_size=cfg.group_size,
                                seed=derive_seed(cfg.run.seed, "rollout", k), keys=idx)
@@ -219,6 +219,8 @@ def train(cfg: EIConfig) -> Path:
             sampler.sleep()  # a colocated vLLM frees its KV cache while the policy trains
             # Score: grade, keep the correct responses.
             scores, grading = grade(rollouts, template, cfg.grading)
+            session.curriculum.observe(idx, group_pass_rates(scores, group_size=cfg.group_size), step=k)
+            session.record_curriculum()  # saved with this step's checkpoint
             rewards = [s["reward"] for s in scores]
             kept = select_correct(rollouts.prompts, rollouts.responses, rollouts.truths, rewards)
             if rollouts.mean_entropy is None and cfg.entropy_fallback_responses > 0:

@@ -24,7 +24,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from shell.data import Dataset, held_out_config, load_dataset, make_sft_examples, questions_within_context
+from shell.data import (
+    Dataset, QuestionSampler, held_out_config, load_dataset, make_curriculum, make_sft_examples, questions_within_context,
+    restore_curriculum,
+)
 from shell.evaluation import final_evaluation, run_eval
 from shell.loop import Run
 from shell.models import prompt_token_limit
@@ -49,10 +52,11 @@ class RLData:
     final: Dataset | None = None
 
 
-def load_rl_data(cfg: Any) -> RLData:
-    """Phase 0 of an RL loop whose config ``cfg`` has ``prompt``, ``data``, ``eval_data``, ``warm_start`` and
-    ``run`` (and optionally ``final_eval``): seed torch, load the prompt and every set, and refuse a warm start
-    without solutions to make SFT traces from; before anything is written or a model loads."""
+def load_rl_data(cfg: Any, *, total_steps: int) -> RLData:
+    """Phase 0 of an RL loop of ``total_steps`` whose config ``cfg`` has ``prompt``, ``data``, ``eval_data``,
+    ``warm_start`` and ``run`` (and optionally ``final_eval``): seed torch, load the prompt and every set, refuse a
+    warm start without solutions to make SFT traces from and a ``--data.curriculum`` the data cannot serve; before
+    anything is written or a model loads."""
     torch.manual_seed(cfg.run.seed)
     template = load_prompt(cfg.prompt)
     train = load_dataset(cfg.data)
@@ -63,6 +67,7 @@ def load_rl_data(cfg: Any) -> RLData:
              if final_eval is not None and final_eval.enabled else None)
     if cfg.warm_start.steps > 0 and not any(ex.solution is not None for ex in train):
         raise ValueError("--warm-start.steps: the training data has no solutions to make SFT traces from")
+    make_curriculum(cfg.data, train, seed=cfg.run.seed, total_steps=total_steps)  # its data errors, early
     return RLData(template=template, train=train, held_out=held_out, held_note=held_note, final=final)
 
 
@@ -76,10 +81,12 @@ class RLSession:
             ``warm_start``, ``data``; optionally ``final_eval``).
         data: :func:`load_rl_data`'s sets.
         microbatch: responses per microbatch when the policy scores entropies.
+        total_steps: the loop's steps (the curriculum's schedule, unless ``--data.curriculum-steps``).
+        rounds_per_step: sampling rounds a step may take (dynamic sampling), for the curriculum's uniform streams.
         eval_extra: extra keys logged with every evaluation (called at evaluation time).
     """
 
-    def __init__(self, run: Run, cfg: Any, data: RLData, *, microbatch: int,
+    def __init__(self, run: Run, cfg: Any, data: RLData, *, microbatch: int, total_steps: int, rounds_per_step: int = 1,
                  eval_extra: Callable[[], dict[str, Any]] | None = None) -> None:
         self.run, self.cfg, self.template = run, cfg, data.template
         self.microbatch = max(1, microbatch)
@@ -90,8 +97,19 @@ class RLSession:
         self.eval_set = self._within_context(data.held_out, "held-out set", cfg.eval.max_tokens)
         self.final_set = (None if data.final is None else
                           self._within_context(data.final, "final evaluation set", self.final_eval.sampling.max_tokens))
+        self.curriculum: QuestionSampler = make_curriculum(cfg.data, self.train_set, seed=cfg.run.seed,
+                                                           total_steps=total_steps, rounds_per_step=rounds_per_step)
+        """Which training questions each step takes (``--data.curriculum``); its state rides in ``run.state``."""
         self.learner = Learner(self.model, self.tokenizer, cfg.optim)
         run.begin(self.learner, closing=[self.sampler.close])
+        if run.start > 0 and (note := restore_curriculum(self.curriculum, run.state.get("curriculum"))):
+            run.say(note)
+        if cfg.data.curriculum != "none":
+            run.say(f"training problems: {self.curriculum.describe()}")
+
+    def record_curriculum(self) -> None:
+        """After the curriculum observed a step's pass rates: its state goes into the step's checkpoint."""
+        self.run.state["curriculum"] = self.curriculum.state_dict()
 
     def _within_context(self, dataset: Dataset, what: str, reserve: int) -> Dataset:
         limit = prompt_token_limit(self.model, reserve=reserve, max_prompt_tokens=self.cfg.data.max_prompt_tokens)

@@ -25,13 +25,21 @@ from shell.data.arithmetic import Split
 from shell.data.arithmetic import arithmetic_problem
 from shell.data.arithmetic import arithmetic_split
 from shell.data.arithmetic import embedded_dataset
+from shell.data.arithmetic import example_record
+from shell.data.curriculum import MATH_PASS_RATES
+from shell.data.curriculum import QuestionSampler
+from shell.data.curriculum import group_pass_rates
+from shell.data.curriculum import make_curriculum
+from shell.data.curriculum import restore_curriculum
 from shell.data.jsonl import FORMATS
 from shell.data.jsonl import Format
+from shell.data.jsonl import PASS_RATE_FIELDS
 from shell.data.jsonl import detect_format
 from shell.data.jsonl import load_jsonl_dataset
 from shell.data.jsonl import load_sft_examples
 from shell.data.jsonl import read_jsonl
 from shell.data.loading import DATA_ROOT_ENV
+from shell.data.loading import CurriculumName
 from shell.data.loading import DataConfig
 from shell.data.loading import check_data_path
 from shell.data.loading import data_root
@@ -55,6 +63,7 @@ from shell.data.traces import sft_response
 
 __all__ = [
     "DATA_ROOT_ENV",
+    "CurriculumName",
     "DEFAULT_EMBEDDED_SIZES",
     "DataConfig",
     "DataError",
@@ -64,7 +73,9 @@ __all__ = [
     "FORMATS",
     "Format",
     "HeldOutConfig",
+    "MATH_PASS_RATES",
     "Phrasing",
+    "QuestionSampler",
     "SFTExample",
     "SolutionStyle",
     "Split",
@@ -74,17 +85,22 @@ __all__ = [
     "data_root",
     "detect_format",
     "embedded_dataset",
+    "example_record",
+    "group_pass_rates",
     "held_out_config",
     "keep_within_context",
     "load_dataset",
     "load_jsonl_dataset",
     "load_sft_examples",
+    "make_curriculum",
     "make_sft_examples",
     "overlap",
+    "PASS_RATE_FIELDS",
     "questions_within_context",
     "read_jsonl",
     "resolve_data_path",
     "shared_data",
+    "restore_curriculum",
     "sft_examples_for",
     "sft_response",
     "within_token_limit",

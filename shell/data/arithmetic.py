@@ -18,6 +18,7 @@ __all__ = [
     "arithmetic_problem",
     "arithmetic_split",
     "embedded_dataset",
+    "example_record",
 ]
 
 Split = Literal["train", "validation"]
@@ -228,9 +229,30 @@ def embedded_dataset(
     shuffle: bool = False,
     phrasing: Phrasing = "plain",
     solution_style: SolutionStyle = "equation",
+    difficulty_max: int | None = None,
 ) -> Dataset:
-    """The first ``n`` distinct problems of ``split`` (default size DEFAULT_EMBEDDED_SIZES[split])."""
+    """The first ``n`` distinct problems of ``split`` (default size DEFAULT_EMBEDDED_SIZES[split]).
+
+    ``difficulty_max`` (>= ``difficulty``): a mix of every difficulty from ``difficulty`` to ``difficulty_max``,
+    in turn (d1, d2, d3, d1, ...: each difficulty's first problems, so the first ``n`` hold them in equal shares
+    up to one), then shuffled if ``shuffle``."""
     n = DEFAULT_EMBEDDED_SIZES[split] if n is None else n
+    if difficulty_max is not None and difficulty_max != difficulty:
+        if difficulty_max < difficulty:
+            raise ValueError(f"difficulty_max ({difficulty_max}) must be >= difficulty ({difficulty})")
+        levels = range(difficulty, difficulty_max + 1)
+        each = -(-n // len(levels))
+        parts = [embedded_dataset(split=split, n=each, difficulty=d, seed=seed, phrasing=phrasing,
+                                  solution_style=solution_style).examples for d in levels]
+        mixed = [part[i] for i in range(each) for part in parts][:n]
+        if shuffle:
+            random.Random(seed).shuffle(mixed)
+        return Dataset(
+            examples=tuple(mixed),
+            source=f"embedded:arithmetic(difficulty={difficulty}-{difficulty_max}, split={split}, seed={seed}"
+                   + (f", phrasing={phrasing})" if phrasing != "plain" else ")"),
+            format="embedded",
+        )
     _level(difficulty)  # validate early
     seen: set[str] = set()
     out: list[Example] = []
@@ -254,3 +276,10 @@ def embedded_dataset(
                + (f", phrasing={phrasing})" if phrasing != "plain" else ")"),
         format="embedded",
     )
+
+
+def example_record(example: Example) -> dict[str, object]:
+    """An embedded-task problem as a jsonl record: ``question``, ``answer``, ``solution`` and its ``meta`` (``source``
+    ``embedded:arithmetic``, ``difficulty``, ``index`` ...). ``load_jsonl_dataset`` reads such records back (format
+    ``embedded``) as the same problems."""
+    return {"question": example.question, "answer": example.answer, "solution": example.solution, **example.meta}

@@ -6,6 +6,11 @@
   train's two empty answers) are skipped and counted.
 - ``gsm8k``: {question, answer ending in ``#### <number>``}.
 - ``sft``: {prompt, response[, ground_truth | answer]} (the course's sft.jsonl, ``make_sft_data`` output).
+- ``embedded``: embedded-task problems written out ({question, answer, solution, source "embedded:…", difficulty,
+  …}: ``example_record``, e.g. by ``shell.pass_rates``), read back as the same problems.
+
+Every format keeps a record's ``pass_rate``, ``num_samples`` and ``num_correct`` (``shell.pass_rates``) in
+``Example.meta``, where the curricula (``shell/data/curriculum.py``) find them.
 """
 
 from __future__ import annotations
@@ -27,12 +32,16 @@ __all__ = [
     "detect_format",
     "load_jsonl_dataset",
     "load_sft_examples",
+    "PASS_RATE_FIELDS",
     "read_jsonl",
     "shuffle_limit",
 ]
 
-Format = Literal["auto", "math", "gsm8k", "sft"]
-FORMATS: tuple[str, ...] = ("math", "gsm8k", "sft")
+Format = Literal["auto", "math", "gsm8k", "sft", "embedded"]
+FORMATS: tuple[str, ...] = ("math", "gsm8k", "sft", "embedded")
+
+PASS_RATE_FIELDS: tuple[str, ...] = ("pass_rate", "num_samples", "num_correct")
+"""Fields ``shell.pass_rates`` adds to a record; every loader keeps them in ``Example.meta``."""
 
 
 def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -68,8 +77,11 @@ def _field(rec: dict[str, Any], name: str, where: str, *, required: bool = True)
 
 
 def detect_format(fields: Iterable[str]) -> str:
-    """``math``, ``gsm8k`` or ``sft`` from a record's field names; DataError if none fits."""
+    """``math``, ``gsm8k``, ``sft`` or ``embedded`` from a record's field names (``embedded``: a record, i.e. a
+    mapping, with ``question`` and a ``source`` starting ``embedded:``); DataError if none fits."""
     keys = set(fields)
+    if isinstance(fields, dict) and "question" in keys and str(fields.get("source", "")).startswith("embedded:"):
+        return "embedded"
     if "problem" in keys:
         return "math"
     if {"prompt", "response"} <= keys:
@@ -116,7 +128,36 @@ def _gsm8k_example(rec: dict[str, Any], where: str, meta: dict[str, Any]) -> Exa
     return Example(question=question, answer=answer, solution=solution, meta=meta)
 
 
-_PARSERS = {"math": _math_example, "gsm8k": _gsm8k_example}
+def _embedded_example(rec: dict[str, Any], where: str, meta: dict[str, Any]) -> Example | None:
+    question = _field(rec, "question", where)
+    answer = _field(rec, "answer", where)
+    solution = _field(rec, "solution", where, required=False)
+    assert question is not None and answer is not None
+    if not answer.strip():
+        return None
+    extra = {k: v for k, v in rec.items() if k not in ("question", "answer", "solution")}
+    if "difficulty" in extra and not (isinstance(extra["difficulty"], int) and not isinstance(extra["difficulty"], bool)):
+        raise DataError(f"{where}: field 'difficulty' must be an integer, got {extra['difficulty']!r}")
+    return Example(question=question, answer=answer.strip(), solution=solution,
+                   meta={**extra, "file": meta["source"], "line": meta["line"]})
+
+
+def _pass_rate_fields(rec: dict[str, Any], where: str) -> dict[str, Any]:
+    """The record's ``pass_rate`` (a number in [0, 1]), ``num_samples`` and ``num_correct`` (integers), checked."""
+    out: dict[str, Any] = {}
+    for key in PASS_RATE_FIELDS:
+        if key not in rec:
+            continue
+        value = rec[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{where}: field {key!r} must be a number, got {value!r}")
+        if key == "pass_rate" and not 0.0 <= value <= 1.0:
+            raise DataError(f"{where}: field 'pass_rate' must be in [0, 1], got {value}")
+        out[key] = value
+    return out
+
+
+_PARSERS = {"math": _math_example, "gsm8k": _gsm8k_example, "embedded": _embedded_example}
 
 
 def load_jsonl_dataset(
@@ -127,7 +168,7 @@ def load_jsonl_dataset(
     shuffle: bool = False,
     seed: int = 0,
 ) -> Dataset:
-    """Examples from a MATH or GSM8K jsonl file: skip unusable records, then shuffle (seeded), then limit."""
+    """Examples from a MATH, GSM8K or embedded-record jsonl file: skip unusable records, then shuffle (seeded), then limit."""
     path = Path(path).expanduser()
     examples: list[Example] = []
     skipped: list[int] = []
@@ -147,6 +188,8 @@ def load_jsonl_dataset(
             )
         where = f"{path}:{lineno}"
         ex = _PARSERS[fmt](rec, where, {"source": str(path), "line": lineno})
+        if ex is not None:
+            ex.meta.update(_pass_rate_fields(rec, where))
         if ex is None:
             skipped.append(lineno)
         else:

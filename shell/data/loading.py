@@ -8,18 +8,21 @@ import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 T = TypeVar("T")
 
-from shell.config import at_least, flag
+from shell.config import at_least, flag, require
 from shell.data.arithmetic import Phrasing, SolutionStyle, Split, embedded_dataset
 from shell.data.jsonl import Format, load_jsonl_dataset
 from shell.data.records import DataError, DataFileNotFoundError, Dataset, Example
 
-__all__ = ["DATA_ROOT_ENV", "DataConfig", "HeldOutConfig", "check_data_path", "data_root", "held_out_config",
-           "keep_within_context", "load_dataset", "overlap", "questions_within_context", "resolve_data_path",
-           "shared_data", "within_token_limit"]
+CurriculumName = Literal["none", "level", "pass-rate", "online"]
+"""--data.curriculum: how an RL loop chooses each step's problems (shell/data/curriculum.py)."""
+
+__all__ = ["DATA_ROOT_ENV", "CurriculumName", "DataConfig", "HeldOutConfig", "check_data_path", "data_root",
+           "held_out_config", "keep_within_context", "load_dataset", "overlap", "questions_within_context",
+           "resolve_data_path", "shared_data", "within_token_limit"]
 
 EMBEDDED = "embedded"
 """The ``--eval-data.path`` value that names the embedded task explicitly."""
@@ -41,6 +44,27 @@ class DataConfig:
     """Seeds the embedded generator and the shuffle."""
     difficulty: int = 1
     """Embedded task only: 1 = 2-digit +/- ... 5 = multiplication and three steps (see arithmetic_problem)."""
+    difficulty_max: int | None = None
+    """Embedded task only: a mix of every difficulty from --data.difficulty to this one, in equal shares (None: one
+    difficulty)."""
+    curriculum: CurriculumName = "none"
+    """Which training problems each RL step takes (GRPO, expert iteration): "none" (uniform: a seeded permutation per
+    epoch), "level" (MATH level / embedded difficulty, easy to hard), "pass-rate" (a pass_rate field from
+    shell.pass_rates, easy to hard, optionally inside a band), "online" (each problem's running pass rate from the
+    rollouts; too easy and too hard ones rest). See shell/data/curriculum.py."""
+    curriculum_start: float = 0.25
+    """level / pass-rate: the easiest fraction of the problems the first step draws from; the pool grows as
+    sqrt (competence-based, Platanios et al. 2019) to all problems at --data.curriculum-steps (1: all from the start)."""
+    curriculum_steps: int | None = None
+    """level / pass-rate: the step from which every problem is in the pool (None: the loop's last step)."""
+    curriculum_band_min: float | None = None
+    """pass-rate: keep only problems whose pass_rate is >= this; online: sample problems whose running pass rate is
+    >= this (None: 0.0 for pass-rate, 0.1 for online)."""
+    curriculum_band_max: float | None = None
+    """pass-rate: keep only problems whose pass_rate is <= this; online: sample problems whose running pass rate is
+    <= this (None: 1.0 for pass-rate, 0.9 for online)."""
+    curriculum_rest: int = 2
+    """online: how many times a problem outside the band is passed over before it is tried again."""
     phrasing: Phrasing = "plain"
     """Embedded task only: "plain" (its one sentence shape) or "varied" (the same arithmetic in many names, items,
     verbs and sentence shapes)."""
@@ -62,6 +86,22 @@ class DataConfig:
         at_least(self.max_prompt_tokens, 1, flag(prefix, "max_prompt_tokens"), optional=True)
         at_least(self.difficulty, 1, flag(prefix, "difficulty"))
         check_data_path(self.path, self.split, flag(prefix, "path"))
+        at_least(self.difficulty_max, self.difficulty, flag(prefix, "difficulty_max"), optional=True)
+        require(0.0 < self.curriculum_start <= 1.0,
+                f"{flag(prefix, 'curriculum_start')} must be in (0, 1], got {self.curriculum_start}")
+        at_least(self.curriculum_steps, 1, flag(prefix, "curriculum_steps"), optional=True)
+        at_least(self.curriculum_rest, 0, flag(prefix, "curriculum_rest"))
+        for name in ("curriculum_band_min", "curriculum_band_max"):
+            value = getattr(self, name)
+            require(value is None or 0.0 <= value <= 1.0, f"{flag(prefix, name)} must be in [0, 1], got {value}")
+        if self.curriculum == "pass-rate" and (self.path is None or not Path(self.path).expanduser().exists()):
+            where = "needs" if self.path is None else f"{flag(prefix, 'path')} {self.path} does not exist; it needs"
+            raise ValueError(f"{flag(prefix, 'curriculum')} pass-rate {where} a {flag(prefix, 'path')} whose records "
+                             "carry pass_rate: make one with python -m shell.pass_rates --output FILE.jsonl (e.g. "
+                             "python -m shell.pass_rates --preset h100 for MATH train)")
+        lo, hi = self.curriculum_band_min, self.curriculum_band_max
+        require(lo is None or hi is None or lo <= hi,
+                f"{flag(prefix, 'curriculum_band_min')} ({lo}) must be <= {flag(prefix, 'curriculum_band_max')} ({hi})")
 
 
 @dataclass(frozen=True)
@@ -80,6 +120,9 @@ class HeldOutConfig:
     """Seeds the shuffle (and the embedded generator)."""
     difficulty: int | None = None
     """Embedded held-out set only: None follows --data.difficulty."""
+    difficulty_max: int | None = None
+    """Embedded held-out set only: a mix of difficulties up to this one; None follows --data.difficulty-max when
+    --eval-data.difficulty follows --data.difficulty (otherwise one difficulty)."""
     phrasing: Phrasing | None = None
     """Embedded held-out set only: None follows --data.phrasing."""
     format: Format = "auto"
@@ -89,6 +132,7 @@ class HeldOutConfig:
         """Ranges, with each message naming the flag."""
         at_least(self.limit, 1, flag(prefix, "limit"), optional=True)
         at_least(self.difficulty, 1, flag(prefix, "difficulty"), optional=True)
+        at_least(self.difficulty_max, self.difficulty or 1, flag(prefix, "difficulty_max"), optional=True)
         check_data_path(self.path, "validation", flag(prefix, "path"))
 
 
@@ -131,12 +175,15 @@ def held_out_config(train: DataConfig, held: HeldOutConfig) -> tuple[DataConfig,
     common = dict(split="validation", limit=held.limit, shuffle=held.shuffle, seed=held.seed, format=held.format,
                   max_prompt_tokens=train.max_prompt_tokens)
     difficulty = train.difficulty if held.difficulty is None else held.difficulty
+    difficulty_max = held.difficulty_max if held.difficulty_max is not None else (
+        train.difficulty_max if held.difficulty is None else None)
+    shown = f"{difficulty}-{difficulty_max}" if difficulty_max not in (None, difficulty) else f"{difficulty}"
     if held.path is not None and held.path != EMBEDDED:
         return DataConfig(path=held.path, **common), f"held-out set: {held.path} (--eval-data.path)"
     phrasing = train.phrasing if held.phrasing is None else held.phrasing
-    embedded = DataConfig(path=None, difficulty=difficulty, phrasing=phrasing, **common)
+    embedded = DataConfig(path=None, difficulty=difficulty, difficulty_max=difficulty_max, phrasing=phrasing, **common)
     if held.path == EMBEDDED or train.path is None:
-        return embedded, (f"held-out set: embedded task, validation split, difficulty {difficulty}"
+        return embedded, (f"held-out set: embedded task, validation split, difficulty {shown}"
                           + ("" if phrasing == "plain" else f", {phrasing} phrasing"))
     p = Path(train.path).expanduser()
     folder = p if p.is_dir() else p.parent
@@ -144,7 +191,7 @@ def held_out_config(train: DataConfig, held: HeldOutConfig) -> tuple[DataConfig,
         if (folder / name).is_file() and (folder / name) != p:
             target = str(folder if p.is_dir() else folder / name)
             return DataConfig(path=target, **common), f"held-out set: {folder / name} (beside --data.path)"
-    return embedded, (f"held-out set: embedded task, validation split, difficulty {difficulty} -- no validation.jsonl "
+    return embedded, (f"held-out set: embedded task, validation split, difficulty {shown} -- no validation.jsonl "
                       f"or test.jsonl beside --data.path {train.path}; set --eval-data.path to evaluate on other data")
 
 
@@ -199,7 +246,7 @@ def load_dataset(cfg: DataConfig, *, split: Split | None = None) -> Dataset:
     if cfg.path is None or cfg.path == EMBEDDED:
         return embedded_dataset(
             split=split, n=cfg.limit, difficulty=cfg.difficulty, seed=cfg.seed, shuffle=cfg.shuffle, phrasing=cfg.phrasing,
-            solution_style=cfg.solution_style,
+            solution_style=cfg.solution_style, difficulty_max=cfg.difficulty_max,
         )
     return load_jsonl_dataset(
         resolve_data_path(cfg.path, split),

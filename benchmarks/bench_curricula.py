@@ -1,0 +1,111 @@
+"""Data strategies on the laptop: GRPO's uniform sampling vs each curriculum, on the embedded task with mixed
+difficulties (1-3), held-out answer reward on mixed held-out problems.
+
+    python benchmarks/bench_curricula.py [--seeds 0 1] [--strategies uniform level pass-rate-band online] [--steps 10]
+
+One SFT model (``shell.sft``, 16 steps on mixed-difficulty traces) is every run's start; ``shell.pass_rates``
+estimates its pass rate on a training pool of 48 problems (8 samples each); every GRPO run then trains on that
+pool from that model for ``--steps`` steps (8 questions × G 8, the laptop preset's batch) with one strategy, and
+ends with an evaluation of ``--eval-problems`` held-out mixed problems (validation split, T = 1). Runs already
+done (their ``final_eval/summary.json`` exists) are not rerun. Writes ``benchmarks/results/curricula.json`` (``--out``) and
+prints the table (per strategy: each seed's score, the mean, a 95% Wilson interval on the pooled counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks.common import print_table, write_json  # noqa: E402
+
+STRATEGIES: dict[str, list[str]] = {
+    "uniform": ["--data.curriculum", "none"],
+    "level": ["--data.curriculum", "level", "--data.curriculum-start", "0.25", "--data.curriculum-steps", "8"],
+    "pass-rate-band": ["--data.curriculum", "pass-rate", "--data.curriculum-band-min", "0.2",
+                       "--data.curriculum-band-max", "0.8", "--data.curriculum-start", "1.0"],
+    "pass-rate-order": ["--data.curriculum", "pass-rate", "--data.curriculum-start", "0.25", "--data.curriculum-steps", "8"],
+    "online": ["--data.curriculum", "online"],
+}
+
+
+def sh(args: list[str]) -> float:
+    print("$", " ".join(args), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(args, cwd=ROOT, check=True)
+    return time.perf_counter() - t0
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of k successes in n."""
+    if n == 0:
+        return 0.0, 1.0
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--strategies", nargs="+", default=["uniform", "level", "pass-rate-band", "online"],
+                   choices=list(STRATEGIES))
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--eval-problems", type=int, default=200)
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--out", default="curricula", help="benchmarks/results/<out>.json")
+    a = p.parse_args()
+    runs = Path(a.runs_dir)
+    py = sys.executable
+    sft, pool = runs / "c25_sft", runs / "c25_pool.jsonl"
+    if not (sft / "final").is_dir():
+        sh([py, "-m", "shell.sft", "--data.difficulty-max", "3", "--num-steps", "16", "--eval-data.limit", "32",
+            "--eval-every", "16", "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", "c25_sft"])
+    if not pool.exists():
+        sh([py, "-m", "shell.pass_rates", "--model.name-or-path", str(sft / "final"), "--data.difficulty-max", "3",
+            "--data.seed", "1", "--data.limit", "48", "--samples-per-problem", "8", "--sampling.max-tokens", "48",
+            "--output", str(pool)])
+    held = ["--eval-data.path", "embedded", "--eval-data.difficulty", "1", "--eval-data.difficulty-max", "3",
+            "--eval-data.limit", "32", "--final-eval.enabled", "--final-eval.data.path", "embedded",
+            "--final-eval.data.difficulty", "1", "--final-eval.data.difficulty-max", "3",
+            "--final-eval.data.limit", str(a.eval_problems), "--final-eval.sampling.max-tokens", "48"]
+    rows = []
+    for seed in a.seeds:  # every strategy at one seed before the next seed
+        for name in a.strategies:
+            run = f"c25_{name}_s{seed}"
+            summary = runs / run / "final_eval" / "summary.json"
+            if not summary.exists():
+                sh([py, "-m", "shell.grpo", "--model.name-or-path", str(sft / "final"), "--warm-start.steps", "0",
+                    "--data.path", str(pool), *held, "--n-grpo-steps", str(a.steps), "--eval-every", "1000",
+                    "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", run, "--run.seed", str(seed),
+                    *STRATEGIES[name]])
+            s = json.loads(summary.read_text())
+            metrics = [json.loads(line) for line in (runs / run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+            start = next(m["eval/answer_reward"] for m in metrics if m.get("eval_step") == 0)
+            wall = max(m.get("time/elapsed_s", 0.0) for m in metrics)
+            rows.append({"strategy": name, "seed": seed, "answer_reward": s["answer_reward"],
+                         "correct": round(s["answer_reward"] * s["num_examples"]), "n": s["num_examples"],
+                         "step0_answer_reward_32": start, "wall_s": wall})
+    table = []
+    for name in a.strategies:
+        mine = [r for r in rows if r["strategy"] == name]
+        if not mine:
+            continue
+        k, n = sum(r["correct"] for r in mine), sum(r["n"] for r in mine)
+        lo, hi = wilson(k, n)
+        table.append({"strategy": name, "per seed": " / ".join(f"{r['answer_reward']:.1%}" for r in mine),
+                      "mean": f"{k / n:.1%}", "95% CI (pooled)": f"{lo:.1%}-{hi:.1%}",
+                      "wall min (each)": " / ".join(f"{r['wall_s'] / 60:.1f}" for r in mine)})
+    print_table(table, list(table[0]) if table else [])
+    write_json(a.out, {"runs": rows, "table": table, "steps": a.steps, "eval_problems": a.eval_problems})
+
+
+if __name__ == "__main__":
+    main()
