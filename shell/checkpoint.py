@@ -91,12 +91,19 @@ def save_checkpoint(
     tokenizer: Any,
     state: dict[str, Any],
     keep_last: int = 2,
+    save_weights: Callable[[Path], Any] | None = None,
 ) -> Path:
     """Write ``checkpoints/step_{step:06d}`` atomically (weights, tokenizer, ``state`` and the RNG states in
-    ``trainer_state.pt``) and prune all but the last ``keep_last``."""
+    ``trainer_state.pt``) and prune all but the last ``keep_last``. ``save_weights(folder)``, when given, writes
+    the weights instead of ``save_pretrained`` (a LoRA run: only its adapter, :func:`shell.lora.save_adapter`)."""
 
     def fill(tmp: Path) -> None:
-        _save_pretrained(model, tokenizer, tmp)
+        if save_weights is None:
+            _save_pretrained(model, tokenizer, tmp)
+        else:
+            save_weights(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
         torch.save({"step": step, "rng": rng_state(), **state}, tmp / "trainer_state.pt")
         write_manifest(tmp)
 
@@ -167,8 +174,11 @@ def remove_stale_temporaries(run_dir: Path | str) -> list[Path]:
     return stale
 
 
-def load_latest_checkpoint(run_dir: Path | str, *, model: torch.nn.Module, restore_rng: bool = True) -> Checkpoint | None:
+def load_latest_checkpoint(run_dir: Path | str, *, model: torch.nn.Module, restore_rng: bool = True,
+                           load_weights: Callable[[Path], Any] | None = None) -> Checkpoint | None:
     """Load the newest intact checkpoint of ``run_dir`` into ``model`` and return its state; None if there is none.
+    ``load_weights(folder)``, when given, loads the weights instead of :func:`load_model_weights` (the
+    counterpart of :func:`save_checkpoint`'s ``save_weights``).
 
     Each candidate is verified against its manifest and loaded; a damaged one is reported (a warning naming its
     path and the problem) and the next older one is tried. Raises :class:`CheckpointError` when checkpoints
@@ -176,7 +186,10 @@ def load_latest_checkpoint(run_dir: Path | str, *, model: torch.nn.Module, resto
     """
 
     def load(path: Path) -> dict[str, Any]:
-        load_model_weights(model, path)
+        if load_weights is None:
+            load_model_weights(model, path)
+        else:
+            load_weights(path)
         return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
 
     found = newest_intact_checkpoint(run_dir, load)

@@ -37,6 +37,7 @@ from shell.data import (
 from shell.distributed import launched_world_size, require_world_multiple
 from shell.models import prompt_token_limit
 from shell.evaluation import mean_or_none, run_eval
+from shell.lora import LoraConfig, apply_lora, parameter_counts
 from shell.loop import Run, write_curves
 from shell.progress import say
 from shell.prompts import PromptName, load_prompt
@@ -87,6 +88,8 @@ class EIConfig:
     """How held-out responses are sampled."""
     grading: GradingConfig = GradingConfig()
     sampler: SamplerConfig = SamplerConfig()
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapters (peft) instead of training every weight (--lora.rank 0: off)."""
     run: RunConfig = RunConfig(name="expert_iteration")
 
 
@@ -214,8 +217,11 @@ def train(cfg: EIConfig) -> Path:
             model, reserve=cfg.sampling.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
         eval_set = questions_within_context(eval_set, template, tokenizer, what="held-out set", limit=prompt_token_limit(
             model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
+        model = apply_lora(model, cfg.lora)  # after the sampler's generation copy: that copy stays a plain model
         learner = Learner(model, tokenizer, cfg.optim)
         run.begin(learner, closing=[sampler.close])
+        if run.start == 0:
+            run.log({"train_step": 0, **parameter_counts(model)})
         run.state.setdefault("train_step", 0)  # SFT steps across EI steps: saved with every checkpoint
         micro = max(1, cfg.sft_batch_size // cfg.sft_gradient_accumulation_steps)
 

@@ -28,6 +28,7 @@ from shell.data import DataConfig, HeldOutConfig, held_out_config, load_dataset,
 from shell.models import prompt_token_limit
 from shell.distributed import require_world_multiple
 from shell.evaluation import FinalEvalConfig, final_evaluation, run_eval
+from shell.lora import LoraConfig, apply_lora, parameter_counts
 from shell.loop import Run, write_curves
 from shell.progress import say
 from shell.prompts import PromptName, load_prompt
@@ -96,6 +97,8 @@ class GRPOConfig:
     """How held-out responses are sampled."""
     grading: GradingConfig = GradingConfig()
     sampler: SamplerConfig = SamplerConfig()
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapters (peft) instead of training every weight (--lora.rank 0: off)."""
     run: RunConfig = RunConfig(name="grpo")
 
 
@@ -200,8 +203,11 @@ def train(cfg: GRPOConfig) -> Path:
             final_set = questions_within_context(final_set, template, tokenizer, what="final evaluation set",
                                                  limit=prompt_token_limit(model, reserve=cfg.final_eval.sampling.max_tokens,
                                                                           max_prompt_tokens=cfg.data.max_prompt_tokens))
+        model = apply_lora(model, cfg.lora)  # after the sampler's generation copy: that copy stays a plain model
         learner = Learner(model, tokenizer, cfg.optim)
         run.begin(learner, closing=[sampler.close])
+        if run.start == 0:
+            run.log({"train_step": 0, **parameter_counts(model)})
         micro = max(1, cfg.train_batch_size // cfg.gradient_accumulation_steps)
 
         def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
@@ -216,16 +222,18 @@ def train(cfg: GRPOConfig) -> Path:
 
         # Phase 2: a fresh run warm-starts, fixes its KL reference and evaluates; a resumed one reloads them.
         reference: Reference | None = None
+        if cfg.kl_coef > 0 and cfg.lora.enabled:  # the frozen base: the policy with its adapter off, no copy
+            reference = Reference.base(learner)
         if run.start == 0:
             warm_start(learner, make_sft_examples(train_set, template), cfg.warm_start, seed=cfg.run.seed, run_dir=run.dir)
-            if cfg.kl_coef > 0:
+            if cfg.kl_coef > 0 and reference is None:
                 reference = Reference.of(learner)
                 reference.save(run.dir / "reference")
             evaluate_now(0)
         else:
-            if cfg.kl_coef > 0 and (run.dir / "reference").is_dir():
+            if cfg.kl_coef > 0 and reference is None and (run.dir / "reference").is_dir():
                 reference = Reference.load(run.dir / "reference", learner)
-            elif cfg.kl_coef > 0:  # --kl-coef added on resume (--allow-config-change): the reference starts here
+            elif cfg.kl_coef > 0 and reference is None:  # --kl-coef added on resume (--allow-config-change): the reference starts here
                 reference = Reference.of(learner)
                 reference.save(run.dir / "reference")
                 run.say(f"--kl-coef: the run had no reference; the policy at step {run.start} is the reference from here on")

@@ -41,7 +41,8 @@ from shell.distributed import (
     World, check_resume_world, close_world, from_main, gather, init_world, is_sharded, load_sharded_checkpoint,
     main_first, save_sharded_checkpoint,
 )
-from shell.files import atomic_write_jsonl
+from shell.files import atomic_write_jsonl, publish_dir
+from shell.lora import ADAPTER_DIR, is_lora, load_adapter, save_adapter, save_merged
 from shell.progress import progress_bar, say
 from shell.runlog import RunLogger, plot_curves, read_jsonl_records, read_metrics
 from shell.steps import compiled_graph_count
@@ -71,6 +72,14 @@ def process_age() -> float:
         return max(0.0, uptime - started)
     except (OSError, ValueError, IndexError):
         return 0.0
+
+
+def _lora_weights(model: Any) -> tuple[Callable[[Path], Any] | None, Callable[[Path], Any] | None]:
+    """A LoRA policy's checkpoint weights: (save, load) of its adapter in ``<checkpoint>/adapter/`` (the frozen
+    base is not saved); (None, None), the whole model, otherwise."""
+    if not is_lora(model):
+        return None, None
+    return (lambda folder: save_adapter(model, folder / ADAPTER_DIR)), (lambda folder: load_adapter(model, folder / ADAPTER_DIR))
 
 
 class RunLocked(ValueError):
@@ -253,7 +262,7 @@ class Run:
                 ckpt = load_sharded_checkpoint(self.dir, model=learner.model, optimizer=learner.optimizer.optimizer,
                                                scheduler=learner.optimizer.scheduler)
             else:
-                ckpt = load_latest_checkpoint(self.dir, model=learner.model)
+                ckpt = load_latest_checkpoint(self.dir, model=learner.model, load_weights=_lora_weights(learner.model)[1])
                 if ckpt is not None:
                     learner.optimizer.load_state_dict(ckpt.state["optimizer"])
             if ckpt is None:
@@ -452,7 +461,7 @@ class Run:
                                            state=state, keep_last=self.loop.keep_checkpoints)
         state["optimizer"] = self.learner.optimizer.state_dict()
         return save_checkpoint(self.dir, step, model=self.learner.model, tokenizer=self.learner.tokenizer, state=state,
-                               keep_last=self.loop.keep_checkpoints)
+                               keep_last=self.loop.keep_checkpoints, save_weights=_lora_weights(self.learner.model)[0])
 
     def _checkpoint_unless_newest(self, step: int) -> Path:
         """The checkpoint of ``step``: the newest one when it is that step's already, else a new one."""
@@ -465,7 +474,10 @@ class Run:
         assert self.learner is not None
         step = self.completed
         self._checkpoint_unless_newest(step)
-        save_pretrained_atomic(self.learner.model, self.learner.tokenizer, self.dir / "final")
+        if is_lora(self.learner.model):  # merged weights, the adapter in final/adapter/
+            publish_dir(self.dir / "final", lambda tmp: save_merged(self.learner.model, self.learner.tokenizer, tmp))
+        else:
+            save_pretrained_atomic(self.learner.model, self.learner.tokenizer, self.dir / "final")
         self.draw()
         if self.learner.optim.compile:
             say(f"torch.compile: {compiled_graph_count()} graph(s) compiled in this process")

@@ -29,6 +29,7 @@ from shell.distributed import require_world_multiple
 from shell.models import prompt_token_limit
 from shell.evaluation import run_eval
 from shell.grading import grade_batch
+from shell.lora import LoraConfig, apply_lora, parameter_counts
 from shell.loop import Run, write_curves
 from shell.progress import say
 from shell.prompts import PromptName, load_prompt
@@ -73,6 +74,8 @@ class SFTConfig:
     """How held-out responses are sampled."""
     grading: GradingConfig = GradingConfig()
     sampler: SamplerConfig = SamplerConfig()
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapters (peft) instead of training every weight (--lora.rank 0: off)."""
     run: RunConfig = RunConfig(name="sft")
 
 
@@ -140,8 +143,11 @@ def train(cfg: SFTConfig) -> Path:
                                        limit=prompt_token_limit(model, reserve=0, max_prompt_tokens=None))
         eval_set = questions_within_context(eval_set, template, tokenizer, what="held-out set", limit=prompt_token_limit(
             model, reserve=cfg.eval.max_tokens, max_prompt_tokens=cfg.data.max_prompt_tokens))
+        model = apply_lora(model, cfg.lora)  # after the sampler's generation copy: that copy stays a plain model
         learner = Learner(model, tokenizer, cfg.optim)
         run.begin(learner, closing=[sampler.close])
+        if run.start == 0:
+            run.log({"train_step": 0, **parameter_counts(model)})
         micro = max(1, cfg.batch_size // cfg.gradient_accumulation_steps)
 
         def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
