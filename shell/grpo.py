@@ -379,6 +379,12 @@ def _leaderboard() -> GRPOConfig:
     return replace(cfg, optim=replace(cfg.optim, lr=1e-5, checkpoint_above_tokens=8192))
 
 
+def _h100_lora() -> GRPOConfig:
+    """The h100 run with LoRA (values and sources in the README's "LoRA")."""
+    cfg = _h100(lora=LoraConfig(rank=32, alpha=32.0, dropout=0.0), name="grpo_h100_lora")
+    return replace(cfg, optim=replace(cfg.optim, lr=1e-4))
+
+
 _LAPTOP = GRPOConfig(
     n_grpo_steps=15, rollout_batch_size=64, group_size=8, train_batch_size=64, gradient_accumulation_steps=8,
     loss_type="reinforce_with_baseline", use_std_normalization=True,
@@ -415,10 +421,18 @@ PRESETS: dict[str, tuple[str, GRPOConfig]] = {
             run=RunConfig(name="grpo_laptop_leaderboard"),
         ),
     ),
+    "laptop-lora": (
+        "CPU, ≤15 min: the laptop run with LoRA (rank 16, alpha 32 on the attention and MLP projections; lr 2e-4 and "
+        "warm-start lr 3e-4, 10x the full fine-tuning ones as in \"LoRA without regret\")",
+        replace(_LAPTOP, optim=replace(_LAPTOP.optim, lr=2e-4), warm_start=replace(_LAPTOP.warm_start, lr=3e-4),
+                lora=LoraConfig(rank=16, alpha=32.0), run=RunConfig(name="grpo_laptop_lora")),
+    ),
     "h100": ("GPU: Qwen2.5-Math-1.5B on MATH, the handout's starting hyper-parameters; one GPU (vLLM colocated at "
              "0.3, asleep while the policy trains)", _h100()),
     "h100x2": ("2 GPUs: the h100 run with vLLM on a GPU of its own (cuda:1, 0.85), the course's set-up",
                _h100(sampler=SamplerConfig(backend="vllm", placement="dedicated"), name="grpo_h100x2")),
+    "h100-lora": ("GPU: the h100 run with LoRA rank 32 on the attention and MLP projections (Tina), alpha 32 and lr "
+                  "1e-4 (10x the full fine-tuning lr, \"LoRA without regret\")", _h100_lora()),
     "leaderboard": ("2 H100s, 4 hours (--budget-hours 4): best MATH validation accuracy; grpo_clip, 2 optimizer steps "
                     "per rollout batch, Dr. GRPO normalisation, lr 1e-5; validation every 10 steps on a fixed 1,024, "
                     "then all 5,000 (r1_zero, T 1, top-p 1, 1024 tokens)", _leaderboard()),

@@ -198,6 +198,16 @@ PRESETS: dict[str, tuple[str, SFTConfig]] = {
             run=RunConfig(name="sft_laptop"),
         ),
     ),
+    "laptop-lora": (
+        "CPU, minutes: the laptop run with LoRA (rank 16, alpha 32 on the attention and MLP projections; lr 3e-4, "
+        "10x the full fine-tuning lr as in \"LoRA without regret\")",
+        SFTConfig(
+            num_steps=24, batch_size=16, gradient_accumulation_steps=2, loop=LoopConfig(eval_every=8),
+            optim=OptimConfig(lr=3e-4, share_prompt_prefix=True),
+            eval=SamplingConfig(max_tokens=64), lora=LoraConfig(rank=16, alpha=32.0),
+            run=RunConfig(name="sft_laptop_lora"),
+        ),
+    ),
     "h100": ("GPU: Qwen2.5-Math-1.5B on every MATH SFT trace (lr 2e-5, batch 64 in microbatches of 2, float32 "
              "master weights + bf16 autocast, 2 epochs); vLLM eval on 5K validation, colocated at 0.3", _h100()),
     "h100x2": ("2 GPUs: the h100 run with vLLM on a GPU of its own (cuda:1, 0.85), the course's set-up",
