@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from shell.lora import merged_state_dict
+from shell.sampling.weights import merged_state_dict
 from shell.models import cache_kwarg, resolve_dtype, set_attn_implementation
 from shell.progress import progress_bar
 from shell.sampling.api import Completion, SamplingParams, first_stop_end

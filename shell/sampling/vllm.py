@@ -35,7 +35,7 @@ from unittest import mock
 import torch
 
 from shell.config import Placement
-from shell.lora import is_lora, merged_state_dict
+from shell.sampling.weights import lora_layers, merged_state_dict
 from shell.models import full_state_dict
 from shell.sampling.api import Completion, SamplingParams
 from shell.sampling.hf import random_seed
@@ -248,7 +248,7 @@ class VLLMSampler:
         """
         self._wake()
         state = {name: t.detach() for name, t in full_state_dict(model).items()}
-        if is_lora(model):  # the engine is a plain model: it gets the merged weights (shell.lora)
+        if lora_layers(model):  # the engine is a plain model: it gets the merged weights (shell.lora)
             state = {"lm_head.weight": state["lm_head.weight"], **merged_state_dict(model)}
         engine = getattr(self.llm, "llm_engine", None)
         runner_model = None
