@@ -382,7 +382,9 @@ def _leaderboard() -> GRPOConfig:
 def _h100_lora() -> GRPOConfig:
     """The h100 run with LoRA (values and sources in the README's "LoRA")."""
     cfg = _h100(lora=LoraConfig(rank=32, alpha=32.0, dropout=0.0), name="grpo_h100_lora")
-    return replace(cfg, optim=replace(cfg.optim, lr=1e-4))
+    # The frozen base in bf16 (float32 masters buy nothing for weights that never change); peft keeps the adapter
+    # in float32, so AdamW's state is float32; the HF sampler then samples with the policy itself, vLLM gets merges.
+    return replace(cfg, model=replace(cfg.model, dtype="bfloat16"), optim=replace(cfg.optim, lr=1e-4))
 
 
 _LAPTOP = GRPOConfig(
@@ -432,7 +434,8 @@ PRESETS: dict[str, tuple[str, GRPOConfig]] = {
     "h100x2": ("2 GPUs: the h100 run with vLLM on a GPU of its own (cuda:1, 0.85), the course's set-up",
                _h100(sampler=SamplerConfig(backend="vllm", placement="dedicated"), name="grpo_h100x2")),
     "h100-lora": ("GPU: the h100 run with LoRA rank 32 on the attention and MLP projections (Tina), alpha 32 and lr "
-                  "1e-4 (10x the full fine-tuning lr, \"LoRA without regret\")", _h100_lora()),
+                  "1e-4 (10x the full fine-tuning lr, \"LoRA without regret\"); the frozen base in bf16, the adapter "
+                  "and its AdamW state in float32", _h100_lora()),
     "leaderboard": ("2 H100s, 4 hours (--budget-hours 4): best MATH validation accuracy; grpo_clip, 2 optimizer steps "
                     "per rollout batch, Dr. GRPO normalisation, lr 1e-5; validation every 10 steps on a fixed 1,024, "
                     "then all 5,000 (r1_zero, T 1, top-p 1, 1024 tokens)", _leaderboard()),

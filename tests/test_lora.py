@@ -343,3 +343,21 @@ def test_bad_lora_flags_exit_2_naming_the_flag_before_anything_loads(tmp_path, m
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "run").exists() and not list(tmp_path.iterdir())  # nothing written
+
+
+def test_lora_presets_are_the_full_presets_with_an_adapter_and_a_larger_learning_rate():
+    from dataclasses import replace
+
+    from shell import grpo, sft
+
+    for module in (sft, grpo):
+        full, lora = module.PRESETS["laptop"][1], module.PRESETS["laptop-lora"][1]
+        assert full.lora.rank == 0 and lora.lora.rank == 16 and lora.optim.lr == pytest.approx(10 * full.optim.lr)
+        same = replace(lora, lora=full.lora, optim=full.optim, run=full.run)
+        if module is grpo:
+            assert lora.warm_start.lr == pytest.approx(10 * full.warm_start.lr)
+            same = replace(same, warm_start=full.warm_start)
+        assert same == full
+    h100, lora = grpo.PRESETS["h100"][1], grpo.PRESETS["h100-lora"][1]
+    assert (lora.lora.rank, lora.lora.alpha, lora.optim.lr, lora.model.dtype) == (32, 32.0, 1e-4, "bfloat16")
+    assert replace(lora, lora=h100.lora, optim=h100.optim, model=h100.model, run=h100.run) == h100
