@@ -111,22 +111,24 @@ def _step_grads(model, tok, *, prefix: bool, checkpoint: bool, compile: bool, au
 def test_prefix_checkpointing_and_compile_give_the_adapter_the_same_gradients(autocast, no_shape_checks):
     """With the adapter, the shared prompt prefix (steps.PrefixedModel) gives the same loss (its gradient drops
     only the paths through the prefix's keys and values, as without LoRA); activation checkpointing gives the plain
-    step's adapter gradients, and torch.compile (with the prefix, under bf16 autocast) the eager ones."""
+    step's adapter gradients, and torch.compile (with the prefix) the eager ones (under bf16 autocast to its
+    rounding)."""
     model, tok = _lora_policy()
     _randomize_adapter(model)
     tol = dict(rtol=5e-2, atol=5e-3) if autocast else dict(rtol=1e-3, atol=1e-5)
     plain = _step_grads(model, tok, prefix=False, checkpoint=False, compile=False, autocast=autocast)
     prefixed = _step_grads(model, tok, prefix=True, checkpoint=False, compile=False, autocast=autocast)
-    cases = [(plain, dict(prefix=False, checkpoint=True, compile=False))]
-    if autocast:  # one compilation (minutes on a busy 2-core CPU): the loops' default, bf16 autocast
-        cases.append((prefixed, dict(prefix=True, checkpoint=False, compile=True)))
+    cases = [(plain, dict(prefix=False, checkpoint=True, compile=False)), (prefixed, dict(prefix=True, checkpoint=False, compile=True))]
     assert prefixed[0] == pytest.approx(plain[0], rel=tol["rtol"])
     for (loss0, ref), kw in cases:
         loss, grads = _step_grads(model, tok, autocast=autocast, **kw)
         assert loss == pytest.approx(loss0, rel=tol["rtol"]), kw
         assert grads.keys() == ref.keys(), kw
         for name in ref:
-            torch.testing.assert_close(grads[name], ref[name], **tol, msg=lambda m, kw=kw, name=name: f"{kw} {name}: {m}")
+            if autocast and kw["compile"]:  # inductor rounds its fused bf16 kernels elsewhere: compare whole tensors
+                assert float((grads[name] - ref[name]).norm() / ref[name].norm()) < 5e-2, (kw, name)
+            else:
+                torch.testing.assert_close(grads[name], ref[name], **tol, msg=lambda m, kw=kw, name=name: f"{kw} {name}: {m}")
 
 
 # ---------------------------------------------------------------------------------------------- merged weights, reference
