@@ -39,7 +39,7 @@ from shell.files import publish_dir
 from shell.fsdp import gather_state_dict, is_sharded
 from shell.world import barrier, from_main, gather, is_main, main_first, world
 
-__all__ = ["SHARDED", "Checkpoint", "CheckpointError", "Checkpointer", "TrainerState", "check_resume_world",
+__all__ = ["SHARDED", "Checkpoint", "CheckpointError", "Checkpointer", "TrainerState", "WeightFiles", "check_resume_world",
            "checkpoint_world_size", "list_checkpoints", "load_checkpoint", "load_model_weights",
            "newest_intact_checkpoint", "prune_checkpoints", "remove_stale_temporaries", "rng_state", "save_checkpoint",
            "save_pretrained_atomic", "set_rng_state", "verify_manifest", "write_manifest"]
@@ -106,6 +106,19 @@ class Checkpoint:
         return self.state.step
 
 
+@dataclass(frozen=True)
+class WeightFiles:
+    """How a checkpoint holds the policy when not as ``save_pretrained`` weights (a LoRA run: only its adapter;
+    :func:`shell.lora.adapter_files`). Each callable takes the folder it writes or reads."""
+
+    save: Callable[[Path], Any]
+    """Writes the policy's trainable weights into a checkpoint folder."""
+    load: Callable[[Path], Any]
+    """Loads them back from one, into the policy in place."""
+    final: Callable[[Path], Any]
+    """Fills the ``final/`` folder (a Hugging Face folder that ``shell.evaluate`` and vLLM load as is)."""
+
+
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -140,10 +153,11 @@ def save_pretrained_atomic(model: torch.nn.Module, tokenizer: Any, path: Path | 
 def save_checkpoint(
     run_dir: Path | str, step: int, *, model: torch.nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer,
     scheduler: Any, elapsed: float = 0.0, loop: dict[str, Any] | None = None, keep_last: int = 2,
+    weights: WeightFiles | None = None,
 ) -> Path:
     """Write ``checkpoints/step_{step:06d}`` (weights, tokenizer, :class:`TrainerState`, manifest) atomically and
     prune all but the last ``keep_last``. Every rank calls it: a sharded ``model`` is written as each rank's
-    shards (:func:`_save_sharded`), otherwise rank 0 writes ``save_pretrained`` weights."""
+    shards (:func:`_save_sharded`), otherwise rank 0 writes ``save_pretrained`` weights (or ``weights.save``'s)."""
     target = Path(run_dir) / "checkpoints" / f"step_{step:06d}"
     state = TrainerState(step=step, world_size=world().size, scheduler=scheduler.state_dict(), optimizer=None,
                          rng=gather(rng_state()), elapsed=elapsed, loop=dict(loop or {}))
@@ -153,7 +167,12 @@ def save_checkpoint(
         state.optimizer = optimizer.state_dict()
 
         def fill(tmp: Path) -> None:
-            _save_pretrained(model, tokenizer, tmp)
+            if weights is None:
+                _save_pretrained(model, tokenizer, tmp)
+            else:
+                weights.save(tmp)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
             state.write(tmp)
             write_manifest(tmp)
 
@@ -196,10 +215,11 @@ def _save_sharded(target: Path, model: torch.nn.Module, optimizer: torch.optim.O
 
 def load_checkpoint(
     run_dir: Path | str, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-    restore_rng: bool = True,
+    restore_rng: bool = True, weights: WeightFiles | None = None,
 ) -> Checkpoint | None:
-    """Load the newest intact checkpoint of ``run_dir`` into ``model``, ``optimizer`` and ``scheduler`` in place
-    (and this rank's RNG states); None when there is none. Every rank calls it.
+    """Load the newest intact checkpoint of ``run_dir`` into ``model`` (through ``weights.load`` when given, the
+    counterpart of :func:`save_checkpoint`'s), ``optimizer`` and ``scheduler`` in place (and this rank's RNG
+    states); None when there is none. Every rank calls it.
 
     Each candidate is verified against its manifest and loaded (rank 0 picks the checkpoint for all); a damaged
     one is reported (a warning naming its path and the problem) and the next older one is tried. Raises
@@ -209,7 +229,9 @@ def load_checkpoint(
 
     def load(path: Path) -> TrainerState:
         state = TrainerState.read(path)
-        if not sharded:
+        if weights is not None:
+            weights.load(path)
+        elif not sharded:
             load_model_weights(model, path)
         return state
 
@@ -255,23 +277,27 @@ def check_resume_world(run_dir: Path | str) -> None:
 
 class Checkpointer:
     """The checkpoints of one run's policy: ``save(step)`` (every rank calls it), the newest one restored by
-    ``resume()``, ``final()`` (the ``final/`` folder). ``optimizer`` is the AdamW and ``scheduler`` its schedule."""
+    ``resume()``, ``final()`` (the ``final/`` folder). ``optimizer`` is the AdamW and ``scheduler`` its schedule;
+    ``weights`` how the policy's weights are held when not as ``save_pretrained`` (a LoRA run's adapter)."""
 
     def __init__(self, run_dir: Path, *, model: torch.nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer,
-                 scheduler: Any, keep_last: int) -> None:
+                 scheduler: Any, keep_last: int, weights: WeightFiles | None = None) -> None:
         self.run_dir = Path(run_dir)
         self.model, self.tokenizer, self.optimizer, self.scheduler = model, tokenizer, optimizer, scheduler
         self.keep_last = keep_last
+        self.weights = weights
 
     def resume(self) -> Checkpoint | None:
         """Restore the newest intact checkpoint (None: there is none); ``ValueError`` when another number of
         ranks wrote it."""
         check_resume_world(self.run_dir)
-        return load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler)
+        return load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                               weights=self.weights)
 
     def save(self, step: int, *, elapsed: float, loop: dict[str, Any]) -> Path:
         return save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                               scheduler=self.scheduler, elapsed=elapsed, loop=loop, keep_last=self.keep_last)
+                               scheduler=self.scheduler, elapsed=elapsed, loop=loop, keep_last=self.keep_last,
+                               weights=self.weights)
 
     def save_unless_newest(self, step: int, *, elapsed: float, loop: dict[str, Any]) -> Path:
         """The checkpoint of ``step``: the newest one when it is that step's already, else a new one."""
@@ -279,8 +305,14 @@ class Checkpointer:
         return kept[-1] if kept and kept[-1].name == f"step_{step:06d}" else self.save(step, elapsed=elapsed, loop=loop)
 
     def final(self) -> Path:
-        """``final/``: the policy and tokenizer, loadable by ``shell.evaluate`` and vLLM."""
-        return save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
+        """``final/``: the policy and tokenizer, loadable by ``shell.evaluate`` and vLLM (``weights.final``'s folder
+        when given: a LoRA run's merged weights with its adapter in ``final/adapter/``)."""
+        if self.weights is None:
+            return save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
+        if is_main():
+            publish_dir(self.run_dir / "final", self.weights.final)
+        barrier()
+        return self.run_dir / "final"
 
 
 def prune_checkpoints(run_dir: Path | str, keep_last: int) -> None:

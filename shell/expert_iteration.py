@@ -32,6 +32,7 @@ from shell.config import (
 )
 from shell.data import DataConfig, HeldOutConfig, SFTExample, group_pass_rates, shared_data
 from shell.evaluation import mean_or_none
+from shell.lora import LoraConfig
 from shell.loop import Run, write_curves
 from shell.progress import say
 from shell.prompts import PromptName
@@ -83,6 +84,8 @@ class EIConfig:
     """How held-out responses are sampled."""
     grading: GradingConfig = GradingConfig()
     sampler: SamplerConfig = SamplerConfig()
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapters (peft) instead of training every weight (--lora.rank 0: off)."""
     run: RunConfig = RunConfig(name="expert_iteration")
 
 

@@ -31,6 +31,7 @@ from shell.data import (
     MATH_PASS_RATES, DataConfig, HeldOutConfig, QuestionSampler, group_pass_rates, make_curriculum, shared_data,
 )
 from shell.evaluation import FinalEvalConfig
+from shell.lora import LoraConfig
 from shell.loop import Run, write_curves
 from shell.progress import say
 from shell.prompts import PromptName
@@ -113,6 +114,8 @@ class GRPOConfig:
     """How held-out responses are sampled."""
     grading: GradingConfig = GradingConfig()
     sampler: SamplerConfig = SamplerConfig()
+    lora: LoraConfig = LoraConfig()
+    """LoRA adapters (peft) instead of training every weight (--lora.rank 0: off)."""
     run: RunConfig = RunConfig(name="grpo")
 
 
@@ -203,9 +206,12 @@ def sample_batch(sampler: Any, train_set: Any, template: Any, cfg: GRPOConfig, s
 def kl_reference(cfg: GRPOConfig, run: Run, learner: Learner, *, fresh: bool) -> Reference | None:
     """The frozen policy of ``--kl-coef`` (None when it is 0): the policy as it starts (after the warm start),
     saved in ``<run>/reference/``; on resume the saved one, or, when the resumed run had none (``--kl-coef``
-    added with ``--allow-config-change``), the policy at the resumed step."""
+    added with ``--allow-config-change``), the policy at the resumed step. A LoRA policy's reference is its frozen
+    base (the adapter switched off: no copy), from before the warm start too."""
     if cfg.kl_coef <= 0:
         return None
+    if cfg.lora.enabled:  # the frozen base: the policy with its adapter off, no copy
+        return Reference.base(learner)
     if not fresh and (run.dir / "reference").is_dir():
         return Reference.load(run.dir / "reference", learner)
     reference = Reference.of(learner)
@@ -392,6 +398,14 @@ def _leaderboard() -> GRPOConfig:
     return replace(cfg, optim=replace(cfg.optim, lr=1e-5, checkpoint_above_tokens=8192))
 
 
+def _h100_lora() -> GRPOConfig:
+    """The h100 run with LoRA (values and sources in the README's "LoRA")."""
+    cfg = _h100(lora=LoraConfig(rank=32, alpha=32.0, dropout=0.0), name="grpo_h100_lora")
+    # The frozen base in bf16 (float32 masters buy nothing for weights that never change); peft keeps the adapter
+    # in float32, so AdamW's state is float32; the HF sampler then samples with the policy itself, vLLM gets merges.
+    return replace(cfg, model=replace(cfg.model, dtype="bfloat16"), optim=replace(cfg.optim, lr=1e-4))
+
+
 _LAPTOP = GRPOConfig(
     n_grpo_steps=15, rollout_batch_size=64, group_size=8, train_batch_size=64, gradient_accumulation_steps=8,
     loss_type="reinforce_with_baseline", use_std_normalization=True,
@@ -428,10 +442,19 @@ PRESETS: dict[str, tuple[str, GRPOConfig]] = {
             run=RunConfig(name="grpo_laptop_leaderboard"),
         ),
     ),
+    "laptop-lora": (
+        "CPU, ≤15 min: the laptop run with LoRA (rank 16, alpha 32 on the attention and MLP projections; lr 2e-4 and "
+        "warm-start lr 3e-4, 10x the full fine-tuning ones as in \"LoRA without regret\")",
+        replace(_LAPTOP, optim=replace(_LAPTOP.optim, lr=2e-4), warm_start=replace(_LAPTOP.warm_start, lr=3e-4),
+                lora=LoraConfig(rank=16, alpha=32.0), run=RunConfig(name="grpo_laptop_lora")),
+    ),
     "h100": ("GPU: Qwen2.5-Math-1.5B on MATH, the handout's starting hyper-parameters; one GPU (vLLM colocated at "
              "0.3, asleep while the policy trains)", _h100()),
     "h100x2": ("2 GPUs: the h100 run with vLLM on a GPU of its own (cuda:1, 0.85), the course's set-up",
                _h100(sampler=SamplerConfig(backend="vllm", placement="dedicated"), name="grpo_h100x2")),
+    "h100-lora": ("GPU: the h100 run with LoRA rank 32 on the attention and MLP projections (Tina), alpha 32 and lr "
+                  "1e-4 (10x the full fine-tuning lr, \"LoRA without regret\"); the frozen base in bf16, the adapter "
+                  "and its AdamW state in float32", _h100_lora()),
     "leaderboard": ("2 H100s, 4 hours (--budget-hours 4): best MATH validation accuracy; trains on the MATH train "
                     "problems the base model solves 1-7 times in 8 (first: python -m shell.pass_rates --preset h100); "
                     "grpo_clip, 2 optimizer steps per rollout batch, Dr. GRPO normalisation, lr 1e-5; validation every "

@@ -28,6 +28,7 @@ from typing import Any
 
 from shell.checkpoint import Checkpointer, list_checkpoints
 from shell.config import LoopConfig, RunConfig, asdict
+from shell.lora import adapter_files
 from shell.progress import say
 from shell.run_folder import FREE_TO_CHANGE, RunFolder, RunLocked, config_changes
 from shell.runlog import RunLogger, plot_curves, read_metrics
@@ -150,7 +151,8 @@ class Run:
         self.closing = list(closing)
         self.checkpointer = Checkpointer(self.dir, model=learner.model, tokenizer=learner.tokenizer,
                                          optimizer=learner.optimizer.optimizer, scheduler=learner.optimizer.scheduler,
-                                         keep_last=self.loop.keep_checkpoints)
+                                         keep_last=self.loop.keep_checkpoints,
+                                         weights=adapter_files(learner.model, learner.tokenizer))
         resumed = False
         if self.loop.resume:
             ckpt = self.checkpointer.resume()

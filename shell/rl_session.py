@@ -29,6 +29,7 @@ from shell.data import (
     restore_curriculum,
 )
 from shell.evaluation import final_evaluation, run_eval
+from shell.lora import apply_lora, parameter_counts
 from shell.loop import Run
 from shell.models import prompt_token_limit
 from shell.prompts import PromptTemplate, load_prompt
@@ -100,8 +101,11 @@ class RLSession:
         self.curriculum: QuestionSampler = make_curriculum(cfg.data, self.train_set, seed=cfg.run.seed,
                                                            total_steps=total_steps, rounds_per_step=rounds_per_step)
         """Which training questions each step takes (``--data.curriculum``); its state rides in ``run.state``."""
+        self.model = apply_lora(self.model, cfg.lora)  # after the sampler's generation copy: that stays a plain model
         self.learner = Learner(self.model, self.tokenizer, cfg.optim)
         run.begin(self.learner, closing=[self.sampler.close])
+        if run.start == 0:
+            run.log({"train_step": 0, **parameter_counts(self.model)})
         if run.start > 0 and (note := restore_curriculum(self.curriculum, run.state.get("curriculum"))):
             run.say(note)
         if cfg.data.curriculum != "none":

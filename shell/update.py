@@ -395,6 +395,29 @@ class Reference:
         self.log_probs = make_log_probs_fn(self.model, compile=optim.compile, share_prompt_prefix=optim.share_prompt_prefix)
 
     @classmethod
+    def base(cls, learner: Learner) -> Reference:
+        """A LoRA policy's frozen base as the reference: the policy itself with its adapter switched off
+        (:func:`shell.lora.adapter_disabled`) while the reference log-probs run; no second copy, nothing saved."""
+        from shell.lora import adapter_disabled
+
+        ref = cls.__new__(cls)
+        ref.model = learner.model
+        policy_log_probs = make_log_probs_fn(learner.model, compile=learner.optim.compile,
+                                             share_prompt_prefix=learner.optim.share_prompt_prefix)
+
+        def log_probs(*args: Any, **kwargs: Any) -> dict[str, Tensor]:
+            was_training = learner.model.training
+            learner.model.eval()
+            try:
+                with adapter_disabled(learner.model):
+                    return policy_log_probs(*args, **kwargs)
+            finally:
+                learner.model.train(was_training)
+
+        ref.log_probs = log_probs
+        return ref
+
+    @classmethod
     def of(cls, learner: Learner) -> Reference:
         """A frozen copy of the learner's current policy (whole on every rank under torchrun)."""
         return cls(unsharded_copy(learner.model), learner.optim)

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from shell.sampling.weights import merged_state_dict
 from shell.models import cache_kwarg, resolve_dtype, set_attn_implementation
 from shell.progress import progress_bar
 from shell.sampling.api import Completion, SamplingParams, first_stop_end
@@ -146,10 +147,12 @@ class HFSampler:
         return self.model is not self.policy
 
     def load_weights(self, model: torch.nn.Module) -> None:
-        """Copy ``model``'s weights into the generation model in place (no-op when it is the same object)."""
+        """Copy ``model``'s weights into the generation model in place (no-op when it is the same object: a
+        policy with LoRA adapters then samples through them). A LoRA policy's weights arrive merged
+        (:func:`shell.lora.merged_state_dict`), so the generation copy stays a plain model."""
         if model is self.model:
             return
-        source = {name.replace("_orig_mod.", ""): t for name, t in model.state_dict().items()}
+        source = merged_state_dict(model)
         target = self.model.state_dict()
         missing = [name for name in target if name not in source]
         if missing:

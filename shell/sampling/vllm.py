@@ -42,6 +42,7 @@ from unittest import mock
 import torch
 
 from shell.config import Placement
+from shell.sampling.weights import lora_layers, merged_state_dict
 from shell.models import full_state_dict
 from shell.sampling.api import Completion, SamplingParams
 from shell.sampling.hf import random_seed
@@ -258,6 +259,8 @@ class VLLMSampler:
         """
         self._wake()
         state = {name: t.detach() for name, t in full_state_dict(model).items()}
+        if lora_layers(model):  # the engine is a plain model: it gets the merged weights (shell.lora)
+            state = {"lm_head.weight": state["lm_head.weight"], **merged_state_dict(model)}
         engine = getattr(self.llm, "llm_engine", None)
         runner_model = None
         if not type(engine).__module__.startswith("vllm.v1"):
