@@ -11,12 +11,16 @@ and ``--run.*`` (:class:`RunConfig`).
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from shell.files import describe_os_error, is_disk_full
 
 T = TypeVar("T")
 
@@ -293,7 +297,13 @@ class RunConfig:
     choices (subsets, the embedded task) are seeded by --data.seed."""
 
     def check(self, prefix: str = "run") -> None:
-        require(bool(self.name.strip()) and self.name not in (".", ".."), f"{flag(prefix, 'name')} must name a folder, got {self.name!r}")
+        """The name is one folder name inside --run.runs-dir: no path separator, not absolute, not "." or ".."
+        (``../x`` or ``/abs`` would write outside the runs folder)."""
+        separators = {"/", "\0", *filter(None, (os.sep, os.altsep))}
+        single = (bool(self.name.strip()) and self.name not in (".", "..")
+                  and not any(c in self.name for c in separators))
+        require(single, f"{flag(prefix, 'name')} must be a single folder name inside --run.runs-dir (no '/', not "
+                        f"'.' or '..'), got {self.name!r}")
 
 
 def asdict(config: Any) -> dict[str, Any]:
@@ -351,8 +361,9 @@ def run_cli(
     args: Sequence[str] | None = None,
 ) -> Any:
     """An entry point's ``main``: parse the preset CLI and run ``train(config)``. Bad input (``ValueError`` and
-    its subclasses such as ``DataError``: flags, data, a run folder in use, a refused resume) and divergence
-    exit 2 with the message; an I/O error (a full disk, a read-only folder) exits 1 with the message."""
+    its subclasses such as ``DataError``: flags, data, a run folder in use, a refused resume, a symbolic link
+    planted in the run folder) and divergence exit 2 with the message; an I/O error (a full disk, a read-only
+    folder) exits 1 with the message, which names the file and says when the disk is full."""
     cfg = cli(config_type, presets, description=description, args=args)
     try:
         return train(cfg)
@@ -360,5 +371,10 @@ def run_cli(
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:  # a full disk, a read-only folder: the message names the path
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        raise SystemExit(2 if e.errno == errno.ELOOP else 1) from None  # a link planted in the run folder: refused
+    except Exception as e:  # a library's own exception for a full disk (tokenizers, safetensors)
+        if not is_disk_full(e):
+            raise
+        print(f"error: no space left on device (the disk is full): {e}", file=sys.stderr)
         raise SystemExit(1) from None

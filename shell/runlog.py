@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from shell.files import atomic_write_bytes, atomic_write_jsonl, atomic_write_text
+from shell.files import LinkRefused, append_text, atomic_write_bytes, atomic_write_jsonl, atomic_write_text
 
 LoggerName = Literal["wandb", "none"]
 
@@ -102,8 +102,10 @@ class RunLogger:
         self.metrics_path = self.run_dir / metrics_name
         self._t0 = time.monotonic() - elapsed_offset
         if resume_step is None:
-            self.metrics_path.write_text("")
+            atomic_write_text(self.metrics_path, "")  # a link planted there is replaced, never truncated through
         else:
+            if self.metrics_path.is_symlink():
+                raise LinkRefused(self.metrics_path)
             kept = [r for r in read_metrics(self.metrics_path) if step_of(r, step_keys) <= resume_step]
             atomic_write_jsonl(self.metrics_path, kept)
         if config is not None and save_config:
@@ -138,9 +140,7 @@ class RunLogger:
         """Append one record (``train/…`` keys with ``train_step``, or ``eval/…`` with ``eval_step``)."""
         record = {k: _jsonable(v) for k, v in metrics.items()}
         record.setdefault("time/elapsed_s", round(self.elapsed, 3))
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        append_text(self.metrics_path, json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log(record)
         return record

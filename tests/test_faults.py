@@ -1,0 +1,193 @@
+"""Faults, bad input and planted files (issue 28's numbered cases): run names that escape the runs folder and
+symbolic links in a run folder (2), a full disk (12)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from doubles import save_tiny_policy
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
+
+
+def sft_args(tiny: Path, runs: Path, name: str, *extra: str, steps: int = 2) -> list[str]:
+    return [
+        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "16", "--eval-data.limit", "2",
+        "--eval.max-tokens", "4", "--grading.workers", "0", "--sampler.generation-dtype", "None",
+        "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", name, "--num-steps", str(steps),
+        "--batch-size", "4", "--gradient-accumulation-steps", "2", "--eval-every", "2", *extra,
+    ]
+
+
+# 2. run names are single folder names; nothing is written through a link ----------------------------------
+
+
+@pytest.mark.parametrize("module", ["shell.sft", "shell.grpo", "shell.expert_iteration", "shell.evaluate"])
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "a/b", "..", ".", "", "  "])
+def test_a_run_name_that_is_not_one_folder_name_exits_2_before_anything_is_written(tmp_path, capsys, module, name):
+    import importlib
+
+    entry = importlib.import_module(module)
+    runs = tmp_path / "runs"
+    name = name.replace("/abs", str(tmp_path / "abs"))
+    with pytest.raises(SystemExit) as exc:
+        entry.main(["--model.name-or-path", str(tmp_path / "no-model"), "--run.runs-dir", str(runs),
+                    "--run.logger", "none", "--run.name", name])
+    assert exc.value.code == 2
+    assert f"--run.name must be a single folder name inside --run.runs-dir" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # neither the runs folder nor ../escape nor /abs/path
+
+
+def test_appending_refuses_a_link_and_atomic_writes_replace_it(tmp_path):
+    from shell.files import LinkRefused, append_text, atomic_write_text
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    link = tmp_path / "metrics.jsonl"
+    link.symlink_to(victim)
+    with pytest.raises(LinkRefused, match="metrics.jsonl is a symbolic link"):
+        append_text(link, "{}\n")
+    atomic_write_text(link, "")
+    assert victim.read_text() == "precious\n"
+    assert not link.is_symlink() and link.read_text() == ""
+    append_text(link, "a\n")
+    append_text(link, "b\n")
+    assert link.read_text() == "a\nb\n"
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(tiny, tmp_path, capsys):
+    from shell import sft
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / ".lock").symlink_to(victim)
+    with pytest.raises(SystemExit) as exc:
+        sft.main(sft_args(tiny, tmp_path / "runs", "r"))
+    assert exc.value.code == 2
+    assert ".lock is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_planted_metrics_link_is_replaced_on_a_new_run_and_refused_on_resume(tiny, tmp_path, capsys):
+    from shell import sft
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").symlink_to(victim)
+    (run / "generations.jsonl").symlink_to(victim)
+    sft.main(sft_args(tiny, tmp_path / "runs", "r", steps=2))
+    assert victim.read_text() == "precious\n"
+    assert not (run / "metrics.jsonl").is_symlink() and not (run / "generations.jsonl").is_symlink()
+    assert [json.loads(x)["train_step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+            if "train_step" in json.loads(x)] == [1, 2]
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(SystemExit) as exc:
+        sft.main(sft_args(tiny, tmp_path / "runs", "r", "--resume", steps=3))
+    assert exc.value.code == 2 and "metrics.jsonl is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n"
+
+
+# 12. a full disk ---------------------------------------------------------------------------------------------
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_in_an_atomic_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from shell.files import WriteError, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "config.json", "old\n")
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", enospc)
+        with pytest.raises(WriteError) as exc:
+            atomic_write_text(target, "new\n")
+    assert str(exc.value) == f"could not write {target}: no space left on device (the disk is full)"
+    assert exc.value.errno == errno.ENOSPC
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_a_full_disk_while_appending_names_the_file(tmp_path, monkeypatch):
+    from shell.files import WriteError, append_text
+
+    log = tmp_path / "metrics.jsonl"
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", enospc)
+        with pytest.raises(WriteError) as exc:
+            append_text(log, "{}\n")
+    assert str(exc.value) == f"could not write {log}: no space left on device (the disk is full)"
+
+
+@pytest.mark.parametrize("raised", [
+    Exception("No space left on device (os error 28)"),  # the tokenizers library's save
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 19712 vs 19604"),  # torch.save
+    OSError(errno.ENOSPC, "No space left on device"),
+])
+def test_a_full_disk_while_publishing_a_folder_says_so_and_leaves_no_temporary(tmp_path, monkeypatch, raised):
+    import shutil
+
+    from shell.files import WriteError, publish_dir
+
+    target = tmp_path / "checkpoints" / "step_000002"
+    real_usage = shutil.disk_usage
+
+    def usage(path):  # what a disk that just filled up reports: nothing free
+        return real_usage(path)._replace(free=0)
+
+    if isinstance(raised, RuntimeError):  # no word of disk space in the error: the file system is asked
+        monkeypatch.setattr(shutil, "disk_usage", usage)
+
+    def fill(tmp: Path) -> None:
+        (tmp / "model.safetensors").write_bytes(b"0" * 100)
+        raise raised
+
+    with pytest.raises(WriteError) as exc:
+        publish_dir(target, fill)
+    assert str(exc.value) == f"could not write {target}: no space left on device (the disk is full)"
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_failed_publish_that_is_not_a_full_disk_says_what_it_was(tmp_path):
+    from shell.files import WriteError, publish_dir
+
+    def fill(tmp: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(WriteError, match=f"could not write {tmp_path / 'final'}: Permission denied"):
+        publish_dir(tmp_path / "final", fill)
+
+    def bug(tmp: Path) -> None:
+        raise TypeError("a bug, not the disk")
+
+    with pytest.raises(TypeError):  # not an I/O error: raised as it is
+        publish_dir(tmp_path / "final", bug)
+
+
+def test_a_full_disk_during_a_run_is_one_error_line_naming_the_path_exit_1(tiny, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from shell import sft
+
+    def full(self, *args, **kwargs):  # what the tokenizers library raises on ENOSPC
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", full)
+    with pytest.raises(SystemExit) as exc:
+        sft.main(sft_args(tiny, tmp_path, "full", steps=1))
+    err = capsys.readouterr().err
+    assert exc.value.code == 1
+    assert err.strip().splitlines()[-1] == (f"error: could not write {tmp_path / 'full' / 'checkpoints' / 'step_000001'}: "
+                                             f"no space left on device (the disk is full)")
+    assert "Traceback" not in err
