@@ -1,11 +1,13 @@
 """Faults, bad input and planted files (issue 28's numbered cases): run names that escape the runs folder and
-symbolic links in a run folder (2), a full disk (12)."""
+symbolic links in a run folder (2), a grading worker's death (3), a full disk (12)."""
 
 from __future__ import annotations
 
 import errno
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,65 @@ def test_a_planted_metrics_link_is_replaced_on_a_new_run_and_refused_on_resume(t
         sft.main(sft_args(tiny, tmp_path / "runs", "r", "--resume", steps=3))
     assert exc.value.code == 2 and "metrics.jsonl is a symbolic link" in capsys.readouterr().err
     assert victim.read_text() == "precious\n"
+
+
+# 3. the grading pool survives any worker's death ------------------------------------------------------------
+
+
+def dying_reward(response: str, ground_truth: object, fast: bool = True) -> dict[str, float]:
+    """Test reward function (module level, so workers can load it): ``"die"`` kills its worker, as the
+    out-of-memory killer would."""
+    if response == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"format_reward": 1.0, "answer_reward": 1.0, "reward": 1.0}
+
+
+def kill_and_reap(process) -> None:
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(timeout=30)
+    assert process.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("killed", [1, 2])
+def test_idle_grading_workers_killed_between_batches_are_replaced_and_nothing_is_lost(capsys, killed):
+    from shell import grading
+    from shell.grading import close_pool, grade_batch
+
+    responses = ["a", "b", "c", "d", "e", "f"]
+    close_pool()
+    try:
+        grade_batch(responses, ["1"] * 6, reward_fn=dying_reward, num_workers=2)
+        victims = [w.process for w in grading._POOL.workers[:killed]]
+        for process in victims:  # idle: between batches
+            kill_and_reap(process)
+        capsys.readouterr()
+        rewards, meta = grade_batch(responses, ["1"] * 6, reward_fn=dying_reward, num_workers=2)
+        assert [r["reward"] for r in rewards] == [1.0] * 6  # the items went to the replacements
+        assert meta["errors"] == 0.0 and meta["timeouts"] == 0.0
+        out = capsys.readouterr().out
+        for process in victims:
+            assert f"grading: worker {process.pid} died (killed by SIGKILL" in out
+        assert out.count("replaced; it held no item") == killed
+        assert all(w.process.is_alive() for w in grading._POOL.workers)
+    finally:
+        close_pool()
+
+
+def test_a_busy_grading_worker_killed_mid_item_counts_that_item_wrong_and_the_pool_goes_on(capsys):
+    from shell.grading import close_pool, grade_batch
+
+    close_pool()
+    try:
+        rewards, meta = grade_batch(["a", "die", "b", "c"], ["1"] * 4, reward_fn=dying_reward, num_workers=1)
+        assert [r["reward"] for r in rewards] == [1.0, 0.0, 1.0, 1.0]
+        assert meta["errors"] == 1.0
+        assert "died (killed by SIGKILL" in capsys.readouterr().out
+        t0 = time.monotonic()
+        again, meta = grade_batch(["a", "b"], ["1"] * 2, reward_fn=dying_reward, num_workers=1)
+        assert [r["reward"] for r in again] == [1.0, 1.0] and meta["errors"] == 0.0
+        assert time.monotonic() - t0 < 60
+    finally:
+        close_pool()
 
 
 # 12. a full disk ---------------------------------------------------------------------------------------------
