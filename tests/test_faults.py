@@ -1,5 +1,5 @@
 """Faults, bad input and planted files (issue 28's numbered cases): run names that escape the runs folder and
-symbolic links in a run folder (2), a grading worker's death (3), a full disk (12)."""
+symbolic links in a run folder (2), a grading worker's death (3), a full disk (12), unencodable text and over-deep JSON (13)."""
 
 from __future__ import annotations
 
@@ -252,3 +252,57 @@ def test_a_full_disk_during_a_run_is_one_error_line_naming_the_path_exit_1(tiny,
     assert err.strip().splitlines()[-1] == (f"error: could not write {tmp_path / 'full' / 'checkpoints' / 'step_000001'}: "
                                              f"no space left on device (the disk is full)")
     assert "Traceback" not in err
+
+
+# 13. data: unencodable text and over-deep JSON are file:line errors -----------------------------------------
+
+
+LONE_SURROGATE = '{"problem": "What is 2 + \\ud800 2?", "answer": "4"}'  # the JSON text \ud800, as a file holds it
+DEEP = '{"problem": "What is 2 + 2?", "answer": "4", "level": ' + "[" * 5000 + "]" * 5000 + "}"
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    (LONE_SURROGATE, "field 'problem' holds text that is not valid Unicode (a lone surrogate '\\ud800' at character 12)"),
+    (DEEP, "nested more than 64 levels deep"),
+    ('{"problem": "x", "answer": "4", "level": ' + "[" * 65 + "]" * 65 + "}", "field 'level' is nested more than 64 levels deep"),
+    ('{"problem": "x", "\\udfff": 1, "answer": "4"}', "field '\\udfff' holds text that is not valid Unicode"),
+], ids=["lone-surrogate", "5000-deep", "65-deep", "surrogate-key"])
+def test_unusable_values_are_file_line_errors(tmp_path, line, message):
+    from shell.data import DataError, load_jsonl_dataset
+
+    data = tmp_path / "math.jsonl"
+    data.write_text('{"problem": "What is 1 + 1?", "answer": "2"}\n' + line + "\n")
+    with pytest.raises(DataError) as exc:
+        load_jsonl_dataset(data)
+    assert str(exc.value).startswith(f"{data}:2: ") and message in str(exc.value)
+
+
+def test_a_lone_surrogate_in_an_sft_file_is_a_file_line_error(tmp_path):
+    from shell.data import DataError
+    from shell.data.jsonl import load_sft_examples
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "Q", "response": "A \\ud83d"}\n')
+    with pytest.raises(DataError, match=f"{data}:1: field 'response' holds text that is not valid Unicode"):
+        load_sft_examples(data)
+
+
+def test_a_nesting_just_within_the_limit_loads(tmp_path):
+    from shell.data import load_jsonl_dataset
+
+    data = tmp_path / "math.jsonl"
+    data.write_text('{"problem": "x", "answer": "4", "level": ' + "[" * 63 + "]" * 63 + "}\n")  # 64 levels with the record
+    assert load_jsonl_dataset(data).answers == ["4"]
+
+
+@pytest.mark.parametrize("line", [LONE_SURROGATE, DEEP], ids=["lone-surrogate", "5000-deep"])
+def test_unusable_data_exits_2_naming_file_and_line_without_a_traceback(tiny, tmp_path, capsys, line):
+    from shell import evaluate
+
+    data = tmp_path / "math.jsonl"
+    data.write_text(line + "\n")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.path", str(data),
+                       "--eval.max-tokens", "4", "--grading.workers", "0", "--run.runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"error: {data}:1: " in err
