@@ -306,3 +306,44 @@ def test_unusable_data_exits_2_naming_file_and_line_without_a_traceback(tiny, tm
                        "--eval.max-tokens", "4", "--grading.workers", "0", "--run.runs-dir", str(tmp_path / "runs")])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and f"error: {data}:1: " in err
+
+
+# 14. absurd sizes and missing solutions, refused before the model loads -------------------------------------
+
+
+def test_sft_refuses_a_batch_larger_than_the_data_before_loading(tmp_path, capsys):
+    from shell import sft
+
+    with pytest.raises(SystemExit) as exc:
+        sft.main(["--model.name-or-path", str(tmp_path / "no-model"), "--run.runs-dir", str(tmp_path / "runs"),
+                  "--run.logger", "none", "--data.limit", "16", "--batch-size", "100000", "--gradient-accumulation-steps", "1"])
+    assert exc.value.code == 2
+    assert "--batch-size (100000) is larger than the training data (16 pairs)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sft_on_math_records_without_solutions_says_so(tmp_path, capsys):
+    from shell import sft
+
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    with pytest.raises(SystemExit) as exc:
+        sft.main(["--model.name-or-path", str(tmp_path / "no-model"), "--run.runs-dir", str(tmp_path / "runs"),
+                  "--run.logger", "none", "--data.path", str(data), "--batch-size", "2", "--gradient-accumulation-steps", "1",
+                  "--eval-data.path", str(data)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert f"error: {data}: none of its 3 problems has a solution, so no SFT trace can be made" in err
+    assert "tokens" not in err and not (tmp_path / "runs").exists()
+
+
+def test_traces_leave_out_and_count_problems_without_a_solution(capsys):
+    from shell.data import make_sft_examples
+    from shell.data.records import Example
+
+    examples = [Example(question="1 + 1?", answer="2", solution="1 + 1 = 2.", meta={"source": "f.jsonl", "line": 1}),
+                Example(question="2 + 2?", answer="4", meta={"source": "f.jsonl", "line": 2})]
+    pairs = make_sft_examples(examples, "r1_zero")
+    assert [p.ground_truth for p in pairs] == ["2"] and pairs[0].where == "f.jsonl:1"
+    assert "left out 1 of 2 problems without a solution" in capsys.readouterr().out
+    assert make_sft_examples([], "r1_zero") == []

@@ -34,15 +34,32 @@ def sft_response(example: Example, template: str) -> str:
 def make_sft_examples(
     examples: Iterable[Example], template: PromptTemplate | str = "r1_zero"
 ) -> list[SFTExample]:
-    """SFT pairs in ``template``'s format; examples without a ``solution`` are left out."""
+    """SFT pairs in ``template``'s format; examples without a ``solution`` are left out (and counted). Raises
+    ``DataError`` naming the source when there are examples but none has a solution (MATH records with an
+    ``answer`` and no ``solution``: nothing to build a trace from)."""
     from shell.prompts import load_prompt
 
     tpl = load_prompt(template) if isinstance(template, str) else template
-    return [
-        SFTExample(prompt=tpl.format(ex.question), response=sft_response(ex, tpl.name), ground_truth=ex.answer)
+    examples = list(examples)
+    pairs = [
+        SFTExample(prompt=tpl.format(ex.question), response=sft_response(ex, tpl.name), ground_truth=ex.answer,
+                   where=_where(ex))
         for ex in examples
         if ex.solution is not None
     ]
+    if examples and not pairs:
+        sources = sorted({str(ex.meta.get("source", "the data")) for ex in examples})
+        raise DataError(f"{', '.join(sources)}: none of its {len(examples)} problems has a solution, so no SFT trace "
+                        "can be made from it (SFT needs records with a 'solution' (MATH) or a rationale (GSM8K), the "
+                        "embedded task, or an SFT file of {prompt, response} records)")
+    if len(pairs) < len(examples):
+        print(f"SFT traces: left out {len(examples) - len(pairs)} of {len(examples)} problems without a solution", flush=True)
+    return pairs
+
+
+def _where(example: Example) -> str | None:
+    source, line = example.meta.get("source"), example.meta.get("line")
+    return f"{source}:{line}" if source is not None and line is not None else None
 
 
 def sft_examples_for(cfg: DataConfig, template: PromptTemplate | str = "r1_zero") -> list[SFTExample]:
