@@ -337,13 +337,14 @@ def test_sft_on_math_records_without_solutions_says_so(tmp_path, capsys):
     assert "tokens" not in err and not (tmp_path / "runs").exists()
 
 
-def test_traces_leave_out_and_count_problems_without_a_solution(capsys):
-    from shell.data import make_sft_examples
-    from shell.data.records import Example
+def test_traces_leave_out_and_count_problems_without_a_solution(tmp_path, capsys):
+    from shell.data import make_sft_examples, sft_examples_for
+    from shell.data.loading import DataConfig
 
-    examples = [Example(question="1 + 1?", answer="2", solution="1 + 1 = 2.", meta={"source": "f.jsonl", "line": 1}),
-                Example(question="2 + 2?", answer="4", meta={"source": "f.jsonl", "line": 2})]
-    pairs = make_sft_examples(examples, "r1_zero")
-    assert [p.ground_truth for p in pairs] == ["2"] and pairs[0].where == "f.jsonl:1"
+    data = tmp_path / "math.jsonl"
+    data.write_text(json.dumps({"problem": "1 + 1?", "solution": "1 + 1 = $\\boxed{2}$."}) + "\n"
+                    + json.dumps({"problem": "2 + 2?", "answer": "4"}) + "\n")
+    pairs = sft_examples_for(DataConfig(path=str(data)))
+    assert [p.ground_truth for p in pairs] == ["2"] and pairs[0].where == f"{data}:1"
     assert "left out 1 of 2 problems without a solution" in capsys.readouterr().out
-    assert make_sft_examples([], "r1_zero") == []
+    assert make_sft_examples([], "r1_zero") == []  # GRPO without a warm start: no traces needed, none made

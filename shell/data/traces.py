@@ -34,27 +34,16 @@ def sft_response(example: Example, template: str) -> str:
 def make_sft_examples(
     examples: Iterable[Example], template: PromptTemplate | str = "r1_zero"
 ) -> list[SFTExample]:
-    """SFT pairs in ``template``'s format; examples without a ``solution`` are left out (and counted). Raises
-    ``DataError`` naming the source when there are examples but none has a solution (MATH records with an
-    ``answer`` and no ``solution``: nothing to build a trace from)."""
+    """SFT pairs in ``template``'s format; examples without a ``solution`` are left out."""
     from shell.prompts import load_prompt
 
     tpl = load_prompt(template) if isinstance(template, str) else template
-    examples = list(examples)
-    pairs = [
+    return [
         SFTExample(prompt=tpl.format(ex.question), response=sft_response(ex, tpl.name), ground_truth=ex.answer,
                    where=_where(ex))
         for ex in examples
         if ex.solution is not None
     ]
-    if examples and not pairs:
-        sources = sorted({str(ex.meta.get("source", "the data")) for ex in examples})
-        raise DataError(f"{', '.join(sources)}: none of its {len(examples)} problems has a solution, so no SFT trace "
-                        "can be made from it (SFT needs records with a 'solution' (MATH) or a rationale (GSM8K), the "
-                        "embedded task, or an SFT file of {prompt, response} records)")
-    if len(pairs) < len(examples):
-        print(f"SFT traces: left out {len(examples) - len(pairs)} of {len(examples)} problems without a solution", flush=True)
-    return pairs
 
 
 def _where(example: Example) -> str | None:
@@ -63,7 +52,8 @@ def _where(example: Example) -> str | None:
 
 
 def sft_examples_for(cfg: DataConfig, template: PromptTemplate | str = "r1_zero") -> list[SFTExample]:
-    """SFT pairs for any config: an SFT file as is, otherwise traces made from the examples' solutions."""
+    """SFT pairs for any config: an SFT file as is, otherwise traces made from the examples' solutions (those
+    without one are left out and counted; ``DataError`` naming the file when none has one)."""
     if cfg.path is not None:
         path = resolve_data_path(cfg.path, cfg.split)
         fmt = cfg.format
@@ -77,4 +67,12 @@ def sft_examples_for(cfg: DataConfig, template: PromptTemplate | str = "r1_zero"
                 raise DataError(f"{path}:{first[0]}: {e}") from None
         if fmt == "sft":
             return load_sft_examples(path, limit=cfg.limit, shuffle=cfg.shuffle, seed=cfg.seed)
-    return make_sft_examples(load_dataset(cfg), template)
+    dataset = load_dataset(cfg)
+    pairs = make_sft_examples(dataset, template)
+    if not pairs:
+        raise DataError(f"{dataset.source}: none of its {len(dataset)} problems has a solution, so no SFT trace can be "
+                        "made from it (SFT needs records with a 'solution' (MATH) or a rationale (GSM8K), the embedded "
+                        "task, or an SFT file of {prompt, response} records)")
+    if len(pairs) < len(dataset):
+        print(f"SFT traces: left out {len(dataset) - len(pairs)} of {len(dataset)} problems without a solution", flush=True)
+    return pairs
