@@ -373,8 +373,27 @@ def run_cli(
     except OSError as e:  # a full disk, a read-only folder: the message names the path
         print(f"error: {describe_os_error(e)}", file=sys.stderr)
         raise SystemExit(2 if e.errno == errno.ELOOP else 1) from None  # a link planted in the run folder: refused
-    except Exception as e:  # a library's own exception for a full disk (tokenizers, safetensors)
-        if not is_disk_full(e):
+    except Exception as e:  # a library's own words for a full disk, or for a torchrun rank that died
+        line = _known_failure(e)
+        if line is None:
             raise
-        print(f"error: no space left on device (the disk is full): {e}", file=sys.stderr)
+        print(f"error: {line}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _known_failure(error: Exception) -> str | None:
+    """The one line for an exception that is not a bug and has no type of its own: a full disk in a library's
+    words (tokenizers, safetensors), or gloo's words when another torchrun rank died (the collective this rank
+    was in lost its peer); None for anything else (a bug: its traceback is shown)."""
+    if is_disk_full(error):
+        return f"no space left on device (the disk is full): {error}"
+    text = str(error)
+    if type(error).__name__ in ("DistBackendError", "DistNetworkError") or (
+            "gloo" in text and any(words in text for words in _PEER_GONE)):
+        why = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0].strip()
+        return (f"another process of this torchrun job died ({why}); its own log says why. Rerun the job with "
+                f"--resume to continue from its last checkpoint")
+    return None

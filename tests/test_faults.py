@@ -348,3 +348,29 @@ def test_traces_leave_out_and_count_problems_without_a_solution(tmp_path, capsys
     assert [p.ground_truth for p in pairs] == ["2"] and pairs[0].where == f"{data}:1"
     assert "left out 1 of 2 problems without a solution" in capsys.readouterr().out
     assert make_sft_examples([], "r1_zero") == []  # GRPO without a warm start: no traces needed, none made
+
+
+GLOO_PEER_DIED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                  "[127.0.0.1]:7302. This is typically caused by a remote worker crashing. Check the logs of the remote "
+                  "worker before reporting an error. GLHF!")  # what rank 0 of a 2-rank gloo job raised when rank 1 died
+
+
+def test_a_dead_torchrun_rank_is_one_error_line_on_the_others(capsys):
+    from shell.config import run_cli
+    from shell.sft import PRESETS, SFTConfig
+
+    def train(cfg):
+        raise RuntimeError(GLOO_PEER_DIED)
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(SFTConfig, PRESETS, train, description="x", args=[])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err
+    assert err.strip() == ("error: another process of this torchrun job died (Connection closed by peer [127.0.0.1]:7302); "
+                           "its own log says why. Rerun the job with --resume to continue from its last checkpoint")
+
+    def bug(cfg):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        run_cli(SFTConfig, PRESETS, bug, description="x", args=[])
