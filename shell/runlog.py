@@ -80,6 +80,8 @@ class RunLogger:
         resume_step: on resume, the step of the checkpoint: later records (from the part of the run
             that was lost) are dropped so the file reads as if the run never stopped.
         step_keys: the keys holding a record's step, for ``resume_step`` (the first one present counts).
+        redone_on_resume: key prefixes of records a resumed run always writes again, dropped on resume whatever
+            their step: the final evaluation's (``final/…``, ``final_greedy/…``), which a resume redoes.
         elapsed_offset: wall-clock seconds already spent before a resume.
         project: the wandb project.
     """
@@ -96,6 +98,7 @@ class RunLogger:
         project: str = "reasoning-rl",
         metrics_name: str = "metrics.jsonl",
         save_config: bool = True,
+        redone_on_resume: Sequence[str] = ("final/", "final_greedy/"),
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +109,9 @@ class RunLogger:
         else:
             if self.metrics_path.is_symlink():
                 raise LinkRefused(self.metrics_path)
-            kept = [r for r in read_metrics(self.metrics_path) if step_of(r, step_keys) <= resume_step]
+            redone = tuple(redone_on_resume)
+            kept = [r for r in read_metrics(self.metrics_path) if step_of(r, step_keys) <= resume_step
+                    and not (redone and any(k.startswith(redone) for k in r))]
             atomic_write_jsonl(self.metrics_path, kept)
         if config is not None and save_config:
             atomic_write_text(self.run_dir / "config.json", json.dumps(config, indent=2, default=str) + "\n")

@@ -374,3 +374,37 @@ def test_a_dead_torchrun_rank_is_one_error_line_on_the_others(capsys):
 
     with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
         run_cli(SFTConfig, PRESETS, bug, description="x", args=[])
+
+
+# 11. each final record once, however often a finished run is resumed ----------------------------------------
+
+
+def test_resuming_a_finished_run_redoes_the_final_evaluation_and_logs_it_once(tiny, tmp_path):
+    from shell import grpo
+    from shell.runlog import read_metrics
+
+    args = ["--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "16", "--eval-data.limit", "2",
+            "--eval.max-tokens", "4", "--grading.workers", "0", "--sampler.generation-dtype", "None",
+            "--run.logger", "none", "--run.runs-dir", str(tmp_path), "--run.name", "f", "--n-grpo-steps", "1",
+            "--rollout-batch-size", "4", "--group-size", "2", "--train-batch-size", "4", "--gradient-accumulation-steps", "2",
+            "--sampling.max-tokens", "4", "--eval-every", "10", "--warm-start.steps", "0",
+            "--final-eval.enabled", "--final-eval.data.limit", "2", "--final-eval.sampling.max-tokens", "4",
+            "--final-eval.greedy"]
+    grpo.main(args)
+    grpo.main([*args, "--resume"])  # as after a kill -9 during the final evaluation: it is redone
+    grpo.main([*args, "--resume"])
+    rows = read_metrics(tmp_path / "f")
+    assert sum("final/answer_reward" in r for r in rows) == 1
+    assert sum("final_greedy/answer_reward" in r for r in rows) == 1
+    assert [r["train_step"] for r in rows if "train/loss" in r] == [1]
+
+
+def test_a_resumed_logger_drops_the_final_records_it_will_write_again(tmp_path):
+    from shell.runlog import RunLogger, read_metrics
+
+    rows = [{"train_step": 1, "train/loss": 1.0}, {"eval_step": 1, "eval/answer_reward": 0.5},
+            {"eval_step": 1, "final/answer_reward": 0.5}, {"eval_step": 1, "final_greedy/answer_reward": 0.4},
+            {"train_step": 2, "train/loss": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    RunLogger(tmp_path, resume_step=1, save_config=False)
+    assert read_metrics(tmp_path) == rows[:2]
