@@ -20,6 +20,10 @@ The JSON grammar (``value``)::
                                                                stored as the bytes of a uint8 tensor)
     {string: value, …}                                        (a dict with string keys, none a tag)
 
+A sharded checkpoint (``torch.distributed.checkpoint``) pickles its ``.metadata`` and its non-tensor items, and
+its own loader unpickles both without restriction: :func:`safe_dcp_reader` and :func:`safe_dcp_planner` load
+one with only the metadata's own classes allowed and the items read with ``torch.load(weights_only=True)``.
+
 A state of the previous format (``trainer_state.pt``, a pickle) is never unpickled here: :func:`load_state`
 refuses it naming the file, and :func:`convert_legacy_state` converts one explicitly with
 ``torch.load(weights_only=True)`` and only the NumPy types of an RNG state allowed, so a pickled payload
@@ -37,7 +41,8 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["LEGACY_STATE", "STATE_FILE", "StateError", "convert_legacy_state", "load_state", "save_state"]
+__all__ = ["LEGACY_STATE", "STATE_FILE", "StateError", "convert_legacy_state", "load_dcp_metadata", "load_state",
+           "safe_dcp_planner", "safe_dcp_reader", "save_state"]
 
 STATE_FILE = "trainer_state.safetensors"
 """The file :func:`save_state` writes in a checkpoint folder."""
@@ -108,9 +113,9 @@ def _encode_key(key: Any, where: str) -> Any:
     raise StateError(f"{where}: a dict key of type {type(key).__qualname__} is not plain data")
 
 
-def save_state(folder: Path | str, state: Mapping[str, Any]) -> Path:
-    """Write ``state`` (a nested trainer state, see the module docstring) as ``folder/trainer_state.safetensors``
-    and return its path. Tensors are saved from the CPU, bit for bit; tuples stay tuples and integer dict keys
+def save_state(folder: Path | str, state: Mapping[str, Any], *, name: str = STATE_FILE) -> Path:
+    """Write ``state`` (a nested trainer state, see the module docstring) as ``folder/<name>`` (by default
+    ``trainer_state.safetensors``; e.g. ``rng_rank1.safetensors`` for one rank's RNG states) and return its path. Tensors are saved from the CPU, bit for bit; tuples stay tuples and integer dict keys
     (an optimizer's parameter ids) stay integers. Raises :class:`StateError` naming the place of the first value
     that is not plain data. Write into a checkpoint's temporary folder (the file itself is not renamed into
     place)."""
@@ -119,7 +124,7 @@ def save_state(folder: Path | str, state: Mapping[str, Any]) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     tree = _encode(dict(state), "state", tensors, set(), 0)
     text = json.dumps({"format": _FORMAT, "version": _VERSION, "state": tree}, allow_nan=True, separators=(",", ":"))
-    path = Path(folder) / STATE_FILE
+    path = Path(folder) / name
     save_file(tensors, str(path), metadata={"trainer_state": text})
     return path
 
@@ -188,18 +193,19 @@ def _tensor(name: Any, where: str, tensors: Mapping[str, torch.Tensor], used: se
     return tensors[name]
 
 
-def load_state(folder: Path | str, *, device: str | torch.device = "cpu") -> dict[str, Any]:
-    """The trainer state :func:`save_state` wrote in ``folder`` (tensors on ``device``). Reads JSON and a
+def load_state(folder: Path | str, *, name: str = STATE_FILE, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The trainer state :func:`save_state` wrote as ``folder/<name>`` (tensors on ``device``). Reads JSON and a
     safetensors tensor table only, never a pickle: a ``trainer_state.pt`` of the previous format is refused
     (see :func:`convert_legacy_state`), and so is a file that is not exactly what :func:`save_state` writes,
     with a :class:`StateError` naming it."""
     from safetensors import safe_open
 
     folder = Path(folder)
-    path = folder / STATE_FILE
+    path = folder / name
     if not path.is_file():
-        if (folder / LEGACY_STATE).exists():
-            raise StateError(f"{folder / LEGACY_STATE}: a trainer state of the previous format (a pickle, which can run "
+        legacy = folder / (LEGACY_STATE if name == STATE_FILE else Path(name).with_suffix(".pt").name)
+        if legacy.exists():
+            raise StateError(f"{legacy}: a trainer state of the previous format (a pickle, which can run "
                              f"code when loaded) is not read; convert it once, if you trust where it came from, with "
                              f"shell.safe_state.convert_legacy_state")
         raise StateError(f"{path}: missing")
@@ -234,15 +240,15 @@ def load_state(folder: Path | str, *, device: str | torch.device = "cpu") -> dic
 # ------------------------------------------------------------------------------------------------ the old format
 
 
-def convert_legacy_state(folder: Path | str) -> Path:
-    """Convert ``folder/trainer_state.pt`` (the previous, pickled format) into ``trainer_state.safetensors``, once
-    and explicitly; returns the new file. It is read with ``torch.load(weights_only=True)``, which unpickles
+def convert_legacy_state(folder: Path | str, *, name: str = LEGACY_STATE) -> Path:
+    """Convert ``folder/<name>`` (by default ``trainer_state.pt``, the previous, pickled format; or a rank's
+    ``rng_rank1.pt``) into the same name with ``.safetensors``, once and explicitly; returns the new file. It is read with ``torch.load(weights_only=True)``, which unpickles
     only tensors and containers, with nothing more allowed than the NumPy types of an RNG state (arrays and
     their dtypes): a pickle that names any other callable (``os.system``, say) is refused with a
     :class:`StateError` and nothing it names is called. The old file is left in place (delete it, and refresh
     the checkpoint's manifest, once the conversion is checked)."""
     folder = Path(folder)
-    legacy = folder / LEGACY_STATE
+    legacy = folder / name
     # what a pickled np.random.get_state() names: the array constructor NumPy's pickles use, arrays, dtypes
     multiarray = getattr(np, "_core", None) or np.core  # NumPy 2 renamed np.core to np._core
     allowed = [multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
@@ -255,4 +261,87 @@ def convert_legacy_state(folder: Path | str) -> Path:
         raise StateError(f"{legacy}: refused: {str(e).splitlines()[0]}") from None
     if not isinstance(state, dict):
         raise StateError(f"{legacy}: not a trainer state (a {type(state).__name__})")
-    return save_state(folder, state)
+    return save_state(folder, state, name=Path(name).with_suffix(".safetensors").name)
+
+
+# ------------------------------------------------------------------------------------------------ sharded checkpoints
+
+
+_DCP_METADATA = "torch.distributed.checkpoint.metadata"
+_DCP_ALLOWED = {
+    (_DCP_METADATA, name) for name in ("Metadata", "MetadataIndex", "StorageMeta", "TensorProperties",
+                                       "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+                                       "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+     ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
+"""What the ``.metadata`` of a ``torch.distributed.checkpoint`` folder names (torch 2.13, checked by listing a
+saved one's globals): its dataclasses, sizes, dtypes, layouts and paths; nothing that runs code."""
+
+
+def load_dcp_metadata(path: Path | str) -> Any:
+    """Unpickle a ``torch.distributed.checkpoint`` ``.metadata`` file allowing only the classes it is made of
+    (and torch dtypes): ``torch.distributed.checkpoint``'s own reader uses a plain ``pickle.load``, which runs
+    whatever the file names. Raises :class:`StateError` naming the file and the refused global."""
+    import io
+    import pickle
+
+    path = Path(path)
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) in _DCP_ALLOWED:
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+                return getattr(torch, name)
+            raise StateError(f"{path}: names {module}.{name}, which a checkpoint's metadata never holds (refused)")
+
+    data = path.read_bytes()  # a missing file stays a FileNotFoundError (dcp looks for a rank's own first)
+    try:
+        return Restricted(io.BytesIO(data)).load()
+    except StateError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a damaged pickle
+        raise StateError(f"{path}: unreadable checkpoint metadata ({e})") from None
+
+
+def safe_dcp_reader(checkpoint_id: Path | str) -> Any:
+    """A ``torch.distributed.checkpoint`` storage reader for ``checkpoint_id`` (a ``sharded/`` folder) whose
+    metadata is read with :func:`load_dcp_metadata`; pass it with :func:`safe_dcp_planner` to ``dcp.load``."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            rank = kwargs.get("rank")
+            name = ".metadata" if rank is None else f"__{rank}.metadata"
+            metadata = load_dcp_metadata(Path(str(self.path)) / name)
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(str(checkpoint_id))
+
+
+def safe_dcp_planner() -> Any:
+    """A ``torch.distributed.checkpoint`` load planner whose non-tensor items (an optimizer's ``param_groups``
+    values, say: saved as bytes) are read with ``torch.load(weights_only=True)``: the default planner reads them
+    with ``weights_only=False``, a pickle that runs whatever it names. A refused item raises :class:`StateError`."""
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            try:
+                obj = torch.load(value, map_location="cpu", weights_only=True)
+            except Exception as e:  # noqa: BLE001 - pickle.UnpicklingError for a forbidden global
+                raise StateError(f"sharded checkpoint item {read_item.dest_index.fqn!r} refused: "
+                                 f"{str(e).splitlines()[0]}") from None
+            clean = io.BytesIO()
+            torch.save(obj, clean)  # plain data now: the default planner may unpickle it as it does
+            clean.seek(0)
+            super().load_bytes(read_item, clean)
+
+    return SafePlanner()

@@ -203,3 +203,86 @@ def test_a_deep_forged_state_and_other_versions_are_refused(tmp_path):
         load_state(tmp_path / "v2")
     with pytest.raises(StateError, match="missing"):
         load_state(tmp_path / "nothing")
+
+
+def test_a_ranks_rng_file_round_trips_under_its_own_name_and_its_old_form_is_refused(tmp_path):
+    state = rng_state()
+    path = save_state(tmp_path, state, name="rng_rank1.safetensors")
+    assert path.name == "rng_rank1.safetensors" and same(load_state(tmp_path, name="rng_rank1.safetensors"), state)
+    marker = tmp_path / "ran"
+    plant(tmp_path / "old", marker, name="rng_rank1.pt")
+    with pytest.raises(StateError, match="rng_rank1.pt: a trainer state of the previous format"):
+        load_state(tmp_path / "old", name="rng_rank1.safetensors")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------ sharded (dcp)
+
+
+def dcp_state():
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    model_state, optim_state = get_state_dict(model, optimizer)
+    return {"model": model_state, "optimizer": optim_state}
+
+
+def test_a_sharded_checkpoint_loads_through_the_safe_reader_and_planner(tmp_path):
+    import copy
+
+    import torch.distributed.checkpoint as dcp
+
+    from shell.safe_state import safe_dcp_planner, safe_dcp_reader
+
+    saved = dcp_state()
+    dcp.save(saved, checkpoint_id=str(tmp_path / "sharded"))
+    target = copy.deepcopy(saved)
+    for part in (target["model"], target["optimizer"]["state"]["weight"]):
+        for value in part.values():
+            value.zero_()
+    target["optimizer"]["param_groups"][0]["lr"] = 0.5
+    dcp.load(target, storage_reader=safe_dcp_reader(tmp_path / "sharded"), planner=safe_dcp_planner())
+    assert same(target["model"], saved["model"])
+    assert torch.equal(target["optimizer"]["state"]["weight"]["exp_avg"], saved["optimizer"]["state"]["weight"]["exp_avg"])
+    assert target["optimizer"]["param_groups"][0]["lr"] == 1e-3  # a non-tensor item, read as data
+
+
+def test_a_payload_in_a_sharded_checkpoints_metadata_never_runs(tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from shell.safe_state import load_dcp_metadata, safe_dcp_planner, safe_dcp_reader
+
+    state = dcp_state()
+    dcp.save(state, checkpoint_id=str(tmp_path / "sharded"))
+    marker = tmp_path / "ran"
+    (tmp_path / "sharded" / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(StateError, match=r"\.metadata: names (posix|os)\.system, which a checkpoint's metadata never"):
+        load_dcp_metadata(tmp_path / "sharded" / ".metadata")  # what a loader checks first, for a clear message
+    with pytest.raises(BaseException, match="CheckpointException"):  # dcp wraps the reader's StateError in its
+        dcp.load(state, storage_reader=safe_dcp_reader(tmp_path / "sharded"), planner=safe_dcp_planner())  # own
+    assert not marker.exists()
+    with pytest.raises(BaseException):  # what torch's own reader does with it: runs it
+        dcp.load(state, checkpoint_id=str(tmp_path / "sharded"))
+    assert marker.exists()
+
+
+def test_a_payload_in_a_sharded_checkpoints_items_never_runs(tmp_path):
+    import torch.distributed.checkpoint as dcp
+
+    from shell.safe_state import safe_dcp_planner, safe_dcp_reader
+
+    marker = tmp_path / "ran"
+    dcp.save({"w": torch.ones(2), "extra": Payload(marker)}, checkpoint_id=str(tmp_path / "sharded"))
+    assert not marker.exists()  # saving pickles it without calling it
+    target = {"w": torch.zeros(2), "extra": 0}
+    with pytest.raises(BaseException) as exc:  # dcp's CheckpointException (a BaseException) wraps the StateError
+        dcp.load(target, storage_reader=safe_dcp_reader(tmp_path / "sharded"), planner=safe_dcp_planner())
+    assert "sharded checkpoint item 'extra' refused" in repr(getattr(exc.value, "failures", exc.value))
+    assert not marker.exists()
+    dcp.load(target, checkpoint_id=str(tmp_path / "sharded"))  # torch's own planner: runs it
+    assert marker.exists()
