@@ -11,6 +11,7 @@ and ``--run.*`` (:class:`RunConfig`).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import os
 import re
 import sys
@@ -18,6 +19,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from shell.files import describe_os_error, is_disk_full
 
 T = TypeVar("T")
 
@@ -363,7 +366,13 @@ class RunConfig:
     choices (subsets, the embedded task) are seeded by --data.seed."""
 
     def check(self, prefix: str = "run") -> None:
-        require(bool(self.name.strip()) and self.name not in (".", ".."), f"{flag(prefix, 'name')} must name a folder, got {self.name!r}")
+        """The name is one folder name inside --run.runs-dir: no path separator, not absolute, not "." or ".."
+        (``../x`` or ``/abs`` would write outside the runs folder); the runs folder can be written."""
+        separators = {"/", "\0", *filter(None, (os.sep, os.altsep))}
+        single = (bool(self.name.strip()) and self.name not in (".", "..")
+                  and not any(c in self.name for c in separators))
+        require(single, f"{flag(prefix, 'name')} must be a single folder name inside --run.runs-dir (no '/', not "
+                        f"'.' or '..'), got {self.name!r}")
         check_output_folder(Path(self.runs_dir), flag(prefix, "runs_dir"))
         require(not (Path(self.runs_dir) / self.name).exists() or (Path(self.runs_dir) / self.name).is_dir(),
                 f"{flag(prefix, 'name')} {self.name}: {Path(self.runs_dir) / self.name} exists and is not a folder")
@@ -507,8 +516,9 @@ def run_cli(
     args: Sequence[str] | None = None,
 ) -> Any:
     """An entry point's ``main``: parse the preset CLI and run ``train(config)``. Bad input (``ValueError`` and
-    its subclasses such as ``DataError``: flags, data, a run folder in use, a refused resume) and divergence
-    exit 2 with the message; an I/O error (a full disk, a read-only folder) exits 1 with the message."""
+    its subclasses such as ``DataError``: flags, data, a run folder in use, a refused resume, a symbolic link
+    planted in the run folder) and divergence exit 2 with the message; an I/O error (a full disk, a read-only
+    folder) exits 1 with the message, which names the file and says when the disk is full."""
     cfg = cli(config_type, presets, description=description, args=args)
     try:
         return train(cfg)
@@ -516,5 +526,29 @@ def run_cli(
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as e:  # a full disk, a read-only folder: the message names the path
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
+        raise SystemExit(2 if e.errno == errno.ELOOP else 1) from None  # a link planted in the run folder: refused
+    except Exception as e:  # a library's own words for a full disk, or for a torchrun rank that died
+        line = _known_failure(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         raise SystemExit(1) from None
+
+
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def _known_failure(error: Exception) -> str | None:
+    """The one line for an exception that is not a bug and has no type of its own: a full disk in a library's
+    words (tokenizers, safetensors), or gloo's words when another torchrun rank died (the collective this rank
+    was in lost its peer); None for anything else (a bug: its traceback is shown)."""
+    if is_disk_full(error):
+        return f"no space left on device (the disk is full): {error}"
+    text = str(error)
+    if type(error).__name__ in ("DistBackendError", "DistNetworkError") or (
+            "gloo" in text and any(words in text for words in _PEER_GONE)):
+        why = re.sub(r"^\[[^\]]*\]\s*", "", text).split(". ")[0].strip()
+        return (f"another process of this torchrun job died ({why}); its own log says why. Rerun the job with "
+                f"--resume to continue from its last checkpoint")
+    return None

@@ -17,7 +17,7 @@ import torch
 import core
 from shell.config import GradingConfig, SamplingConfig, at_least, check_parts, flag
 from shell.data import Dataset, HeldOutConfig
-from shell.files import atomic_write_jsonl, atomic_write_text
+from shell.files import append_text, atomic_write_jsonl, atomic_write_text
 from shell.grading import answer_extractor_by_name, grade_batch
 from shell.progress import say
 from shell.prompts import PromptTemplate
@@ -274,8 +274,7 @@ def log_generations(
     entry = {"step": step, "stats": stats, "samples": [{k: r.get(k) for k in keys} for r in list(records)[:max_samples]]}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as f:
-        f.write(json.dumps(entry) + "\n")
+    append_text(path, json.dumps(entry) + "\n")
     return stats
 
 

@@ -7,10 +7,14 @@ A file is written into a temporary sibling, flushed and ``fsync``'ed, then renam
 (``os.replace``); the parent folder is ``fsync``'ed so the rename itself survives a power cut. A folder
 (a checkpoint, ``final/``) is filled under a temporary name and renamed into place the same way. On
 any error the temporary is removed, so a full disk never leaves a hidden half-written copy behind.
+
+Nothing is written through a symbolic link: a rename replaces a link planted at the target (the file it
+pointed to is untouched), and :func:`append_text` refuses to append to one.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -19,14 +23,74 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["FolderInUse", "FolderLock", "atomic_write_bytes", "atomic_write_jsonl", "atomic_write_text", "fsync_dir",
-           "fsync_tree", "missing_folders", "publish_dir", "remove_unused_folders"]
+__all__ = ["FolderInUse", "FolderLock", "LinkRefused", "WriteError", "append_text", "atomic_write_bytes",
+           "atomic_write_jsonl", "atomic_write_text", "describe_os_error", "fsync_dir", "fsync_tree", "is_disk_full",
+           "missing_folders", "publish_dir", "remove_unused_folders"]
 
 
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("no space left on device", "disk quota exceeded", "os error 28", "os error 122")
+_NEARLY_FULL_BYTES = 1 << 20
+
+
+def is_disk_full(error: BaseException, folder: Path | str | None = None) -> bool:
+    """Whether ``error`` (or an error it was raised from) says the disk is full (``ENOSPC``/``EDQUOT``, or a
+    library's text for it), or, with ``folder``, that folder's file system has less than 1 MiB free."""
+    seen: BaseException | None = error
+    for _ in range(16):  # the chain of causes, bounded against cycles
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in _DISK_FULL_ERRNOS:
+            return True
+        if any(text in str(seen).lower() for text in _DISK_FULL_TEXTS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    if folder is not None:
+        try:
+            return shutil.disk_usage(folder).free < _NEARLY_FULL_BYTES
+        except OSError:
+            return False
+    return False
+
+
+class WriteError(OSError):
+    """Writing ``path`` failed: ``could not write <path>: <why>``, where why is "no space left on device (the
+    disk is full)" when it is. ``errno`` is the cause's (``ENOSPC`` for a full disk)."""
+
+    def __init__(self, path: Path | str, error: BaseException, *, disk_full: bool) -> None:
+        why = ("no space left on device (the disk is full)" if disk_full
+               else getattr(error, "strerror", None) or str(error) or type(error).__name__)
+        code = errno.ENOSPC if disk_full else getattr(error, "errno", None)
+        super().__init__(code, why, str(path))
+        self.message = f"could not write {path}: {why}"
+
+    def __str__(self) -> str:
+        return self.message
+
+    @classmethod
+    def of(cls, path: Path | str, error: BaseException, *, folder: Path | str | None = None) -> WriteError:
+        """``error`` itself when it already is one (it names its own path), else a new one for ``path``."""
+        return error if isinstance(error, WriteError) else cls(path, error, disk_full=is_disk_full(error, folder))
+
+
+def describe_os_error(error: OSError) -> str:
+    """The one line an entry point prints for an I/O error: a :class:`WriteError` as it is; a refused link or a
+    full disk said in words, naming the file; any other error as Python words it (with its file name)."""
+    if isinstance(error, WriteError):
+        return str(error)
+    name = error.filename or "a file"
+    if error.errno == errno.ELOOP:
+        return (f"{name} is a symbolic link: files in a run folder are never written through a link "
+                f"(remove it, or choose another --run.name)")
+    if is_disk_full(error):
+        return f"could not write {name}: no space left on device (the disk is full)"
+    return str(error)
 
 
 def fsync_dir(path: Path | str) -> None:
@@ -54,10 +118,15 @@ def fsync_tree(root: Path | str) -> None:
 
 
 def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync of the folder)."""
+    """Write ``data`` to ``path`` atomically and durably (temp file, fsync, rename, fsync of the folder). A
+    symbolic link at ``path`` is replaced by the file, never followed. A failure raises :class:`WriteError`
+    naming ``path`` (and saying so when the disk is full)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise WriteError.of(path, e) from e
     try:
         with os.fdopen(fd, "wb") as f:
             os.fchmod(f.fileno(), 0o666 & ~_umask())  # mkstemp makes 0600; use the usual mode
@@ -65,8 +134,11 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
+        error = WriteError.of(path, e, folder=path.parent) if isinstance(e, OSError) else None
         Path(tmp).unlink(missing_ok=True)
+        if error is not None:
+            raise error from e
         raise
     fsync_dir(path.parent)
     return path
@@ -85,12 +157,46 @@ def atomic_write_jsonl(path: Path | str, records: Iterable[dict[str, Any]], *, e
     return len(lines)
 
 
+def append_text(path: Path | str, text: str) -> Path:
+    """Append ``text`` (UTF-8) to ``path`` (created when missing) and flush it: one ``write`` of the whole
+    text, so concurrent appenders never interleave within it. A symbolic link at ``path`` is refused with a
+    ``ValueError`` naming it (appending would write into whatever file it points to)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP or path.is_symlink():
+            raise LinkRefused(path) from None
+        raise WriteError.of(path, e) from e
+    try:
+        data = memoryview(text.encode("utf-8"))
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError as e:
+        raise WriteError.of(path, e) from e
+    finally:
+        os.close(fd)
+    return path
+
+
+class LinkRefused(ValueError):
+    """A file we would write is a symbolic link (planted in a run folder, say): refused, naming it."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"{path} is a symbolic link: files in a run folder are never written through a link "
+                         f"(remove it, or choose another --run.name)")
+        self.path = path
+
+
 def publish_dir(target: Path | str, fill: Callable[[Path], Any]) -> Path:
     """Create folder ``target`` atomically: ``fill(tmp)`` writes into a temporary sibling folder, whose
     files are fsync'ed before it is renamed over ``target`` (an existing ``target`` is replaced).
 
     On any error (a full disk, a read-only folder) the temporary folder is removed and the error is
-    re-raised as an ``OSError`` naming ``target``; an existing ``target`` is left as it was.
+    re-raised as a :class:`WriteError` naming ``target`` (and saying that the disk is full when it is: an
+    ``ENOSPC`` anywhere in the error's chain, a library's "No space left on device" text, as the tokenizers and
+    safetensors writers raise it, or a file system with no space left, as after torch.save's "unexpected pos");
+    an existing ``target`` is left as it was.
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,9 +208,11 @@ def publish_dir(target: Path | str, fill: Callable[[Path], Any]) -> Path:
         fill(tmp)
         fsync_tree(tmp)
     except BaseException as e:
+        # judged before the temporary is removed: a write that failed on a full disk left it (nearly) full
+        full = isinstance(e, Exception) and is_disk_full(e, target.parent if isinstance(e, (OSError, RuntimeError)) else None)
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (OSError, RuntimeError)) and not isinstance(e, FileNotFoundError):
-            raise OSError(f"could not write {target}: {e}") from e
+        if full or (isinstance(e, (OSError, RuntimeError)) and not isinstance(e, FileNotFoundError)):
+            raise WriteError(target, e, disk_full=full) from e
         raise
     if target.exists():
         shutil.rmtree(old, ignore_errors=True)
@@ -135,7 +243,7 @@ class FolderLock:
         import socket
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)  # never through a link
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -11,7 +11,9 @@ reused across calls, and returns the rewards in input order with summary metadat
   ``answer_reward = reward = 0`` and ``format_reward`` from a cheap check done here in the parent
   (r1_zero: the ``"</think> <answer>"`` and ``"</answer>"`` tags; question_only: a usable
   ``\\boxed{}``; a custom callable: 0).  The same holds for an item whose reward function raised
-  or whose worker died.  The core graders are bounded on their own; the timeout is the backstop.
+  or whose worker died.  A worker that dies, busy or idle (the out-of-memory killer's SIGKILL, say),
+  is replaced and its death logged; only the item it held (if any) counts as wrong.  The core
+  graders are bounded on their own; the timeout is the backstop.
 * ``num_workers=0`` grades in this process, sequentially, without timeouts.
 * Shortcuts, exact because the core reward functions are pure: an r1_zero response without its
   answer tags scores all zeros in the parent, and identical (response, ground truth) pairs are
@@ -41,7 +43,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 import core
-from shell.progress import progress_bar
+from shell.progress import progress_bar, say
 
 __all__ = ["answer_extractor_by_name", "close_pool", "grade_batch", "reward_fn_by_name"]
 
@@ -277,24 +279,33 @@ class _Pool:
                 done = len(results) + len(failures)
             now = time.monotonic()
             # 1. hand out work
-            for worker in self.workers:
-                if worker.state == "idle" and worker.config != config:
-                    worker.conn.send(("fn", payload, fast))
-                    worker.requested = config
-                    worker.state, worker.deadline = "configuring", now + _STARTUP_TIMEOUT_S
-                    continue
-                while pending and worker.state in ("idle", "busy") and len(worker.in_flight) < _PREFETCH_ITEMS:
-                    index = pending[0]
-                    size = len(messages[index])
-                    queued = sum(b for _, b in worker.in_flight)
-                    if worker.in_flight and queued + size > _PREFETCH_BYTES:
-                        break
-                    pending.popleft()
-                    if not worker.in_flight:
-                        worker.head_started = now
-                    worker.in_flight.append((index, size))
-                    worker.state = "busy"
-                    worker.conn.send_bytes(messages[index])
+            for worker in list(self.workers):
+                unsent: int | None = None
+                try:
+                    if worker.state == "idle" and worker.config != config:
+                        worker.conn.send(("fn", payload, fast))
+                        worker.requested = config
+                        worker.state, worker.deadline = "configuring", now + _STARTUP_TIMEOUT_S
+                        continue
+                    while pending and worker.state in ("idle", "busy") and len(worker.in_flight) < _PREFETCH_ITEMS:
+                        index = pending[0]
+                        size = len(messages[index])
+                        queued = sum(b for _, b in worker.in_flight)
+                        if worker.in_flight and queued + size > _PREFETCH_BYTES:
+                            break
+                        pending.popleft()
+                        if not worker.in_flight:
+                            worker.head_started = now
+                        worker.in_flight.append((index, size))
+                        worker.state = "busy"
+                        unsent = index
+                        worker.conn.send_bytes(messages[index])
+                        unsent = None
+                except (OSError, EOFError):  # it died since the last look (idle, or between items): a broken pipe
+                    if unsent is not None:  # never reached it: graded by another worker
+                        worker.in_flight.pop()
+                        pending.appendleft(unsent)
+                    self._drop(worker, pending, failures, "worker died")
             # 2. wait for results, deaths or the nearest deadline
             deadlines = [
                 w.head_started + timeout_s if w.state == "busy" else w.deadline
@@ -342,14 +353,39 @@ class _Pool:
         return results, failures
 
     def _drop(self, worker: _Worker, pending: collections.deque[int], failures: dict[int, str], why: str) -> None:
-        """Kill and replace ``worker``; its current item fails, the items queued behind it go back."""
+        """Kill and replace ``worker``; its current item fails, the items queued behind it go back. A death
+        (not a timeout: those are counted in the metadata) is logged with its cause."""
+        held = bool(worker.in_flight)
         if worker.in_flight:
             head, _ = worker.in_flight.popleft()
             failures[head] = why
             for index, _ in reversed(worker.in_flight):
                 pending.appendleft(index)
             worker.in_flight.clear()
+        code = None
+        if why == "worker died":
+            try:
+                worker.process.join(timeout=1.0)  # its end as the OS reports it, before replace() kills it
+                code = worker.process.exitcode
+            except Exception:  # noqa: BLE001
+                pass
         self.replace(worker)
+        if why == "worker died":
+            say(f"grading: worker {worker.process.pid} died ({_exit_cause(code)}); replaced"
+                + ("; its item counts as wrong" if held else "; it held no item"))
+
+
+def _exit_cause(code: int | None) -> str:
+    """How a worker process ended, in words (a negative exit code is the signal that ended it)."""
+    if code is None:
+        return "its pipe broke"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"killed by {name}" + (", as the out-of-memory killer does" if -code == signal.SIGKILL else "")
+    return f"exit code {code}"
 
 
 _POOL: _Pool | None = None

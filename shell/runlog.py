@@ -17,7 +17,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from shell.files import atomic_write_bytes, atomic_write_jsonl, atomic_write_text
+from shell.files import LinkRefused, append_text, atomic_write_bytes, atomic_write_jsonl, atomic_write_text
 
 LoggerName = Literal["wandb", "none"]
 
@@ -81,6 +81,8 @@ class RunLogger:
             that was lost) are dropped from the metrics and the generations log, so both read as if the run
             never stopped; None: a fresh start, both logs begin empty.
         step_keys: the keys holding a metrics record's step, for ``resume_step`` (the first one present counts).
+        redone_on_resume: key prefixes of records a resumed run always writes again, dropped on resume whatever
+            their step: the final evaluation's (``final/…``, ``final_greedy/…``), which a resume redoes.
         elapsed_offset: wall-clock seconds already spent before a resume.
         project: the wandb project.
         metrics_name: the metrics file in ``run_dir``.
@@ -101,6 +103,7 @@ class RunLogger:
         metrics_name: str = "metrics.jsonl",
         generations_name: str | None = None,
         save_config: bool = True,
+        redone_on_resume: Sequence[str] = ("final/", "final_greedy/"),
     ) -> None:
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -108,11 +111,15 @@ class RunLogger:
         self._t0 = time.monotonic() - elapsed_offset
         generations = None if generations_name is None else self.run_dir / generations_name
         if resume_step is None:
-            self.metrics_path.write_text("")
+            atomic_write_text(self.metrics_path, "")  # a link planted there is replaced, never truncated through
             if generations is not None:
                 generations.unlink(missing_ok=True)
         else:
-            kept = [r for r in read_metrics(self.metrics_path) if step_of(r, step_keys) <= resume_step]
+            if self.metrics_path.is_symlink():
+                raise LinkRefused(self.metrics_path)
+            redone = tuple(redone_on_resume)
+            kept = [r for r in read_metrics(self.metrics_path) if step_of(r, step_keys) <= resume_step
+                    and not (redone and any(k.startswith(redone) for k in r))]
             atomic_write_jsonl(self.metrics_path, kept)
             if generations is not None and generations.exists():
                 atomic_write_jsonl(generations, [r for r in read_jsonl_records(generations)
@@ -149,9 +156,7 @@ class RunLogger:
         """Append one record (``train/…`` keys with ``train_step``, or ``eval/…`` with ``eval_step``)."""
         record = {k: _jsonable(v) for k, v in metrics.items()}
         record.setdefault("time/elapsed_s", round(self.elapsed, 3))
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        append_text(self.metrics_path, json.dumps(record) + "\n")
         if self._wandb is not None:
             self._wandb.log(record)
         return record

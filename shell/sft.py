@@ -131,6 +131,9 @@ def train(cfg: SFTConfig) -> Path:
     torch.manual_seed(cfg.run.seed)
     template = load_prompt(cfg.prompt)
     examples = load_sft_data(cfg)
+    require(cfg.batch_size <= len(examples),
+            f"--batch-size ({cfg.batch_size}) is larger than the training data ({len(examples)} pairs): every step would "
+            f"repeat pairs within its batch; use at most {len(examples)} (or more data)")
     held_cfg, held_note = held_out_config(cfg.data, cfg.eval_data)
     eval_set = load_dataset(held_cfg)
     num_steps = cfg.num_steps if cfg.num_steps is not None else max(1, math.ceil(cfg.epochs * len(examples) / cfg.batch_size))

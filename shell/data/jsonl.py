@@ -60,9 +60,43 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{lineno}: invalid JSON (nested more than {MAX_DEPTH} levels deep)") from None
             if not isinstance(obj, dict):
                 raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            problem = _unusable_value(obj)
+            if problem is not None:
+                raise DataError(f"{path}:{lineno}: {problem}")
             yield lineno, obj
+
+
+MAX_DEPTH = 64
+"""Most levels of nesting a record may have (the records we read are flat: strings, numbers, a list of
+alternatives); deeper values are refused before anything recurses over them."""
+
+
+def _unusable_value(record: dict[str, Any]) -> str | None:
+    """Why ``record`` cannot be used (a value nested deeper than :data:`MAX_DEPTH`, or text that is not valid
+    Unicode: a lone surrogate escape such as ``"\\ud800"``, which no tokenizer can encode), naming the top-level
+    field; None if it is fine. Walks the record without recursion."""
+    stack: list[tuple[Any, int, str]] = [(value, 1, str(key)) for key, value in record.items()]
+    stack += [(key, 1, str(key)) for key in record]
+    while stack:
+        value, depth, field = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"field {field!r} is nested more than {MAX_DEPTH} levels deep"
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                return (f"field {field!r} holds text that is not valid Unicode (a lone surrogate "
+                        f"{value[e.start]!r} at character {e.start})")
+        elif isinstance(value, dict):
+            stack += [(v, depth + 1, field) for v in value.values()]
+            stack += [(k, depth + 1, field) for k in value]
+        elif isinstance(value, list):
+            stack += [(v, depth + 1, field) for v in value]
+    return None
 
 
 def _field(rec: dict[str, Any], name: str, where: str, *, required: bool = True) -> str | None:

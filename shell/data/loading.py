@@ -215,6 +215,8 @@ def keep_within_context(items: Sequence[T], texts: Sequence[str], tokenizer: Any
     """The items whose text (``texts[i]``: a formatted prompt, or prompt + response) is at most ``limit`` tokens;
     the others are skipped, counted and reported (a 50 MB "problem" is refused before it is tokenised).
     Raises ``DataError`` when nothing is left."""
+    if not items:
+        raise DataError(f"{what}: there are none to use")
     if limit < 1:
         raise DataError(f"{what}: no room for a prompt ({limit} tokens; lower the response budget or raise --data.max-prompt-tokens)")
     fits = within_token_limit(texts, tokenizer, limit)

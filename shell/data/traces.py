@@ -40,14 +40,21 @@ def make_sft_examples(
 
     tpl = load_prompt(template) if isinstance(template, str) else template
     return [
-        SFTExample(prompt=tpl.format(ex.question), response=sft_response(ex, tpl.name), ground_truth=ex.answer)
+        SFTExample(prompt=tpl.format(ex.question), response=sft_response(ex, tpl.name), ground_truth=ex.answer,
+                   where=_where(ex))
         for ex in examples
         if ex.solution is not None
     ]
 
 
+def _where(example: Example) -> str | None:
+    source, line = example.meta.get("source"), example.meta.get("line")
+    return f"{source}:{line}" if source is not None and line is not None else None
+
+
 def sft_examples_for(cfg: DataConfig, template: PromptTemplate | str = "r1_zero") -> list[SFTExample]:
-    """SFT pairs for any config: an SFT file as is, otherwise traces made from the examples' solutions."""
+    """SFT pairs for any config: an SFT file as is, otherwise traces made from the examples' solutions (those
+    without one are left out and counted; ``DataError`` naming the file when none has one)."""
     if cfg.path is not None:
         path = resolve_data_path(cfg.path, cfg.split)
         fmt = cfg.format
@@ -61,4 +68,12 @@ def sft_examples_for(cfg: DataConfig, template: PromptTemplate | str = "r1_zero"
                 raise DataError(f"{path}:{first[0]}: {e}") from None
         if fmt == "sft":
             return load_sft_examples(path, limit=cfg.limit, shuffle=cfg.shuffle, seed=cfg.seed)
-    return make_sft_examples(load_dataset(cfg), template)
+    dataset = load_dataset(cfg)
+    pairs = make_sft_examples(dataset, template)
+    if not pairs:
+        raise DataError(f"{dataset.source}: none of its {len(dataset)} problems has a solution, so no SFT trace can be "
+                        "made from it (SFT needs records with a 'solution' (MATH) or a rationale (GSM8K), the embedded "
+                        "task, or an SFT file of {prompt, response} records)")
+    if len(pairs) < len(dataset):
+        print(f"SFT traces: left out {len(dataset) - len(pairs)} of {len(dataset)} problems without a solution", flush=True)
+    return pairs

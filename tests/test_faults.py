@@ -1,0 +1,410 @@
+"""Faults, bad input and planted files (issue 28's numbered cases): run names that escape the runs folder and
+symbolic links in a run folder (2), a grading worker's death (3), a full disk (12), unencodable text and over-deep JSON (13)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from doubles import save_tiny_policy
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
+
+
+def sft_args(tiny: Path, runs: Path, name: str, *extra: str, steps: int = 2) -> list[str]:
+    return [
+        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "16", "--eval-data.limit", "2",
+        "--eval.max-tokens", "4", "--grading.workers", "0", "--sampler.generation-dtype", "None",
+        "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", name, "--num-steps", str(steps),
+        "--batch-size", "4", "--gradient-accumulation-steps", "2", "--eval-every", "2", *extra,
+    ]
+
+
+# 2. run names are single folder names; nothing is written through a link ----------------------------------
+
+
+@pytest.mark.parametrize("module", ["shell.sft", "shell.grpo", "shell.expert_iteration", "shell.evaluate"])
+@pytest.mark.parametrize("name", ["../escape", "/abs/path", "a/b", "..", ".", "", "  "])
+def test_a_run_name_that_is_not_one_folder_name_exits_2_before_anything_is_written(tmp_path, capsys, module, name):
+    import importlib
+
+    entry = importlib.import_module(module)
+    runs = tmp_path / "runs"
+    name = name.replace("/abs", str(tmp_path / "abs"))
+    with pytest.raises(SystemExit) as exc:
+        entry.main(["--model.name-or-path", str(tmp_path / "no-model"), "--run.runs-dir", str(runs),
+                    "--run.logger", "none", "--run.name", name])
+    assert exc.value.code == 2
+    assert f"--run.name must be a single folder name inside --run.runs-dir" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # neither the runs folder nor ../escape nor /abs/path
+
+
+def test_appending_refuses_a_link_and_atomic_writes_replace_it(tmp_path):
+    from shell.files import LinkRefused, append_text, atomic_write_text
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    link = tmp_path / "metrics.jsonl"
+    link.symlink_to(victim)
+    with pytest.raises(LinkRefused, match="metrics.jsonl is a symbolic link"):
+        append_text(link, "{}\n")
+    atomic_write_text(link, "")
+    assert victim.read_text() == "precious\n"
+    assert not link.is_symlink() and link.read_text() == ""
+    append_text(link, "a\n")
+    append_text(link, "b\n")
+    assert link.read_text() == "a\nb\n"
+
+
+def test_a_planted_lock_link_is_refused_and_its_target_untouched(tiny, tmp_path, capsys):
+    from shell import sft
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    (tmp_path / "runs" / "r").mkdir(parents=True)
+    (tmp_path / "runs" / "r" / ".lock").symlink_to(victim)
+    with pytest.raises(SystemExit) as exc:
+        sft.main(sft_args(tiny, tmp_path / "runs", "r"))
+    assert exc.value.code == 2
+    assert ".lock is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n"
+
+
+def test_a_planted_metrics_link_is_replaced_on_a_new_run_and_refused_on_resume(tiny, tmp_path, capsys):
+    from shell import sft
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    run = tmp_path / "runs" / "r"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").symlink_to(victim)
+    (run / "generations.jsonl").symlink_to(victim)
+    sft.main(sft_args(tiny, tmp_path / "runs", "r", steps=2))
+    assert victim.read_text() == "precious\n"
+    assert not (run / "metrics.jsonl").is_symlink() and not (run / "generations.jsonl").is_symlink()
+    assert [json.loads(x)["train_step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+            if "train_step" in json.loads(x)] == [1, 2]
+    (run / "metrics.jsonl").unlink()
+    (run / "metrics.jsonl").symlink_to(victim)
+    with pytest.raises(SystemExit) as exc:
+        sft.main(sft_args(tiny, tmp_path / "runs", "r", "--resume", steps=3))
+    assert exc.value.code == 2 and "metrics.jsonl is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "precious\n"
+
+
+# 3. the grading pool survives any worker's death ------------------------------------------------------------
+
+
+def dying_reward(response: str, ground_truth: object, fast: bool = True) -> dict[str, float]:
+    """Test reward function (module level, so workers can load it): ``"die"`` kills its worker, as the
+    out-of-memory killer would."""
+    if response == "die":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"format_reward": 1.0, "answer_reward": 1.0, "reward": 1.0}
+
+
+def kill_and_reap(process) -> None:
+    os.kill(process.pid, signal.SIGKILL)
+    process.join(timeout=30)
+    assert process.exitcode == -signal.SIGKILL
+
+
+@pytest.mark.parametrize("killed", [1, 2])
+def test_idle_grading_workers_killed_between_batches_are_replaced_and_nothing_is_lost(capsys, killed):
+    from shell import grading
+    from shell.grading import close_pool, grade_batch
+
+    responses = ["a", "b", "c", "d", "e", "f"]
+    close_pool()
+    try:
+        grade_batch(responses, ["1"] * 6, reward_fn=dying_reward, num_workers=2)
+        victims = [w.process for w in grading._POOL.workers[:killed]]
+        for process in victims:  # idle: between batches
+            kill_and_reap(process)
+        capsys.readouterr()
+        rewards, meta = grade_batch(responses, ["1"] * 6, reward_fn=dying_reward, num_workers=2)
+        assert [r["reward"] for r in rewards] == [1.0] * 6  # the items went to the replacements
+        assert meta["errors"] == 0.0 and meta["timeouts"] == 0.0
+        out = capsys.readouterr().out
+        for process in victims:
+            assert f"grading: worker {process.pid} died (killed by SIGKILL" in out
+        assert out.count("replaced; it held no item") == killed
+        assert all(w.process.is_alive() for w in grading._POOL.workers)
+    finally:
+        close_pool()
+
+
+def test_a_busy_grading_worker_killed_mid_item_counts_that_item_wrong_and_the_pool_goes_on(capsys):
+    from shell.grading import close_pool, grade_batch
+
+    close_pool()
+    try:
+        rewards, meta = grade_batch(["a", "die", "b", "c"], ["1"] * 4, reward_fn=dying_reward, num_workers=1)
+        assert [r["reward"] for r in rewards] == [1.0, 0.0, 1.0, 1.0]
+        assert meta["errors"] == 1.0
+        assert "died (killed by SIGKILL" in capsys.readouterr().out
+        t0 = time.monotonic()
+        again, meta = grade_batch(["a", "b"], ["1"] * 2, reward_fn=dying_reward, num_workers=1)
+        assert [r["reward"] for r in again] == [1.0, 1.0] and meta["errors"] == 0.0
+        assert time.monotonic() - t0 < 60
+    finally:
+        close_pool()
+
+
+# 12. a full disk ---------------------------------------------------------------------------------------------
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_in_an_atomic_write_names_the_file_and_keeps_the_old_one(tmp_path, monkeypatch):
+    from shell.files import WriteError, atomic_write_text
+
+    target = atomic_write_text(tmp_path / "config.json", "old\n")
+    with monkeypatch.context() as m:
+        m.setattr(os, "fsync", enospc)
+        with pytest.raises(WriteError) as exc:
+            atomic_write_text(target, "new\n")
+    assert str(exc.value) == f"could not write {target}: no space left on device (the disk is full)"
+    assert exc.value.errno == errno.ENOSPC
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_a_full_disk_while_appending_names_the_file(tmp_path, monkeypatch):
+    from shell.files import WriteError, append_text
+
+    log = tmp_path / "metrics.jsonl"
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", enospc)
+        with pytest.raises(WriteError) as exc:
+            append_text(log, "{}\n")
+    assert str(exc.value) == f"could not write {log}: no space left on device (the disk is full)"
+
+
+@pytest.mark.parametrize("raised", [
+    Exception("No space left on device (os error 28)"),  # the tokenizers library's save
+    RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 19712 vs 19604"),  # torch.save
+    OSError(errno.ENOSPC, "No space left on device"),
+])
+def test_a_full_disk_while_publishing_a_folder_says_so_and_leaves_no_temporary(tmp_path, monkeypatch, raised):
+    import shutil
+
+    from shell.files import WriteError, publish_dir
+
+    target = tmp_path / "checkpoints" / "step_000002"
+    real_usage = shutil.disk_usage
+
+    def usage(path):  # what a disk that just filled up reports: nothing free
+        return real_usage(path)._replace(free=0)
+
+    if isinstance(raised, RuntimeError):  # no word of disk space in the error: the file system is asked
+        monkeypatch.setattr(shutil, "disk_usage", usage)
+
+    def fill(tmp: Path) -> None:
+        (tmp / "model.safetensors").write_bytes(b"0" * 100)
+        raise raised
+
+    with pytest.raises(WriteError) as exc:
+        publish_dir(target, fill)
+    assert str(exc.value) == f"could not write {target}: no space left on device (the disk is full)"
+    assert list((tmp_path / "checkpoints").iterdir()) == []
+
+
+def test_a_failed_publish_that_is_not_a_full_disk_says_what_it_was(tmp_path):
+    from shell.files import WriteError, publish_dir
+
+    def fill(tmp: Path) -> None:
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    with pytest.raises(WriteError, match=f"could not write {tmp_path / 'final'}: Permission denied"):
+        publish_dir(tmp_path / "final", fill)
+
+    def bug(tmp: Path) -> None:
+        raise TypeError("a bug, not the disk")
+
+    with pytest.raises(TypeError):  # not an I/O error: raised as it is
+        publish_dir(tmp_path / "final", bug)
+
+
+def test_a_full_disk_during_a_run_is_one_error_line_naming_the_path_exit_1(tiny, tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from shell import sft
+
+    def full(self, *args, **kwargs):  # what the tokenizers library raises on ENOSPC
+        raise Exception("No space left on device (os error 28)")
+
+    monkeypatch.setattr(transformers.PreTrainedTokenizerBase, "save_pretrained", full)
+    with pytest.raises(SystemExit) as exc:
+        sft.main(sft_args(tiny, tmp_path, "full", steps=1))
+    err = capsys.readouterr().err
+    assert exc.value.code == 1
+    assert err.strip().splitlines()[-1] == (f"error: could not write {tmp_path / 'full' / 'checkpoints' / 'step_000001'}: "
+                                             f"no space left on device (the disk is full)")
+    assert "Traceback" not in err
+
+
+# 13. data: unencodable text and over-deep JSON are file:line errors -----------------------------------------
+
+
+LONE_SURROGATE = '{"problem": "What is 2 + \\ud800 2?", "answer": "4"}'  # the JSON text \ud800, as a file holds it
+DEEP = '{"problem": "What is 2 + 2?", "answer": "4", "level": ' + "[" * 5000 + "]" * 5000 + "}"
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    (LONE_SURROGATE, "field 'problem' holds text that is not valid Unicode (a lone surrogate '\\ud800' at character 12)"),
+    (DEEP, "nested more than 64 levels deep"),
+    ('{"problem": "x", "answer": "4", "level": ' + "[" * 65 + "]" * 65 + "}", "field 'level' is nested more than 64 levels deep"),
+    ('{"problem": "x", "\\udfff": 1, "answer": "4"}', "field '\\udfff' holds text that is not valid Unicode"),
+], ids=["lone-surrogate", "5000-deep", "65-deep", "surrogate-key"])
+def test_unusable_values_are_file_line_errors(tmp_path, line, message):
+    from shell.data import DataError, load_jsonl_dataset
+
+    data = tmp_path / "math.jsonl"
+    data.write_text('{"problem": "What is 1 + 1?", "answer": "2"}\n' + line + "\n")
+    with pytest.raises(DataError) as exc:
+        load_jsonl_dataset(data)
+    assert str(exc.value).startswith(f"{data}:2: ") and message in str(exc.value)
+
+
+def test_a_lone_surrogate_in_an_sft_file_is_a_file_line_error(tmp_path):
+    from shell.data import DataError
+    from shell.data.jsonl import load_sft_examples
+
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "Q", "response": "A \\ud83d"}\n')
+    with pytest.raises(DataError, match=f"{data}:1: field 'response' holds text that is not valid Unicode"):
+        load_sft_examples(data)
+
+
+def test_a_nesting_just_within_the_limit_loads(tmp_path):
+    from shell.data import load_jsonl_dataset
+
+    data = tmp_path / "math.jsonl"
+    data.write_text('{"problem": "x", "answer": "4", "level": ' + "[" * 63 + "]" * 63 + "}\n")  # 64 levels with the record
+    assert load_jsonl_dataset(data).answers == ["4"]
+
+
+@pytest.mark.parametrize("line", [LONE_SURROGATE, DEEP], ids=["lone-surrogate", "5000-deep"])
+def test_unusable_data_exits_2_naming_file_and_line_without_a_traceback(tiny, tmp_path, capsys, line):
+    from shell import evaluate
+
+    data = tmp_path / "math.jsonl"
+    data.write_text(line + "\n")
+    with pytest.raises(SystemExit) as exc:
+        evaluate.main(["--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.path", str(data),
+                       "--eval.max-tokens", "4", "--grading.workers", "0", "--run.runs-dir", str(tmp_path / "runs")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"error: {data}:1: " in err
+
+
+# 14. absurd sizes and missing solutions, refused before the model loads -------------------------------------
+
+
+def test_sft_refuses_a_batch_larger_than_the_data_before_loading(tmp_path, capsys):
+    from shell import sft
+
+    with pytest.raises(SystemExit) as exc:
+        sft.main(["--model.name-or-path", str(tmp_path / "no-model"), "--run.runs-dir", str(tmp_path / "runs"),
+                  "--run.logger", "none", "--data.limit", "16", "--batch-size", "100000", "--gradient-accumulation-steps", "1"])
+    assert exc.value.code == 2
+    assert "--batch-size (100000) is larger than the training data (16 pairs)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sft_on_math_records_without_solutions_says_so(tmp_path, capsys):
+    from shell import sft
+
+    data = tmp_path / "math.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
+    with pytest.raises(SystemExit) as exc:
+        sft.main(["--model.name-or-path", str(tmp_path / "no-model"), "--run.runs-dir", str(tmp_path / "runs"),
+                  "--run.logger", "none", "--data.path", str(data), "--batch-size", "2", "--gradient-accumulation-steps", "1",
+                  "--eval-data.path", str(data)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2
+    assert f"error: {data}: none of its 3 problems has a solution, so no SFT trace can be made" in err
+    assert "tokens" not in err and not (tmp_path / "runs").exists()
+
+
+def test_traces_leave_out_and_count_problems_without_a_solution(tmp_path, capsys):
+    from shell.data import make_sft_examples, sft_examples_for
+    from shell.data.loading import DataConfig
+
+    data = tmp_path / "math.jsonl"
+    data.write_text(json.dumps({"problem": "1 + 1?", "solution": "1 + 1 = $\\boxed{2}$."}) + "\n"
+                    + json.dumps({"problem": "2 + 2?", "answer": "4"}) + "\n")
+    pairs = sft_examples_for(DataConfig(path=str(data)))
+    assert [p.ground_truth for p in pairs] == ["2"] and pairs[0].where == f"{data}:1"
+    assert "left out 1 of 2 problems without a solution" in capsys.readouterr().out
+    assert make_sft_examples([], "r1_zero") == []  # GRPO without a warm start: no traces needed, none made
+
+
+GLOO_PEER_DIED = ("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                  "[127.0.0.1]:7302. This is typically caused by a remote worker crashing. Check the logs of the remote "
+                  "worker before reporting an error. GLHF!")  # what rank 0 of a 2-rank gloo job raised when rank 1 died
+
+
+def test_a_dead_torchrun_rank_is_one_error_line_on_the_others(capsys):
+    from shell.config import run_cli
+    from shell.sft import PRESETS, SFTConfig
+
+    def train(cfg):
+        raise RuntimeError(GLOO_PEER_DIED)
+
+    with pytest.raises(SystemExit) as exc:
+        run_cli(SFTConfig, PRESETS, train, description="x", args=[])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and "Traceback" not in err
+    assert err.strip() == ("error: another process of this torchrun job died (Connection closed by peer [127.0.0.1]:7302); "
+                           "its own log says why. Rerun the job with --resume to continue from its last checkpoint")
+
+    def bug(cfg):
+        raise RuntimeError("a bug")
+
+    with pytest.raises(RuntimeError, match="a bug"):  # anything else keeps its traceback
+        run_cli(SFTConfig, PRESETS, bug, description="x", args=[])
+
+
+# 11. each final record once, however often a finished run is resumed ----------------------------------------
+
+
+def test_resuming_a_finished_run_redoes_the_final_evaluation_and_logs_it_once(tiny, tmp_path):
+    from shell import grpo
+    from shell.runlog import read_metrics
+
+    args = ["--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "16", "--eval-data.limit", "2",
+            "--eval.max-tokens", "4", "--grading.workers", "0", "--sampler.generation-dtype", "None",
+            "--run.logger", "none", "--run.runs-dir", str(tmp_path), "--run.name", "f", "--n-grpo-steps", "1",
+            "--rollout-batch-size", "4", "--group-size", "2", "--train-batch-size", "4", "--gradient-accumulation-steps", "2",
+            "--sampling.max-tokens", "4", "--eval-every", "10", "--warm-start.steps", "0",
+            "--final-eval.enabled", "--final-eval.data.limit", "2", "--final-eval.sampling.max-tokens", "4",
+            "--final-eval.greedy"]
+    grpo.main(args)
+    grpo.main([*args, "--resume"])  # as after a kill -9 during the final evaluation: it is redone
+    grpo.main([*args, "--resume"])
+    rows = read_metrics(tmp_path / "f")
+    assert sum("final/answer_reward" in r for r in rows) == 1
+    assert sum("final_greedy/answer_reward" in r for r in rows) == 1
+    assert [r["train_step"] for r in rows if "train/loss" in r] == [1]
+
+
+def test_a_resumed_logger_drops_the_final_records_it_will_write_again(tmp_path):
+    from shell.runlog import RunLogger, read_metrics
+
+    rows = [{"train_step": 1, "train/loss": 1.0}, {"eval_step": 1, "eval/answer_reward": 0.5},
+            {"eval_step": 1, "final/answer_reward": 0.5}, {"eval_step": 1, "final_greedy/answer_reward": 0.4},
+            {"train_step": 2, "train/loss": 0.9}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    RunLogger(tmp_path, resume_step=1, save_config=False)
+    assert read_metrics(tmp_path) == rows[:2]
