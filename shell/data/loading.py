@@ -85,7 +85,6 @@ class DataConfig:
         at_least(self.limit, 1, flag(prefix, "limit"), optional=True)
         at_least(self.max_prompt_tokens, 1, flag(prefix, "max_prompt_tokens"), optional=True)
         at_least(self.difficulty, 1, flag(prefix, "difficulty"))
-        check_data_path(self.path, self.split, flag(prefix, "path"))
         at_least(self.difficulty_max, self.difficulty, flag(prefix, "difficulty_max"), optional=True)
         require(0.0 < self.curriculum_start <= 1.0,
                 f"{flag(prefix, 'curriculum_start')} must be in (0, 1], got {self.curriculum_start}")
@@ -102,6 +101,7 @@ class DataConfig:
         lo, hi = self.curriculum_band_min, self.curriculum_band_max
         require(lo is None or hi is None or lo <= hi,
                 f"{flag(prefix, 'curriculum_band_min')} ({lo}) must be <= {flag(prefix, 'curriculum_band_max')} ({hi})")
+        check_data_path(self.path, self.split, flag(prefix, "path"))
 
 
 @dataclass(frozen=True)
