@@ -22,8 +22,8 @@ from shell.config import (
     require, run_cli,
 )
 from shell.data import (
-    DataConfig, DataError, HeldOutConfig, SFTExample, held_out_config, keep_within_context, load_dataset,
-    questions_within_context, sft_examples_for, shared_data,
+    DataConfig, DataError, DataFileNotFoundError, HeldOutConfig, SFTExample, held_out_config, keep_within_context,
+    load_dataset, questions_within_context, sft_examples_for, shared_data,
 )
 from shell.world import require_world_multiple
 from shell.models import prompt_token_limit
@@ -46,6 +46,15 @@ class SFTDataConfig(DataConfig):
     """Use a random subset of this many training pairs, seeded by --data.seed (128/256/512/1024; None: all)."""
     filter_correct: bool = False
     """Keep only pairs whose response earns reward 1 against their ground truth; the kept size is printed."""
+
+    def check(self, prefix: str = "data") -> None:
+        """:meth:`DataConfig.check`; a missing file is named with the command that makes SFT traces."""
+        try:
+            super().check(prefix)
+        except DataFileNotFoundError as e:
+            raise DataFileNotFoundError(
+                f"{e}; make r1_zero traces from MATH with: python -m shell.make_sft_data --input "
+                f"{shared_data('math/train.jsonl')} --output {self.path}") from None
 
 
 @dataclass(frozen=True)

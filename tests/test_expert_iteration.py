@@ -69,7 +69,7 @@ def _args(tiny: Path, runs: Path, name: str, steps: int) -> list[str]:
         "--run.name", name, "--n-ei-steps", str(steps), "--ei-batch-size", "4", "--group-size", "3",
         "--sampling.max-tokens", "6", "--sft-batch-size", "4", "--sft-gradient-accumulation-steps", "2",
         "--sft-epochs", "1", "--sft-max-steps", "None", "--warm-start.steps", "1", "--warm-start.batch-size", "8",
-        "--optim.lr", "1e-3",
+        "--optim.lr", "1e-3", "--keep-checkpoints", "2",  # the laptop preset keeps one; these tests look at two
     ]
 
 

@@ -352,3 +352,15 @@ def test_make_sft_data_checks_its_paths_naming_the_flag(tmp_path):
     done = make("--output", str(tmp_path / "a-file" / "sft.jsonl"), "--limit", "2")
     assert done.returncode == 2 and f"--output {tmp_path / 'a-file'}: {tmp_path / 'a-file'} is not a folder" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_sft_without_its_traces_prints_the_command_that_makes_them(tiny, tmp_path, capsys):
+    from shell import sft
+
+    err = _exit_2(sft.main, ["--model.name-or-path", str(tiny), "--data.path", str(tmp_path / "sft_math.jsonl"),
+                             "--run.runs-dir", str(tmp_path / "runs")], capsys)
+    assert f"--data.path {tmp_path / 'sft_math.jsonl'}: data file not found" in err
+    from shell.data import shared_data
+
+    assert (f"python -m shell.make_sft_data --input {shared_data('math/train.jsonl')} --output "
+            f"{tmp_path / 'sft_math.jsonl'}") in err
