@@ -61,14 +61,15 @@ def main() -> None:
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--out", default="curricula", help="benchmarks/results/<out>.json")
+    p.add_argument("--report-only", action="store_true", help="run nothing: the table of the runs already done")
     a = p.parse_args()
     runs = Path(a.runs_dir)
     py = sys.executable
     sft, pool = runs / "c25_sft", runs / "c25_pool.jsonl"
-    if not (sft / "final").is_dir():
+    if not (sft / "final").is_dir() and not a.report_only:
         sh([py, "-m", "shell.sft", "--data.difficulty-max", "3", "--num-steps", "16", "--eval-data.limit", "32",
             "--eval-every", "16", "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", "c25_sft"])
-    if not pool.exists():
+    if not pool.exists() and not a.report_only:
         sh([py, "-m", "shell.pass_rates", "--model.name-or-path", str(sft / "final"), "--data.difficulty-max", "3",
             "--data.seed", "1", "--data.limit", "48", "--samples-per-problem", "8", "--sampling.max-tokens", "48",
             "--output", str(pool)])
@@ -81,6 +82,8 @@ def main() -> None:
         for name in a.strategies:
             run = f"c25_{name}_s{seed}"
             summary = runs / run / "final_eval" / "summary.json"
+            if not summary.exists() and a.report_only:
+                continue
             if not summary.exists():
                 sh([py, "-m", "shell.grpo", "--model.name-or-path", str(sft / "final"), "--warm-start.steps", "0",
                     "--data.path", str(pool), *held, "--n-grpo-steps", str(a.steps), "--eval-every", "1000",
