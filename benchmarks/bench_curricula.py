@@ -107,7 +107,17 @@ def main() -> None:
                       "mean": f"{k / n:.1%}", "95% CI (pooled)": f"{lo:.1%}-{hi:.1%}",
                       "wall min (each)": " / ".join(f"{r['wall_s'] / 60:.1f}" for r in mine)})
     print_table(table, list(table[0]) if table else [])
-    write_json(a.out, {"runs": rows, "table": table, "steps": a.steps, "eval_problems": a.eval_problems})
+    pool_info: dict[str, object] = {}
+    if pool.exists():
+        recs = [json.loads(line) for line in pool.read_text().splitlines() if line.strip()]
+        by_level: dict[int, list[float]] = {}
+        for r in recs:
+            by_level.setdefault(r["difficulty"], []).append(r["pass_rate"])
+        pool_info = {"problems": len(recs), "in_0.2_0.8": sum(0.2 <= r["pass_rate"] <= 0.8 for r in recs),
+                     "in_0.1_0.9": sum(0.1 <= r["pass_rate"] <= 0.9 for r in recs),
+                     "mean_pass_rate_by_difficulty": {d: sum(v) / len(v) for d, v in sorted(by_level.items())}}
+        print("pool:", pool_info)
+    write_json(a.out, {"runs": rows, "table": table, "pool": pool_info, "steps": a.steps, "eval_problems": a.eval_problems})
 
 
 if __name__ == "__main__":
