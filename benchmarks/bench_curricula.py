@@ -3,7 +3,7 @@ difficulties (1-3), held-out answer reward on mixed held-out problems.
 
     python benchmarks/bench_curricula.py [--seeds 0 1] [--strategies uniform level pass-rate-band online] [--steps 10]
 
-One SFT model (``shell.sft``, 16 steps on mixed-difficulty traces) is every run's start; ``shell.pass_rates``
+One SFT model (``shell.sft``, ``--sft-steps`` 16 steps on mixed-difficulty traces) is every run's start; ``shell.pass_rates``
 estimates its pass rate on a training pool of 48 problems (8 samples each); every GRPO run then trains on that
 pool from that model for ``--steps`` steps (8 questions × G 8, the laptop preset's batch) with one strategy, and
 ends with an evaluation of ``--eval-problems`` held-out mixed problems (validation split, T = 1). Runs already
@@ -58,6 +58,7 @@ def main() -> None:
     p.add_argument("--strategies", nargs="+", default=["uniform", "level", "pass-rate-band", "online"],
                    choices=list(STRATEGIES))
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--sft-steps", type=int, default=16, help="SFT steps of the starting model")
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--out", default="curricula", help="benchmarks/results/<out>.json")
@@ -67,8 +68,8 @@ def main() -> None:
     py = sys.executable
     sft, pool = runs / "c25_sft", runs / "c25_pool.jsonl"
     if not (sft / "final").is_dir() and not a.report_only:
-        sh([py, "-m", "shell.sft", "--data.difficulty-max", "3", "--num-steps", "16", "--eval-data.limit", "32",
-            "--eval-every", "16", "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", "c25_sft"])
+        sh([py, "-m", "shell.sft", "--data.difficulty-max", "3", "--num-steps", str(a.sft_steps), "--eval-data.limit", "32",
+            "--eval-every", str(a.sft_steps), "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", "c25_sft"])
     if not pool.exists() and not a.report_only:
         sh([py, "-m", "shell.pass_rates", "--model.name-or-path", str(sft / "final"), "--data.difficulty-max", "3",
             "--data.seed", "1", "--data.limit", "48", "--samples-per-problem", "8", "--sampling.max-tokens", "48",
