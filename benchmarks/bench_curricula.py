@@ -4,7 +4,7 @@ difficulties (1-3), held-out answer reward on mixed held-out problems.
     python benchmarks/bench_curricula.py [--seeds 0 1] [--strategies uniform level pass-rate-band online] [--steps 10]
 
 One SFT model (``shell.sft``, ``--sft-steps`` 16 steps on mixed-difficulty traces) is every run's start; ``shell.pass_rates``
-estimates its pass rate on a training pool of 48 problems (8 samples each); every GRPO run then trains on that
+estimates its pass rate on a training pool of ``--pool`` 48 problems (8 samples each); every GRPO run then trains on that
 pool from that model for ``--steps`` steps (8 questions × G 8, the laptop preset's batch) with one strategy, and
 ends with an evaluation of ``--eval-problems`` held-out mixed problems (validation split, T = 1). Runs already
 done (their ``final_eval/summary.json`` exists) are not rerun. Writes ``benchmarks/results/curricula.json`` (``--out``) and
@@ -59,6 +59,7 @@ def main() -> None:
                    choices=list(STRATEGIES))
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--sft-steps", type=int, default=16, help="SFT steps of the starting model")
+    p.add_argument("--pool", type=int, default=48, help="training problems (mixed difficulties 1-3)")
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--out", default="curricula", help="benchmarks/results/<out>.json")
@@ -66,13 +67,13 @@ def main() -> None:
     a = p.parse_args()
     runs = Path(a.runs_dir)
     py = sys.executable
-    sft, pool = runs / "c25_sft", runs / "c25_pool.jsonl"
+    sft, pool = runs / "c25_sft", runs / f"c25_pool{a.pool}.jsonl"
     if not (sft / "final").is_dir() and not a.report_only:
         sh([py, "-m", "shell.sft", "--data.difficulty-max", "3", "--num-steps", str(a.sft_steps), "--eval-data.limit", "32",
             "--eval-every", str(a.sft_steps), "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", "c25_sft"])
     if not pool.exists() and not a.report_only:
         sh([py, "-m", "shell.pass_rates", "--model.name-or-path", str(sft / "final"), "--data.difficulty-max", "3",
-            "--data.seed", "1", "--data.limit", "48", "--samples-per-problem", "8", "--sampling.max-tokens", "48",
+            "--data.seed", "1", "--data.limit", str(a.pool), "--samples-per-problem", "8", "--sampling.max-tokens", "48",
             "--output", str(pool)])
     held = ["--eval-data.path", "embedded", "--eval-data.difficulty", "1", "--eval-data.difficulty-max", "3",
             "--eval-data.limit", "32", "--final-eval.enabled", "--final-eval.data.path", "embedded",
@@ -81,7 +82,7 @@ def main() -> None:
     rows = []
     for seed in a.seeds:  # every strategy at one seed before the next seed
         for name in a.strategies:
-            run = f"c25_{name}_s{seed}"
+            run = f"c25_{name}_p{a.pool}_t{a.steps}_s{seed}"
             summary = runs / run / "final_eval" / "summary.json"
             if not summary.exists() and a.report_only:
                 continue
