@@ -95,9 +95,11 @@ def main() -> None:
             metrics = [json.loads(line) for line in (runs / run / "metrics.jsonl").read_text().splitlines() if line.strip()]
             start = next(m["eval/answer_reward"] for m in metrics if m.get("eval_step") == 0)
             wall = max(m.get("time/elapsed_s", 0.0) for m in metrics)
+            zero_var = [m["train/zero_variance_group_fraction"] for m in metrics if "train/zero_variance_group_fraction" in m]
             rows.append({"strategy": name, "seed": seed, "answer_reward": s["answer_reward"],
                          "correct": round(s["answer_reward"] * s["num_examples"]), "n": s["num_examples"],
-                         "step0_answer_reward_32": start, "wall_s": wall})
+                         "step0_answer_reward_32": start, "wall_s": wall,
+                         "zero_variance_group_fraction": sum(zero_var) / max(1, len(zero_var))})
     table = []
     for name in a.strategies:
         mine = [r for r in rows if r["strategy"] == name]
@@ -107,6 +109,7 @@ def main() -> None:
         lo, hi = wilson(k, n)
         table.append({"strategy": name, "per seed": " / ".join(f"{r['answer_reward']:.1%}" for r in mine),
                       "mean": f"{k / n:.1%}", "95% CI (pooled)": f"{lo:.1%}-{hi:.1%}",
+                      "zero-variance groups": " / ".join(f"{r['zero_variance_group_fraction']:.0%}" for r in mine),
                       "wall min (each)": " / ".join(f"{r['wall_s'] / 60:.1f}" for r in mine)})
     print_table(table, list(table[0]) if table else [])
     pool_info: dict[str, object] = {}
