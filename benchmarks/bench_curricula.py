@@ -3,8 +3,8 @@ difficulties (1-3), held-out answer reward on mixed held-out problems.
 
     python benchmarks/bench_curricula.py [--seeds 0 1] [--strategies uniform level pass-rate-band online] [--steps 10]
 
-One SFT model (``shell.sft``, 16 steps on mixed-difficulty traces) is every run's start; ``shell.pass_rates``
-estimates its pass rate on a training pool of 48 problems (8 samples each); every GRPO run then trains on that
+One SFT model (``shell.sft``, ``--sft-steps`` 16 steps on mixed-difficulty traces) is every run's start; ``shell.pass_rates``
+estimates its pass rate on a training pool of ``--pool`` 48 problems (8 samples each); every GRPO run then trains on that
 pool from that model for ``--steps`` steps (8 questions × G 8, the laptop preset's batch) with one strategy, and
 ends with an evaluation of ``--eval-problems`` held-out mixed problems (validation split, T = 1). Runs already
 done (their ``final_eval/summary.json`` exists) are not rerun. Writes ``benchmarks/results/curricula.json`` (``--out``) and
@@ -58,19 +58,22 @@ def main() -> None:
     p.add_argument("--strategies", nargs="+", default=["uniform", "level", "pass-rate-band", "online"],
                    choices=list(STRATEGIES))
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--sft-steps", type=int, default=16, help="SFT steps of the starting model")
+    p.add_argument("--pool", type=int, default=48, help="training problems (mixed difficulties 1-3)")
     p.add_argument("--eval-problems", type=int, default=200)
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--out", default="curricula", help="benchmarks/results/<out>.json")
+    p.add_argument("--report-only", action="store_true", help="run nothing: the table of the runs already done")
     a = p.parse_args()
     runs = Path(a.runs_dir)
     py = sys.executable
-    sft, pool = runs / "c25_sft", runs / "c25_pool.jsonl"
-    if not (sft / "final").is_dir():
-        sh([py, "-m", "shell.sft", "--data.difficulty-max", "3", "--num-steps", "16", "--eval-data.limit", "32",
-            "--eval-every", "16", "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", "c25_sft"])
-    if not pool.exists():
+    sft, pool = runs / "c25_sft", runs / f"c25_pool{a.pool}.jsonl"
+    if not (sft / "final").is_dir() and not a.report_only:
+        sh([py, "-m", "shell.sft", "--data.difficulty-max", "3", "--num-steps", str(a.sft_steps), "--eval-data.limit", "32",
+            "--eval-every", str(a.sft_steps), "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", "c25_sft"])
+    if not pool.exists() and not a.report_only:
         sh([py, "-m", "shell.pass_rates", "--model.name-or-path", str(sft / "final"), "--data.difficulty-max", "3",
-            "--data.seed", "1", "--data.limit", "48", "--samples-per-problem", "8", "--sampling.max-tokens", "48",
+            "--data.seed", "1", "--data.limit", str(a.pool), "--samples-per-problem", "8", "--sampling.max-tokens", "48",
             "--output", str(pool)])
     held = ["--eval-data.path", "embedded", "--eval-data.difficulty", "1", "--eval-data.difficulty-max", "3",
             "--eval-data.limit", "32", "--final-eval.enabled", "--final-eval.data.path", "embedded",
@@ -79,8 +82,10 @@ def main() -> None:
     rows = []
     for seed in a.seeds:  # every strategy at one seed before the next seed
         for name in a.strategies:
-            run = f"c25_{name}_s{seed}"
+            run = f"c25_{name}_p{a.pool}_t{a.steps}_s{seed}"
             summary = runs / run / "final_eval" / "summary.json"
+            if not summary.exists() and a.report_only:
+                continue
             if not summary.exists():
                 sh([py, "-m", "shell.grpo", "--model.name-or-path", str(sft / "final"), "--warm-start.steps", "0",
                     "--data.path", str(pool), *held, "--n-grpo-steps", str(a.steps), "--eval-every", "1000",
@@ -90,9 +95,11 @@ def main() -> None:
             metrics = [json.loads(line) for line in (runs / run / "metrics.jsonl").read_text().splitlines() if line.strip()]
             start = next(m["eval/answer_reward"] for m in metrics if m.get("eval_step") == 0)
             wall = max(m.get("time/elapsed_s", 0.0) for m in metrics)
+            zero_var = [m["train/zero_variance_group_fraction"] for m in metrics if "train/zero_variance_group_fraction" in m]
             rows.append({"strategy": name, "seed": seed, "answer_reward": s["answer_reward"],
                          "correct": round(s["answer_reward"] * s["num_examples"]), "n": s["num_examples"],
-                         "step0_answer_reward_32": start, "wall_s": wall})
+                         "step0_answer_reward_32": start, "wall_s": wall,
+                         "zero_variance_group_fraction": sum(zero_var) / max(1, len(zero_var))})
     table = []
     for name in a.strategies:
         mine = [r for r in rows if r["strategy"] == name]
@@ -102,9 +109,20 @@ def main() -> None:
         lo, hi = wilson(k, n)
         table.append({"strategy": name, "per seed": " / ".join(f"{r['answer_reward']:.1%}" for r in mine),
                       "mean": f"{k / n:.1%}", "95% CI (pooled)": f"{lo:.1%}-{hi:.1%}",
+                      "zero-variance groups": " / ".join(f"{r['zero_variance_group_fraction']:.0%}" for r in mine),
                       "wall min (each)": " / ".join(f"{r['wall_s'] / 60:.1f}" for r in mine)})
     print_table(table, list(table[0]) if table else [])
-    write_json(a.out, {"runs": rows, "table": table, "steps": a.steps, "eval_problems": a.eval_problems})
+    pool_info: dict[str, object] = {}
+    if pool.exists():
+        recs = [json.loads(line) for line in pool.read_text().splitlines() if line.strip()]
+        by_level: dict[int, list[float]] = {}
+        for r in recs:
+            by_level.setdefault(r["difficulty"], []).append(r["pass_rate"])
+        pool_info = {"problems": len(recs), "in_0.2_0.8": sum(0.2 <= r["pass_rate"] <= 0.8 for r in recs),
+                     "in_0.1_0.9": sum(0.1 <= r["pass_rate"] <= 0.9 for r in recs),
+                     "mean_pass_rate_by_difficulty": {d: sum(v) / len(v) for d, v in sorted(by_level.items())}}
+        print("pool:", pool_info)
+    write_json(a.out, {"runs": rows, "table": table, "pool": pool_info, "steps": a.steps, "eval_problems": a.eval_problems})
 
 
 if __name__ == "__main__":
