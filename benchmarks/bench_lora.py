@@ -1,7 +1,7 @@
 """Full fine-tuning vs LoRA on the laptop, and how the HF sampler should follow a LoRA policy.
 
     python benchmarks/bench_lora.py sampler                       # merged generation copy vs running the adapter
-    python benchmarks/bench_lora.py loops [--sft-steps 16 --grpo-steps 10]   # the four runs below
+    python benchmarks/bench_lora.py loops [--sft-steps 16 --grpo-steps 10 --extra='--eval-data.limit 64']
 
 ``sampler``: SmolLM2-135M-Instruct with a rank-16 adapter on the attention and MLP projections (B drawn at
 random, so the adapter changes the outputs). (a) ``merged``: the sampler's plain bf16 generation copy, refreshed
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -106,12 +107,12 @@ def step_seconds(metrics: list[dict]) -> float | None:
     return statistics.median(gaps) if gaps else None
 
 
-def run_loop(module: str, preset: str, steps_flag: str, steps: int, name: str) -> dict:
+def run_loop(module: str, preset: str, steps_flag: str, steps: int, name: str, extra: list[str]) -> dict:
     from shell.runlog import read_metrics
 
     run_dir = REPO / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", module, preset, steps_flag, str(steps), "--run.logger", "none", "--run.name", name]
+    cmd = [sys.executable, "-m", module, preset, steps_flag, str(steps), "--run.logger", "none", "--run.name", name, *extra]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO)
@@ -135,7 +136,7 @@ def bench_loops(args: argparse.Namespace) -> None:
     for module, steps_flag, steps in (("shell.sft", "--num-steps", args.sft_steps), ("shell.grpo", "--n-grpo-steps", args.grpo_steps)):
         for preset in ("laptop", "laptop-lora"):
             name = f"bench_lora_{module.split('.')[-1]}_{preset.replace('-', '_')}"
-            rows.append(run_loop(module, preset, steps_flag, steps, name))
+            rows.append(run_loop(module, preset, steps_flag, steps, name, shlex.split(args.extra)))
             print(json.dumps(rows[-1]), flush=True)
     print_table(rows, ["run", "steps", "wall_s", "step_s", "peak_rss_gb", "checkpoint_mb", "final_mb", "trainable_params",
                        "final_answer_reward"])
@@ -152,6 +153,7 @@ def main() -> None:
     loops = sub.add_parser("loops")
     loops.add_argument("--sft-steps", type=int, default=16)
     loops.add_argument("--grpo-steps", type=int, default=10)
+    loops.add_argument("--extra", default="", help="flags for every run, e.g. --extra='--eval-data.limit 64'")
     args = parser.parse_args()
     torch.manual_seed(0)
     (bench_sampler if args.part == "sampler" else bench_loops)(args)
