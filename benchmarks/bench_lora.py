@@ -7,7 +7,7 @@
 random, so the adapter changes the outputs). (a) ``merged``: the sampler's plain bf16 generation copy, refreshed
 at each sync from the merged weights (what the loops do); (b) ``adapter``: a bf16 generation copy that keeps the
 adapter layers and samples through them (a sync then copies only the adapter). Each samples the same 64 rollouts
-(8 prompts × 8, exactly ``--tokens`` tokens each); sync and sampling times are medians.
+(`--prompts` prompts × 8, exactly ``--tokens`` tokens each); sync and sampling times are medians.
 
 ``loops``: ``shell.sft`` and ``shell.grpo``, presets ``laptop`` (full) and ``laptop-lora``, each for the same
 number of steps in its own process: the median time of a training step (between consecutive train records with
@@ -64,7 +64,7 @@ def bench_sampler(args: argparse.Namespace) -> None:
     adapter = HFSampler(model, tokenizer, batch_size=64, generation_dtype="auto")  # bf16 copy that keeps the adapter
     assert any("lora_A" in n for n, _ in adapter.model.named_parameters())
     template = load_prompt("r1_zero")
-    prompts = [template.format(ex.question) for ex in load_dataset(DataConfig(split="validation", limit=8))]
+    prompts = [template.format(ex.question) for ex in load_dataset(DataConfig(split="validation", limit=args.prompts))]
     params = SamplingParams(n=8, temperature=1.0, top_p=1.0, max_tokens=args.tokens, min_tokens=args.tokens, seed=0)
 
     def sync_adapter() -> None:
@@ -88,7 +88,8 @@ def bench_sampler(args: argparse.Namespace) -> None:
         rows.append({"sampler": name, "sync_s": statistics.median(sync_s), "generate_s": statistics.median(gen_s),
                      "tokens": tokens, "tokens_per_s": tokens / statistics.median(gen_s)})
     print_table(rows, ["sampler", "sync_s", "generate_s", "tokens", "tokens_per_s"])
-    write_json("lora_sampler", {"rank": args.rank, "prompts": len(prompts), "n": 8, "tokens": args.tokens, "rows": rows})
+    write_json("lora_sampler", {"rank": args.rank, "prompts": len(prompts), "n": 8, "tokens": args.tokens,
+                                "repeats": args.repeats, "rows": rows})
 
 
 # ------------------------------------------------------------------------------------------------ loops
@@ -150,6 +151,7 @@ def main() -> None:
     s.add_argument("--rank", type=int, default=16)
     s.add_argument("--tokens", type=int, default=48)
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--prompts", type=int, default=8)
     loops = sub.add_parser("loops")
     loops.add_argument("--sft-steps", type=int, default=16)
     loops.add_argument("--grpo-steps", type=int, default=10)
