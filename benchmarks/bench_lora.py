@@ -6,8 +6,8 @@
 ``sampler``: SmolLM2-135M-Instruct with a rank-16 adapter on the attention and MLP projections (B drawn at
 random, so the adapter changes the outputs). (a) ``merged``: the sampler's plain bf16 generation copy, refreshed
 at each sync from the merged weights (what the loops do); (b) ``adapter``: a bf16 generation copy that keeps the
-adapter layers and samples through them (a sync then copies only the adapter). Each samples the same 64 rollouts
-(`--prompts` prompts × 8, exactly ``--tokens`` tokens each); sync and sampling times are medians.
+adapter layers and samples through them (a sync then copies only the adapter). Each samples the same rollouts
+(``--prompts`` prompts × 8, exactly ``--tokens`` tokens each); sync and sampling times are medians.
 
 ``loops``: ``shell.sft`` and ``shell.grpo``, presets ``laptop`` (full) and ``laptop-lora``, each for the same
 number of steps in its own process: the median time of a training step (between consecutive train records with
