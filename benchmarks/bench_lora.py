@@ -1,13 +1,13 @@
 """Full fine-tuning vs LoRA on the laptop, and how the HF sampler should follow a LoRA policy.
 
     python benchmarks/bench_lora.py sampler                       # merged generation copy vs running the adapter
-    python benchmarks/bench_lora.py loops [--sft-steps 16 --grpo-steps 10]   # the four runs below
+    python benchmarks/bench_lora.py loops [--sft-steps 16 --grpo-steps 10 --extra='--eval-data.limit 64']
 
 ``sampler``: SmolLM2-135M-Instruct with a rank-16 adapter on the attention and MLP projections (B drawn at
 random, so the adapter changes the outputs). (a) ``merged``: the sampler's plain bf16 generation copy, refreshed
 at each sync from the merged weights (what the loops do); (b) ``adapter``: a bf16 generation copy that keeps the
-adapter layers and samples through them (a sync then copies only the adapter). Each samples the same 64 rollouts
-(8 prompts × 8, exactly ``--tokens`` tokens each); sync and sampling times are medians.
+adapter layers and samples through them (a sync then copies only the adapter). Each samples the same rollouts
+(``--prompts`` prompts × 8, exactly ``--tokens`` tokens each); sync and sampling times are medians.
 
 ``loops``: ``shell.sft`` and ``shell.grpo``, presets ``laptop`` (full) and ``laptop-lora``, each for the same
 number of steps in its own process: the median time of a training step (between consecutive train records with
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -63,7 +64,7 @@ def bench_sampler(args: argparse.Namespace) -> None:
     adapter = HFSampler(model, tokenizer, batch_size=64, generation_dtype="auto")  # bf16 copy that keeps the adapter
     assert any("lora_A" in n for n, _ in adapter.model.named_parameters())
     template = load_prompt("r1_zero")
-    prompts = [template.format(ex.question) for ex in load_dataset(DataConfig(split="validation", limit=8))]
+    prompts = [template.format(ex.question) for ex in load_dataset(DataConfig(split="validation", limit=args.prompts))]
     params = SamplingParams(n=8, temperature=1.0, top_p=1.0, max_tokens=args.tokens, min_tokens=args.tokens, seed=0)
 
     def sync_adapter() -> None:
@@ -87,7 +88,8 @@ def bench_sampler(args: argparse.Namespace) -> None:
         rows.append({"sampler": name, "sync_s": statistics.median(sync_s), "generate_s": statistics.median(gen_s),
                      "tokens": tokens, "tokens_per_s": tokens / statistics.median(gen_s)})
     print_table(rows, ["sampler", "sync_s", "generate_s", "tokens", "tokens_per_s"])
-    write_json("lora_sampler", {"rank": args.rank, "prompts": len(prompts), "n": 8, "tokens": args.tokens, "rows": rows})
+    write_json("lora_sampler", {"rank": args.rank, "prompts": len(prompts), "n": 8, "tokens": args.tokens,
+                                "repeats": args.repeats, "rows": rows})
 
 
 # ------------------------------------------------------------------------------------------------ loops
@@ -106,12 +108,12 @@ def step_seconds(metrics: list[dict]) -> float | None:
     return statistics.median(gaps) if gaps else None
 
 
-def run_loop(module: str, preset: str, steps_flag: str, steps: int, name: str) -> dict:
+def run_loop(module: str, preset: str, steps_flag: str, steps: int, name: str, extra: list[str]) -> dict:
     from shell.runlog import read_metrics
 
     run_dir = REPO / "runs" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    cmd = [sys.executable, "-m", module, preset, steps_flag, str(steps), "--run.logger", "none", "--run.name", name]
+    cmd = [sys.executable, "-m", module, preset, steps_flag, str(steps), "--run.logger", "none", "--run.name", name, *extra]
     print("$", " ".join(cmd[1:]), flush=True)
     t0 = time.monotonic()
     proc = subprocess.Popen(cmd, cwd=REPO)
@@ -135,7 +137,7 @@ def bench_loops(args: argparse.Namespace) -> None:
     for module, steps_flag, steps in (("shell.sft", "--num-steps", args.sft_steps), ("shell.grpo", "--n-grpo-steps", args.grpo_steps)):
         for preset in ("laptop", "laptop-lora"):
             name = f"bench_lora_{module.split('.')[-1]}_{preset.replace('-', '_')}"
-            rows.append(run_loop(module, preset, steps_flag, steps, name))
+            rows.append(run_loop(module, preset, steps_flag, steps, name, shlex.split(args.extra)))
             print(json.dumps(rows[-1]), flush=True)
     print_table(rows, ["run", "steps", "wall_s", "step_s", "peak_rss_gb", "checkpoint_mb", "final_mb", "trainable_params",
                        "final_answer_reward"])
@@ -149,9 +151,11 @@ def main() -> None:
     s.add_argument("--rank", type=int, default=16)
     s.add_argument("--tokens", type=int, default=48)
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--prompts", type=int, default=8)
     loops = sub.add_parser("loops")
     loops.add_argument("--sft-steps", type=int, default=16)
     loops.add_argument("--grpo-steps", type=int, default=10)
+    loops.add_argument("--extra", default="", help="flags for every run, e.g. --extra='--eval-data.limit 64'")
     args = parser.parse_args()
     torch.manual_seed(0)
     (bench_sampler if args.part == "sampler" else bench_loops)(args)
