@@ -221,7 +221,7 @@ def train(cfg: EIConfig) -> Path:
         learner = Learner(model, tokenizer, cfg.optim)
         run.begin(learner, closing=[sampler.close])
         if run.start == 0:
-            run.log({"train_step": 0, **parameter_counts(model)})
+            run.log(parameter_counts(model))  # the first record: what trains (no step: kept by every resume)
         run.state.setdefault("train_step", 0)  # SFT steps across EI steps: saved with every checkpoint
         micro = max(1, cfg.sft_batch_size // cfg.sft_gradient_accumulation_steps)
 

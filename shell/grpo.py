@@ -207,7 +207,7 @@ def train(cfg: GRPOConfig) -> Path:
         learner = Learner(model, tokenizer, cfg.optim)
         run.begin(learner, closing=[sampler.close])
         if run.start == 0:
-            run.log({"train_step": 0, **parameter_counts(model)})
+            run.log(parameter_counts(model))  # the first record: what trains (no step: kept by every resume)
         micro = max(1, cfg.train_batch_size // cfg.gradient_accumulation_steps)
 
         def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:
