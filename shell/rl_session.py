@@ -105,7 +105,7 @@ class RLSession:
         self.learner = Learner(self.model, self.tokenizer, cfg.optim)
         run.begin(self.learner, closing=[self.sampler.close])
         if run.start == 0:
-            run.log(parameter_counts(self.model))  # no step: a fact of the run, not of a train step
+            run.log(parameter_counts(self.model))  # the first record: what trains (no step: kept by every resume)
         if run.start > 0 and (note := restore_curriculum(self.curriculum, run.state.get("curriculum"))):
             run.say(note)
         if cfg.data.curriculum != "none":

@@ -159,7 +159,7 @@ def train(cfg: SFTConfig) -> Path:
         learner = Learner(model, tokenizer, cfg.optim)
         run.begin(learner, closing=[sampler.close])
         if run.start == 0:
-            run.log(parameter_counts(model))  # no step: a fact of the run, not of a train step
+            run.log(parameter_counts(model))  # the first record: what trains (no step: kept by every resume)
         micro = max(1, cfg.batch_size // cfg.gradient_accumulation_steps)
 
         def entropy(prompts: Sequence[str], responses: Sequence[str]) -> list[float]:  # at the evaluation temperature
