@@ -167,6 +167,7 @@ def test_restore_refuses_another_curriculum():
     online = Online(10, seed=0, low=0.1, high=0.9, rest=2)
     assert "starts afresh" in restore_curriculum(online, Uniform(10, seed=0).state_dict())
     assert "starts afresh" in restore_curriculum(online, None)
+    assert restore_curriculum(Uniform(10, seed=0), None) is None  # an old checkpoint, uniform sampling: nothing to say
     assert "over 10 problems" in restore_curriculum(Uniform(11, seed=0), Uniform(10, seed=0).state_dict())
 
 

@@ -276,8 +276,8 @@ def group_pass_rates(scores: Sequence[dict[str, float]], *, group_size: int) -> 
 def restore_curriculum(sampler: QuestionSampler, state: dict[str, Any] | None) -> str | None:
     """Load a checkpoint's curriculum state into ``sampler``; a message (and a fresh start) when the checkpoint has
     none or one of another kind or size (a curriculum changed with --allow-config-change)."""
-    if state is None:
-        return "--data.curriculum: the checkpoint has no curriculum state; it starts afresh here"
+    if state is None:  # a checkpoint from before curricula: uniform sampling needs no state
+        return None if isinstance(sampler, Uniform) else "--data.curriculum: the checkpoint has no curriculum state; it starts afresh here"
     try:
         sampler.load_state_dict(state)
     except ValueError as e:
