@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -247,12 +248,7 @@ def embedded_dataset(
         mixed = [part[i] for i in range(each) for part in parts][:n]
         if shuffle:
             random.Random(seed).shuffle(mixed)
-        return Dataset(
-            examples=tuple(mixed),
-            source=f"embedded:arithmetic(difficulty={difficulty}-{difficulty_max}, split={split}, seed={seed}"
-                   + (f", phrasing={phrasing})" if phrasing != "plain" else ")"),
-            format="embedded",
-        )
+        return _embedded(mixed, f"{difficulty}-{difficulty_max}", split=split, seed=seed, phrasing=phrasing)
     _level(difficulty)  # validate early
     seen: set[str] = set()
     out: list[Example] = []
@@ -270,8 +266,13 @@ def embedded_dataset(
             out.append(ex)
     if shuffle:
         random.Random(seed).shuffle(out)
+    return _embedded(out, str(difficulty), split=split, seed=seed, phrasing=phrasing)
+
+
+def _embedded(examples: Sequence[Example], difficulty: str, *, split: str, seed: int, phrasing: str) -> Dataset:
+    """The embedded task's problems as a data set, its source naming the difficulty (``"2"`` or ``"1-3"``)."""
     return Dataset(
-        examples=tuple(out),
+        examples=tuple(examples),
         source=f"embedded:arithmetic(difficulty={difficulty}, split={split}, seed={seed}"
                + (f", phrasing={phrasing})" if phrasing != "plain" else ")"),
         format="embedded",
