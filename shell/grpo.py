@@ -145,8 +145,6 @@ def check_config(cfg: GRPOConfig) -> None:
     require(cfg.overlong_buffer <= cfg.sampling.max_tokens,
             f"--overlong-buffer ({cfg.overlong_buffer}) must be at most --sampling.max-tokens ({cfg.sampling.max_tokens})")
     require(cfg.advantage_estimator != "rloo" or cfg.group_size >= 2, "--advantage-estimator rloo needs --group-size >= 2")
-    require(cfg.sampling.temperature > 0, f"--sampling.temperature must be > 0 for rollouts (the policy gradient scores "
-                                          f"the sampled tokens under softmax(logits / T)), got {cfg.sampling.temperature}")
     check_parts(cfg, trains=("sampling",))
     require_world_multiple(cfg.gradient_accumulation_steps, "--gradient-accumulation-steps")
 

@@ -311,24 +311,26 @@ def test_unusable_data_exits_2_naming_file_and_line_without_a_traceback(tiny, tm
 # 14. absurd sizes and missing solutions, refused before the model loads -------------------------------------
 
 
-def test_sft_refuses_a_batch_larger_than_the_data_before_loading(tmp_path, capsys):
+def test_sft_refuses_a_batch_larger_than_the_data_before_loading(tiny, tmp_path, capsys, monkeypatch):
     from shell import sft
 
+    monkeypatch.setattr(sft, "build_sampler", lambda *a, **k: pytest.fail("the policy was loaded"))
     with pytest.raises(SystemExit) as exc:
-        sft.main(["--model.name-or-path", str(tmp_path / "no-model"), "--run.runs-dir", str(tmp_path / "runs"),
+        sft.main(["--model.name-or-path", str(tiny), "--run.runs-dir", str(tmp_path / "runs"),
                   "--run.logger", "none", "--data.limit", "16", "--batch-size", "100000", "--gradient-accumulation-steps", "1"])
     assert exc.value.code == 2
     assert "--batch-size (100000) is larger than the training data (16 pairs)" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
 
 
-def test_sft_on_math_records_without_solutions_says_so(tmp_path, capsys):
+def test_sft_on_math_records_without_solutions_says_so(tiny, tmp_path, capsys, monkeypatch):
     from shell import sft
 
+    monkeypatch.setattr(sft, "build_sampler", lambda *a, **k: pytest.fail("the policy was loaded"))
     data = tmp_path / "math.jsonl"
     data.write_text("".join(json.dumps({"problem": f"What is {i} + 1?", "answer": str(i + 1)}) + "\n" for i in range(3)))
     with pytest.raises(SystemExit) as exc:
-        sft.main(["--model.name-or-path", str(tmp_path / "no-model"), "--run.runs-dir", str(tmp_path / "runs"),
+        sft.main(["--model.name-or-path", str(tiny), "--run.runs-dir", str(tmp_path / "runs"),
                   "--run.logger", "none", "--data.path", str(data), "--batch-size", "2", "--gradient-accumulation-steps", "1",
                   "--eval-data.path", str(data)])
     err = capsys.readouterr().err

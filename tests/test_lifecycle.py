@@ -140,7 +140,7 @@ def test_resume_truncates_logs_and_drops_a_torn_last_line(tiny, tmp_path):
     shutil.rmtree(run / "checkpoints" / "step_000004")
     shutil.rmtree(run / "final")
     rows = read_metrics(run)
-    keep = [r for r in rows if r.get("train_step", r.get("eval_step")) <= 3]
+    keep = [r for r in rows if r.get("train_step", r.get("eval_step", -1)) <= 3]  # -1: the start's parameter record
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep) + '{"train_step": 4, "train/lo')
     with pytest.warns(UserWarning, match="torn last line"):
         sft_module.main(sft_args(tiny, tmp_path, "cut", "--resume", "--checkpoint-every", "2", steps=4))
