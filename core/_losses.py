@@ -228,14 +228,16 @@ def sft_microbatch_loss(
     policy_log_probs: Float[Tensor, "batch seq"],
     response_mask: Bool[Tensor, "batch seq"],
     *,
-    gradient_accumulation_steps: int,
+    gradient_accumulation_steps: int | float,
     normalize_constant: float = 1.0,
 ) -> Float[Tensor, ""]:
     r"""The SFT microbatch objective (negative log-likelihood of the response tokens).
 
     .. math::  L = -\frac{1}{k}\,\frac{1}{B}\sum_{b=1}^{B} \frac{1}{c}\sum_t m_{bt} \log\pi_{bt}
 
-    with ``k = gradient_accumulation_steps`` and ``c = normalize_constant``.
+    with ``k = gradient_accumulation_steps`` and ``c = normalize_constant``. For microbatches of unequal size
+    (a token budget), ``k = N / B`` with ``N`` the rows of the optimizer step: the microbatch losses then sum
+    to the mean over the step's ``N`` rows, as equal microbatches' do.
 
     Args:
         policy_log_probs: ``(batch, seq)``.
@@ -252,7 +254,7 @@ def grpo_microbatch_loss(
     policy_log_probs: Float[Tensor, "batch seq"],
     response_mask: Bool[Tensor, "batch seq"],
     *,
-    gradient_accumulation_steps: int,
+    gradient_accumulation_steps: int | float,
     loss_type: str,
     raw_rewards: Float[Tensor, "batch 1"] | None = None,
     advantages: Float[Tensor, "batch 1"] | None = None,
@@ -288,7 +290,9 @@ def grpo_microbatch_loss(
     Args:
         policy_log_probs: ``(batch, seq)``.
         response_mask: ``(batch, seq)`` true on response tokens.
-        gradient_accumulation_steps: ``k`` (unused by ``token_mean``).
+        gradient_accumulation_steps: ``k`` (unused by ``token_mean``): the number of equal microbatches of
+            the step, or for unequal ones (a token budget) the step's rows over this microbatch's, ``N / B``,
+            so that the step's loss is the mean over its ``N`` rows whatever the split.
         loss_type, raw_rewards, advantages, old_log_probs, cliprange, cliprange_high: as in
             :func:`compute_policy_gradient_loss`.
         length_normalization: ``masked_mean``, ``masked_normalize`` or ``token_mean``.

@@ -181,6 +181,9 @@ SCENARIOS = {
     "token-mean-masked": dict(loss_type="grpo_clip", group_size=2, train_batch_size=8, gradient_accumulation_steps=4,
                               length_normalization="token_mean", mask_truncated=True),
     "kl": dict(loss_type="grpo_clip", group_size=2, train_batch_size=8, gradient_accumulation_steps=2, kl_coef=0.5),
+    # rows of 18 tokens in a budget of 60: 3 microbatches (3 + 3 + 2 rows) alone, 4 on two ranks (one split)
+    "token-budget": dict(loss_type="grpo_clip", group_size=2, train_batch_size=8, gradient_accumulation_steps=2,
+                         max_tokens_per_microbatch=60),
 }
 
 
@@ -194,7 +197,10 @@ def _updates(out: Path) -> None:
     results = {}
     for name, kw in SCENARIOS.items():
         model, tok = tiny_policy(seed=3, tie_word_embeddings=True)
-        learner = Learner(model, tok, OptimConfig(lr=1e-3, share_prompt_prefix=True))  # bf16 autocast, as the laptop
+        kw = dict(kw)
+        budget = kw.pop("max_tokens_per_microbatch", None)
+        learner = Learner(model, tok, OptimConfig(lr=1e-3, share_prompt_prefix=True,  # bf16 autocast, as the laptop
+                                                  max_tokens_per_microbatch=budget))
         settings = PolicyGradientSettings(**kw)
         reference = Reference.of(learner) if settings.kl_coef else None
         rollouts, raw, advantages = _group_rollouts()
