@@ -1,6 +1,7 @@
 """Peak extra memory and time of get_response_log_probs(+entropy) vs a naive log_softmax path.
 
     python benchmarks/bench_logprobs.py [--batch 2 --seq 1024 --vocab 151936 --dtype float32]
+    python benchmarks/bench_logprobs.py --small      # (1, 32, 512) logits, seconds (results/logprobs_small.json)
 
 Each variant runs in its own subprocess on a logits tensor that already exists (the model's output),
 so "extra" is what the log-prob computation adds on top of it: forward + backward, including the
@@ -84,9 +85,12 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=151936)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--small", action="store_true", help="(1, 32, 512) logits: the code path in seconds (CI)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--entropy", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.small:
+        a.batch, a.seq, a.vocab = 1, 32, 512
     if a.child:
         print(json.dumps(child(a.child, a.batch, a.seq, a.vocab, a.dtype, a.entropy)))
         return
@@ -108,7 +112,7 @@ def main() -> None:
         for e in (False, True)
     }
     print({k: round(v, 2) for k, v in ratios.items()})
-    write_json(f"logprobs_{a.dtype}", {"config": vars(a), "rows": rows, "ratios": ratios})
+    write_json(f"logprobs_{a.dtype}" + ("_small" if a.small else ""), {"config": vars(a), "rows": rows, "ratios": ratios})
 
 
 if __name__ == "__main__":

@@ -115,3 +115,16 @@ def test_the_flag_is_checked():
     with pytest.raises(ValueError, match="--optim.max-tokens-per-microbatch"):
         OptimConfig(max_tokens_per_microbatch=0).check()
     OptimConfig(max_tokens_per_microbatch=1).check()
+
+
+@pytest.mark.parametrize("module", ["shell.sft", "shell.expert_iteration", "shell.grpo"])
+def test_every_training_loop_takes_the_flag(module):
+    import importlib
+
+    from shell.config import cli
+
+    presets = importlib.import_module(module).PRESETS
+    config_type = type(next(iter(presets.values()))[1])
+    cfg = cli(config_type, presets, description="", args=["--optim.max-tokens-per-microbatch", "512"])
+    assert cfg.optim.max_tokens_per_microbatch == 512
+    assert cli(config_type, presets, description="", args=[]).optim.max_tokens_per_microbatch is None
