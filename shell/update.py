@@ -503,7 +503,7 @@ def grpo_update(
         for batch in epoch:
             batch_tokens = sum(int(tokenized[tuple(mb)]["response_mask"].sum()) for mb in batch)
             constant = float(max(1, batch_tokens)) if settings.length_normalization == "token_mean" else settings.normalize_constant
-            rows = sum(len(mb) for mb in batch)
+            step_rows = sum(len(mb) for mb in batch)
             microbatches = []
             for mb in share_evenly(batch):
                 tb = tokenized[tuple(mb)]
@@ -511,7 +511,7 @@ def grpo_update(
                     microbatches.append((tb, {}))
                     continue
                 idx = torch.tensor(mb)
-                k = _divisor(rows, len(mb), settings.gradient_accumulation_steps if split is None else None)
+                k = _divisor(step_rows, len(mb), settings.gradient_accumulation_steps if split is None else None)
                 kwargs: dict[str, Any] = dict(
                     gradient_accumulation_steps=k, loss_type=settings.loss_type,
                     raw_rewards=raw_rewards[idx].unsqueeze(-1).to(device), advantages=advantages[idx].unsqueeze(-1).to(device),
@@ -531,7 +531,7 @@ def grpo_update(
                 microbatches.append((tb, kwargs))
             m = accumulate_and_step(learner, learner.grpo_step, microbatches)
             m.setdefault("train/clip_fraction", 0.0)
-            m["train/truncated_fraction"] = sum(truncated[i] for mb in batch for i in mb) / rows
+            m["train/truncated_fraction"] = sum(truncated[i] for mb in batch for i in mb) / step_rows
             metrics.append(m)
     return metrics
 

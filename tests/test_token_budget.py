@@ -128,3 +128,28 @@ def test_every_training_loop_takes_the_flag(module):
     cfg = cli(config_type, presets, description="", args=["--optim.max-tokens-per-microbatch", "512"])
     assert cfg.optim.max_tokens_per_microbatch == 512
     assert cli(config_type, presets, description="", args=[]).optim.max_tokens_per_microbatch is None
+
+
+def test_empty_microbatches_that_pad_a_rank_share_change_nothing(monkeypatch):
+    """Three rows each over the budget, planned for two ranks: [a], [b], [c] and an empty one. Run here in one
+    process (every microbatch, the empty one included), the step equals the fixed split's."""
+    import shell.update as update
+    from shell.distributed import World
+
+    monkeypatch.setattr(update, "world", lambda: World(rank=0, size=2, local_rank=0))
+    fixed, packed = _learners(budget=1)
+    ro = _rollouts().select([0, 1, 3])
+    lengths = padded_lengths(packed.tokenizer, ro.prompts, ro.responses)
+    split = token_budget_split(packed, ro.prompts, ro.responses)
+    assert split(range(3)) == sorted(([i] for i in range(3)), key=lambda mb: -lengths[mb[0]]) + [[]]
+    grads_fixed, grads_packed = _capture_gradients(fixed), _capture_gradients(packed)
+    settings = PolicyGradientSettings(loss_type="grpo_clip", group_size=1, train_batch_size=3, gradient_accumulation_steps=3)
+    raw, adv = torch.tensor([1.0, 0.0, 1.0]), torch.tensor([0.5, -1.0, 0.5])
+    [a] = grpo_update(fixed, ro, raw, adv, settings, seed=0)
+    [b] = grpo_update(packed, ro, raw, adv, settings, seed=0)
+    assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
+    batch = [SFTExample(prompt=p, response=r) for p, r in zip(ro.prompts, ro.responses)]
+    a = sft_update(fixed, batch, gradient_accumulation_steps=3)
+    b = sft_update(packed, batch, gradient_accumulation_steps=3)
+    assert b["train/loss"] == pytest.approx(a["train/loss"], rel=1e-4)
+    _same(grads_fixed, grads_packed)
