@@ -105,13 +105,13 @@ def main() -> None:
             rows.append(res)
     print(f"logits ({a.batch}, {a.seq}, {a.vocab}) {a.dtype}: {rows[0]['logits_bytes'] / 1e9:.2f} GB")
     print_table(rows, ["variant", "entropy", "seconds", "extra_GB", "extra_over_logits"])
-    ratios = {
-        f"memory_naive_over_ours{'_with_entropy' if e else ''}":
-            next(r for r in rows if r["variant"] == "naive" and r["entropy"] == e)["extra_bytes"]
-            / next(r for r in rows if r["variant"] == "ours" and r["entropy"] == e)["extra_bytes"]
-        for e in (False, True)
-    }
-    print({k: round(v, 2) for k, v in ratios.items()})
+    def extra(variant: str, entropy: bool) -> int:
+        return next(r for r in rows if r["variant"] == variant and r["entropy"] == entropy)["extra_bytes"]
+
+    # None where the peak did not move (a CPU's peak RSS at the small mode's sizes)
+    ratios = {f"memory_naive_over_ours{'_with_entropy' if e else ''}": extra("naive", e) / extra("ours", e) if extra("ours", e) else None
+              for e in (False, True)}
+    print({k: None if v is None else round(v, 2) for k, v in ratios.items()})
     write_json(f"logprobs_{a.dtype}" + ("_small" if a.small else ""), {"config": vars(a), "rows": rows, "ratios": ratios})
 
 
