@@ -243,7 +243,10 @@ def grpo_smoke(shape: dict[str, Any], *, device: str, rollouts: int, max_tokens:
             "--train-batch-size", str(rollouts), "--gradient-accumulation-steps", str(rollouts // 2),
             "--sampling.max-tokens", str(max_tokens), "--eval.max-tokens", str(max_tokens),
             "--eval-data.limit", "4" if tiny else "64",
-            "--eval-every", "100", "--sampler.backend", backend, "--run.logger", "none",
+            # the smoke is the 2 steps: no final evaluation (the preset's is the whole validation set at 1,024
+            # tokens, more than the random model's context holds, which is checked even when it is off)
+            "--eval-every", "100", "--final-eval.no-enabled", "--final-eval.sampling.max-tokens", str(max_tokens),
+            "--sampler.backend", backend, "--run.logger", "none",
             "--run.runs-dir", str(work / "runs"), "--run.name", "grpo", "--grading.workers", "0"]
     if tiny:
         args += ["--optim.no-compile"]  # on a CPU compiling costs minutes; part 1 runs the compiled step
