@@ -3,6 +3,7 @@ another two-thread torch job, under the thread settings of your choice.
 
     python benchmarks/bench_contention.py --model runs/sft_laptop/final
     python benchmarks/bench_contention.py --model runs/sft_laptop/final --settings old new
+    python benchmarks/bench_contention.py --small    # a tiny random model, 2 problems, alone and beside a busy loop
 
 Settings (environment of the evaluate process):
   old   libgomp's defaults (threads spin while they wait for work) -- what the shell did before
@@ -73,13 +74,25 @@ def evaluate_seconds(model: str, setting: str, limit: int, out: Path) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="a trained laptop model folder (e.g. runs/sft_laptop/final)")
+    p.add_argument("--model", help="a trained laptop model folder (e.g. runs/sft_laptop/final)")
     p.add_argument("--settings", nargs="+", default=["old", "new"], choices=list(SETTINGS))
     p.add_argument("--situations", nargs="+", default=["alone", "busy-loop", "torch-2-threads"],
                    choices=["alone", "busy-loop", "torch-2-threads"])
     p.add_argument("--limit", type=int, default=128)
     p.add_argument("--out", default="/tmp/bench_contention")
+    p.add_argument("--small", action="store_true", help="a tiny random model, 2 problems, setting new, alone and "
+                                                         "beside a busy loop (CI, seconds)")
     a = p.parse_args()
+    if a.small:
+        import tempfile
+
+        from benchmarks.common import tiny_model_folder
+
+        a.out = tempfile.mkdtemp(prefix="bench-contention-")
+        a.model = str(tiny_model_folder(Path(a.out) / "tiny"))
+        a.settings, a.situations, a.limit = ["new"], ["alone", "busy-loop"], 2
+    if a.model is None:
+        p.error("--model is required (or --small)")
     rows = []
     for setting in a.settings:
         alone = None
@@ -97,7 +110,7 @@ def main() -> None:
             print_table([rows[-1]], list(rows[-1]))
     print()
     print_table(rows, ["setting", "situation", "seconds", "slowdown"])
-    write_json("contention", {"config": vars(a), "rows": rows})
+    write_json("contention_small" if a.small else "contention", {"config": vars(a), "rows": rows})
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 difficulties (1-3), held-out answer reward on mixed held-out problems.
 
     python benchmarks/bench_curricula.py [--seeds 0 1] [--strategies uniform level pass-rate-band online] [--steps 10]
+    python benchmarks/bench_curricula.py --small     # a tiny random model, 1 seed, uniform and online, 1 step (CI)
 
 One SFT model (``shell.sft``, ``--sft-steps`` 16 steps on mixed-difficulty traces) is every run's start; ``shell.pass_rates``
 estimates its pass rate on a training pool of ``--pool`` 48 problems (8 samples each); every GRPO run then trains on that
@@ -9,6 +10,9 @@ pool from that model for ``--steps`` steps (8 questions × G 8, the laptop prese
 ends with an evaluation of ``--eval-problems`` held-out mixed problems (validation split, T = 1). Runs already
 done (their ``final_eval/summary.json`` exists) are not rerun. Writes ``benchmarks/results/curricula.json`` (``--out``) and
 prints the table (per strategy: each seed's score, the mean, a 95% Wilson interval on the pooled counts).
+``--small`` runs the same pipeline on a tiny random model (2 SFT steps, 6 pool problems × 2 samples, 1 GRPO
+step of 2 questions × G 2, 4 held-out problems, at most 6 tokens everywhere) in a temporary runs folder and
+writes ``curricula_small.json``.
 """
 
 from __future__ import annotations
@@ -18,12 +22,13 @@ import json
 import math
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from benchmarks.common import print_table, write_json  # noqa: E402
+from benchmarks.common import print_table, tiny_model_folder, write_json  # noqa: E402
 
 STRATEGIES: dict[str, list[str]] = {
     "uniform": ["--data.curriculum", "none"],
@@ -64,21 +69,41 @@ def main() -> None:
     p.add_argument("--runs-dir", default="runs")
     p.add_argument("--out", default="curricula", help="benchmarks/results/<out>.json")
     p.add_argument("--report-only", action="store_true", help="run nothing: the table of the runs already done")
+    p.add_argument("--small", action="store_true", help="a tiny random model, 1 seed, uniform and online, 1 step (CI)")
     a = p.parse_args()
+    if a.small:
+        with tempfile.TemporaryDirectory(prefix="bench-curricula-") as tmp:
+            a.seeds, a.strategies, a.steps, a.eval_problems, a.runs_dir, a.out = [0], ["uniform", "online"], 1, 4, tmp, a.out + "_small"
+            run_all(a, tiny=tiny_model_folder(Path(tmp) / "tiny"))
+        return
+    run_all(a)
+
+
+def run_all(a: argparse.Namespace, tiny: Path | None = None) -> None:
+    """Every run of the benchmark (those not done yet) and the table; ``tiny``: the small mode's model folder."""
     runs = Path(a.runs_dir)
     py = sys.executable
-    sft, pool = runs / "c25_sft", runs / f"c25_pool{a.pool}.jsonl"
+    sft, pool = runs / "c25_sft", runs / f"c25_pool{6 if tiny else a.pool}.jsonl"
+    small_tokens = ["--sampling.max-tokens", "6"] if tiny else []
+    tiny_cpu = ["--model.device", "cpu", "--grading.workers", "0", "--sampler.generation-dtype", "None"] if tiny else []
     if not (sft / "final").is_dir() and not a.report_only:
-        sh([py, "-m", "shell.sft", "--data.difficulty-max", "3", "--num-steps", str(a.sft_steps), "--eval-data.limit", "32",
-            "--eval-every", str(a.sft_steps), "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", "c25_sft"])
+        size = ["--model.name-or-path", str(tiny), *tiny_cpu, "--eval.max-tokens", "6", "--batch-size", "4",
+                "--data.limit", "8"] if tiny else []
+        steps = 2 if tiny else a.sft_steps
+        sh([py, "-m", "shell.sft", "--data.difficulty-max", "3", "--num-steps", str(steps),
+            "--eval-data.limit", "4" if tiny else "32", "--eval-every", str(steps), *size,
+            "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", "c25_sft"])
     if not pool.exists() and not a.report_only:
         sh([py, "-m", "shell.pass_rates", "--model.name-or-path", str(sft / "final"), "--data.difficulty-max", "3",
-            "--data.seed", "1", "--data.limit", str(a.pool), "--samples-per-problem", "8", "--sampling.max-tokens", "48",
-            "--output", str(pool)])
+            "--data.seed", "1", "--data.limit", "6" if tiny else str(a.pool), "--samples-per-problem", "2" if tiny else "8",
+            "--sampling.max-tokens", "6" if tiny else "48", *tiny_cpu, "--output", str(pool)])
     held = ["--eval-data.path", "embedded", "--eval-data.difficulty", "1", "--eval-data.difficulty-max", "3",
-            "--eval-data.limit", "32", "--final-eval.enabled", "--final-eval.data.path", "embedded",
+            "--eval-data.limit", "4" if tiny else "32", "--final-eval.enabled", "--final-eval.data.path", "embedded",
             "--final-eval.data.difficulty", "1", "--final-eval.data.difficulty-max", "3",
-            "--final-eval.data.limit", str(a.eval_problems), "--final-eval.sampling.max-tokens", "48"]
+            "--final-eval.data.limit", str(a.eval_problems), "--final-eval.sampling.max-tokens", "6" if tiny else "48"]
+    if tiny:
+        held += [*tiny_cpu, *small_tokens, "--eval.max-tokens", "6", "--rollout-batch-size", "4", "--group-size", "2",
+                 "--train-batch-size", "4", "--gradient-accumulation-steps", "2"]
     rows = []
     for seed in a.seeds:  # every strategy at one seed before the next seed
         for name in a.strategies:

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_gpu.py                 # a GPU: the h100 shapes, then 2 GRPO steps of the h100 preset
     python benchmarks/bench_gpu.py --tiny          # a CPU: the same code paths at toy size (< 2 minutes)
+    python benchmarks/bench_gpu.py --tiny --no-compile   # the same without torch.compile (CI, seconds)
 
 Part 1, the train phase of the project's GRPO microbatch step (:class:`shell.update.Learner`'s ``grpo_step``,
 the h100 preset's objective and optimizer settings: forward, chunked log-probs, loss, backward), eager vs
@@ -12,6 +13,16 @@ median of ``--repeats`` microbatch steps gives tokens/s, and one more optimizer 
 head; 1.54 B for this shape), against 989 TFLOP/s (an H100 SXM's dense bf16 peak); attention's own FLOPs
 (~6 × layers × seq × hidden per token, +~6% at 1,024 tokens) are not counted. Peak memory is
 ``torch.cuda.max_memory_allocated`` over the microbatch steps, AdamW state included.
+
+Part 1b, fixed vs token-budget microbatches (``--optim.max-tokens-per-microbatch``) on one optimizer step's rows at
+a MATH-like length distribution: ``--rows`` (prompt, response) lengths of r1_zero MATH train traces
+(``../shared/data/math/train.jsonl``, shuffled with seed 0; characters over 3.66 for the prompt and 2.31 for the
+solution, SmolLM2's tokens per character on these traces, the response capped at 1,024), in rollout order (as
+a GRPO train batch's fixed split keeps it) and on random token ids. ``fixed-2`` is the h100 preset's 2 rows per
+microbatch; ``budget-N`` packs the rows into microbatches of at most N padded tokens. The train phase of all the
+step's microbatches (forward, loss, backward; eager; float32 masters + bf16 autocast; after one AdamW step) is
+timed: tokens/s counts real tokens (no padding), peak memory is over the step. ``--tiny`` divides the lengths
+by 16 (and uses the embedded task's lengths where MATH is missing).
 
 Part 2, 2 GRPO steps of the h100 preset (``shell.grpo``, its flags but the rollout batch and lengths of
 ``--rollouts``/``--max-tokens``) on the same random model saved to a temporary folder with a byte-level
@@ -126,6 +137,89 @@ def train_phase(shape: dict[str, Any], *, weights: str, compile: bool, sizes: li
     return rows
 
 
+def math_like_lengths(rows: int, *, scale: int = 1, max_response: int = 1024) -> list[tuple[int, int]]:
+    """``rows`` (prompt, response) token lengths of r1_zero MATH train traces (see the module docstring), each
+    divided by ``scale``; random ones from a fixed seed when MATH train is missing (the tiny mode on a bare CPU)."""
+    import random
+
+    path = (ROOT / ".." / "shared" / "data" / "math" / "train.jsonl").resolve()
+    if not path.is_file():
+        rng = random.Random(0)
+        return [(max(2, rng.randint(100, 300) // scale), max(2, rng.randint(50, max_response) // scale)) for _ in range(rows)]
+    from shell.data import DataConfig
+    from shell.data.traces import sft_examples_for
+
+    traces = sft_examples_for(DataConfig(path=str(path), limit=rows, shuffle=True, seed=0), "r1_zero")
+    return [(max(2, round(len(t.prompt) / 3.66) // scale), max(2, min(max_response, round(len(t.response) / 2.31)) // scale))
+            for t in traces]
+
+
+def microbatch_phase(shape: dict[str, Any], *, lengths: list[tuple[int, int]], configs: list[str], device: str,
+                     repeats: int) -> list[dict[str, Any]]:
+    """Rows of tokens/s and peak memory of one step's train phase, fixed vs token-budget microbatches."""
+    from core import ObjectiveSettings
+    from shell.grpo import PRESETS
+    from shell.packing import pack_by_tokens, padded_tokens
+    from shell.steps import PolicyGradientTensors
+    from shell.update import Learner
+
+    optim = dataclasses.replace(PRESETS["h100"][1].optim, compile=False)
+    model = build_model(shape, torch.float32, device)
+    learner = Learner(model, None, optim)
+    g = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, shape["vocab_size"], (p + r,), generator=g) for p, r in lengths]
+    widths = [p + r - 1 for p, r in lengths]
+    n = len(lengths)
+    advantages = torch.randn(n, 1, generator=g)
+
+    def tensors(mb: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        w = max(widths[i] for i in mb)
+        ids = torch.zeros(len(mb), w + 1, dtype=torch.long)
+        mask = torch.zeros(len(mb), w, dtype=torch.bool)
+        for j, i in enumerate(mb):
+            ids[j, : len(seqs[i])] = seqs[i]
+            mask[j, lengths[i][0] - 1 : widths[i]] = True
+        return ids[:, :-1].to(device), ids[:, 1:].to(device), mask.to(device)
+
+    rows = []
+    for config in configs:
+        kind, value = config.split("-")
+        if kind == "fixed":
+            micro = [list(range(m, min(n, m + int(value)))) for m in range(0, n, int(value))]
+        else:
+            micro = pack_by_tokens(widths, int(value))
+        batches = [(tensors(mb), mb) for mb in micro]
+
+        settings = ObjectiveSettings(loss_type="reinforce_with_baseline",
+                                     gradient_accumulation_steps=len(micro) if kind == "fixed" else 1)
+
+        def step() -> None:
+            for (ids, labels, mask), mb in batches:
+                tensors = PolicyGradientTensors(advantages=advantages[mb].to(device),
+                                                accumulation_divisor=None if kind == "fixed" else n / len(mb))
+                with learner.autocast():
+                    learner.grpo_step(ids, labels, mask, settings=settings, tensors=tensors)
+
+        step()
+        learner.optimizer.step()  # AdamW state exists from here on
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        median_s = timeit(step, warmup=0, repeats=repeats)["median_s"]
+        learner.optimizer.optimizer.zero_grad(set_to_none=True)
+        real = sum(p + r - 1 for p, r in lengths)
+        padded = sum(padded_tokens(widths, mb) for mb in micro)
+        rows.append({"microbatches": config, "rows": n, "count": len(micro), "largest": max(padded_tokens(widths, mb) for mb in micro),
+                     "pad_fraction": 1 - real / padded, "step_s": median_s, "tokens_per_s": real / median_s,
+                     "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None})
+        print_table(rows[-1:], list(rows[-1]))
+    del learner, model
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def grpo_smoke(shape: dict[str, Any], *, device: str, rollouts: int, max_tokens: int, sampler: str, tiny: bool,
                work: Path) -> dict[str, Any]:
     """2 GRPO steps of the h100 preset (h100x2 for vLLM on two GPUs) on the random model; wall time and metrics."""
@@ -149,7 +243,10 @@ def grpo_smoke(shape: dict[str, Any], *, device: str, rollouts: int, max_tokens:
             "--train-batch-size", str(rollouts), "--gradient-accumulation-steps", str(rollouts // 2),
             "--sampling.max-tokens", str(max_tokens), "--eval.max-tokens", str(max_tokens),
             "--eval-data.limit", "4" if tiny else "64",
-            "--eval-every", "100", "--sampler.backend", backend, "--run.logger", "none",
+            # the smoke is the 2 steps: no final evaluation (the preset's is the whole validation set at 1,024
+            # tokens, more than the random model's context holds, which is checked even when it is off)
+            "--eval-every", "100", "--final-eval.no-enabled", "--final-eval.sampling.max-tokens", str(max_tokens),
+            "--sampler.backend", backend, "--run.logger", "none",
             "--run.runs-dir", str(work / "runs"), "--run.name", "grpo", "--grading.workers", "0"]
     if tiny:
         args += ["--optim.no-compile"]  # on a CPU compiling costs minutes; part 1 runs the compiled step
@@ -174,6 +271,11 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="GRPO response tokens (default 192; tiny 8)")
     p.add_argument("--sampler", choices=["auto", "hf", "vllm"], default="auto", help="auto: vLLM on a GPU when installed")
     p.add_argument("--skip-grpo", action="store_true")
+    p.add_argument("--no-compile", action="store_true", help="part 1 eager only (compiling takes minutes on a CPU)")
+    p.add_argument("--rows", type=int, default=None, help="part 1b: rows of the step (default 64; tiny 16)")
+    p.add_argument("--microbatches", nargs="+", default=None,
+                   help="part 1b: fixed-R (R rows each) / budget-N (default fixed-2 budget-2048 budget-4096 budget-8192; "
+                        "tiny fixed-2 budget-128 budget-256)")
     a = p.parse_args()
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     if device == "cpu" and not a.tiny:
@@ -184,11 +286,16 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = []
     for weights in ("bf16", "float32 masters"):
-        for compile in (False, True):
+        for compile in (False,) if a.no_compile else (False, True):
             rows += train_phase(shape, weights=weights, compile=compile, sizes=sizes, device=device, repeats=repeats)
     print()
     print_table(rows, ["weights", "compiled", "microbatch", "tokens_per_s", "mfu", "peak_gib", "step_s", "first_call_s",
                        "adamw_step_s", "checkpointed"])
+    lengths = math_like_lengths(a.rows or (16 if a.tiny else 64), scale=16 if a.tiny else 1)
+    micro_rows = microbatch_phase(shape, lengths=lengths, device=device, repeats=repeats, configs=a.microbatches or (
+        ["fixed-2", "budget-128", "budget-256"] if a.tiny else ["fixed-2", "budget-2048", "budget-4096", "budget-8192"]))
+    print()
+    print_table(micro_rows, list(micro_rows[0]))
     smoke = None
     if not a.skip_grpo:
         with tempfile.TemporaryDirectory(prefix="bench-gpu-") as work:
@@ -200,7 +307,8 @@ def main() -> None:
     total = time.perf_counter() - t0
     print(f"total {total:.1f} s")
     write_json("gpu_tiny" if a.tiny else "gpu", {"shape": shape, "device": device, "sizes": [f"{b}x{s}" for b, s in sizes],
-                                                  "rows": rows, "grpo": smoke, "total_s": total})
+                                                  "rows": rows, "microbatches": micro_rows, "grpo": smoke,
+                                                  "total_s": total})
 
 
 if __name__ == "__main__":

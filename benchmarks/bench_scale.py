@@ -1,6 +1,7 @@
 """The laptop GRPO step at world size 1 vs N under torchrun: steps/s and where the time goes.
 
     python benchmarks/bench_scale.py [--world-sizes 1 2] [--steps 4] [--out scale]
+    python benchmarks/bench_scale.py --small        # a tiny random model, 4 rollouts of 4 tokens, 2 steps (seconds)
 
 World size 1 is a plain process with every core (today's ``python -m shell.grpo``); world size N runs under
 ``torchrun --standalone --nproc-per-node N`` with ``OMP_NUM_THREADS`` = cores / N per rank (1 on the 2-core
@@ -44,14 +45,15 @@ sys.path.insert(0, str(ROOT))
 PHASES = ("sample", "grade", "train", "sync")
 
 
-def measure(steps: int, out: Path) -> None:
+def measure(steps: int, out: Path, small_model: str | None = None) -> None:
     """Run ``steps`` GRPO steps of the laptop preset in this process (one rank of a torchrun job, or alone) and
-    write the per-step phase times (rank 0)."""
+    write the per-step phase times (rank 0). ``small_model``: that tiny model folder, 2 questions × G 2 of at
+    most 4 tokens, 2 microbatches (the small mode)."""
     import torch
 
     from core import group_normalized_advantages
     from shell import grpo
-    from shell.config import WarmStartConfig
+    from shell.config import ModelConfig, SamplingConfig, WarmStartConfig
     from shell.data import load_dataset
     from shell.fsdp import gathered
     from shell.prompts import load_prompt
@@ -63,6 +65,9 @@ def measure(steps: int, out: Path) -> None:
 
     world = init_world()
     cfg = replace(grpo.PRESETS["laptop"][1], warm_start=WarmStartConfig(steps=0))
+    if small_model is not None:
+        cfg = replace(cfg, model=ModelConfig(name_or_path=small_model), rollout_batch_size=4, group_size=2,
+                      train_batch_size=4, gradient_accumulation_steps=2, sampling=replace(cfg.sampling, max_tokens=4))
     torch.manual_seed(0)
     template = load_prompt(cfg.prompt)
     train_set = load_dataset(cfg.data)
@@ -114,11 +119,12 @@ def measure(steps: int, out: Path) -> None:
                                    "microbatches_per_rank": cfg.gradient_accumulation_steps // world.size}))
 
 
-def launch(world_size: int, steps: int, out: Path) -> dict:
+def launch(world_size: int, steps: int, out: Path, small_model: str | None = None) -> dict:
     """One world size in its own subprocess(es); its measurements."""
     cores = len(os.sched_getaffinity(0))
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, cores // world_size))}
-    script = [str(Path(__file__).resolve()), "--worker", "--steps", str(steps), "--worker-out", str(out)]
+    script = [str(Path(__file__).resolve()), "--worker", "--steps", str(steps), "--worker-out", str(out),
+              *(["--small-model", small_model] if small_model else [])]
     if world_size == 1:
         env.pop("OMP_NUM_THREADS")  # today's single process: torch's own choice (every core)
         command = [sys.executable, *script]
@@ -135,17 +141,22 @@ def main() -> None:
     p.add_argument("--out", default="scale")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--small", action="store_true", help="a tiny random model, 4 rollouts of 4 tokens, 2 steps (CI)")
+    p.add_argument("--small-model", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
-        measure(a.steps, a.worker_out)
+        measure(a.steps, a.worker_out, a.small_model)
         return
 
-    from benchmarks.common import print_table, write_json
+    from benchmarks.common import print_table, tiny_model_folder, write_json
 
     runs, table = {}, []
     with tempfile.TemporaryDirectory() as tmp:
+        small_model = None
+        if a.small:
+            small_model, a.steps, a.out = str(tiny_model_folder(Path(tmp) / "tiny")), 2, a.out + "_small"
         for n in a.world_sizes:
-            runs[n] = launch(n, a.steps, Path(tmp) / f"ws{n}.json")
+            runs[n] = launch(n, a.steps, Path(tmp) / f"ws{n}.json", small_model)
     for n, run in runs.items():
         kept = run["steps"][1:] or run["steps"]
         row: dict[str, object] = {"world size": n, "threads/rank": run["threads"],

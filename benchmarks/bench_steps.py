@@ -2,6 +2,7 @@
 
     python benchmarks/bench_steps.py [--sizes 4x128 8x256] [--hidden 256 --layers 4 --vocab 151936]
     python benchmarks/bench_steps.py --model smollm2 --sizes 8x160 [--bf16]
+    python benchmarks/bench_steps.py --small         # a 1-layer toy, eager only, seconds (results/steps_<device>_small.json)
 
 A step is the shell's ``make_train_step``: forward, chunked log-probs, the objective, backward
 (the optimizer update is excluded: it is the same for both). The model is a random Qwen2-style
@@ -46,7 +47,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--model", choices=["random", "smollm2"], default="random")
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on the CPU too (always on a GPU)")
+    p.add_argument("--small", action="store_true", help="hidden 64, 1 layer, vocab 512, 2x16, eager only (CI; compiling "
+                                                         "takes minutes on a CPU and tests/test_steps.py covers it)")
     a = p.parse_args()
+    if a.small:
+        a.sizes, a.hidden, a.layers, a.vocab, a.repeats, a.model = ["2x16"], 64, 1, 512, 1, "random"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.model == "smollm2":
         from shell.models import load_policy
@@ -58,7 +63,9 @@ def main() -> None:
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda" or a.bf16)
     rows = []
     for objective in ("sft", "grpo"):
-        steps = {"eager": make_train_step(model, objective), "compiled": make_train_step(model, objective, compile=True)}
+        steps = {"eager": make_train_step(model, objective)}
+        if not a.small:
+            steps["compiled"] = make_train_step(model, objective, compile=True)
         for size in a.sizes:
             b, s = (int(x) for x in size.split("x"))
             g = torch.Generator().manual_seed(0)
@@ -83,12 +90,13 @@ def main() -> None:
                 run()  # first call: compilation for the compiled step
                 row[f"{name}_first_s"] = time.perf_counter() - t0
                 row[f"{name}_s"] = timeit(run, warmup=1, repeats=a.repeats)["median_s"]
-            row["speedup"] = row["eager_s"] / row["compiled_s"]
+            row["speedup"] = row["eager_s"] / row["compiled_s"] if "compiled_s" in row else None
             rows.append(row)
             print_table([row], list(row))
     print()
     print_table(rows, ["objective", "batch", "seq", "eager_s", "compiled_s", "speedup", "compiled_first_s"])
     name = f"steps_{device}" + ("" if a.model == "random" else f"_{a.model}") + ("_bf16" if a.bf16 and device == "cpu" else "")
+    name += "_small" if a.small else ""
     write_json(name, {"config": vars(a), "rows": rows})
 
 

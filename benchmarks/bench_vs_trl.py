@@ -1,6 +1,7 @@
 """One GRPO optimizer step (rollout, grading, training) of this project beside TRL's GRPOTrainer.
 
     python benchmarks/bench_vs_trl.py --trl-python /path/to/venv-with-trl/bin/python [--rounds 3 --steps 2]
+    python benchmarks/bench_vs_trl.py --small      # a tiny random model, 1 round, seconds (TRL too if importable)
 
 Both sides use the same model (SmolLM2-135M-Instruct, float32 master weights), the same r1_zero prompts
 of the embedded arithmetic task, 8 prompts × G=8 = 64 completions per optimizer step, at most 48 new
@@ -25,7 +26,8 @@ Configurations:
 
 TRL is not a dependency of this project: pass the interpreter of an environment that has it
 (``python -m venv --system-site-packages v && v/bin/pip install trl==1.16.0``). Results go to
-benchmarks/results/vs_trl.json.
+benchmarks/results/vs_trl.json (``vs_trl_small.json`` with ``--small``, which runs ``ours`` and ``ours-nostop``, and
+``trl`` when ``--trl-python`` imports trl, on a tiny random model with 2 prompts × G 4 and 8 new tokens).
 """
 
 from __future__ import annotations
@@ -62,20 +64,21 @@ def _train_set():
     return load_dataset(DataConfig(split="train"))
 
 
-def _questions(step: int) -> list:
+def _questions(step: int, prompts: int) -> list:
     from shell.seeds import batch_indices
 
     train = _train_set()
-    return [train[i] for i in batch_indices(len(train), PROMPTS_PER_STEP, step, seed=0)]
+    return [train[i] for i in batch_indices(len(train), prompts, step, seed=0)]
 
 
-def run_ours(config: str, steps: int) -> list[dict[str, float]]:
+def run_ours(config: str, steps: int, *, model_path: str = "smollm2", prompts: int = PROMPTS_PER_STEP, group: int = GROUP,
+             max_tokens: int = MAX_TOKENS) -> list[dict[str, float]]:
     """``steps`` GRPO steps through the project's own phase functions; seconds per phase and in all."""
     import torch
 
     from core import group_normalized_advantages
     from shell import grpo
-    from shell.config import OptimConfig, SamplerConfig, SamplingConfig, WarmStartConfig
+    from shell.config import ModelConfig, OptimConfig, SamplerConfig, SamplingConfig, WarmStartConfig
     from shell.prompts import load_prompt
     from shell.rollout import grade, rollout
     from shell.sampling import build_sampler
@@ -85,12 +88,13 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
     base = grpo.PRESETS["laptop"][1]
     cfg = replace(
         base,
+        model=ModelConfig(name_or_path=model_path),
         optim=OptimConfig(lr=LR, weight_decay=0.0, beta1=0.9, beta2=0.95,
                           share_prompt_prefix=config != "ours-fp32-noprefix",
                           autocast_bf16=not fp32),
         sampler=SamplerConfig(generation_dtype="float32" if fp32 else "auto"),
-        rollout_batch_size=PROMPTS_PER_STEP * GROUP, group_size=GROUP, train_batch_size=PROMPTS_PER_STEP * GROUP,
-        gradient_accumulation_steps=GAS, sampling=SamplingConfig(min_tokens=4, max_tokens=MAX_TOKENS),
+        rollout_batch_size=prompts * group, group_size=group, train_batch_size=prompts * group,
+        gradient_accumulation_steps=prompts, sampling=SamplingConfig(min_tokens=4, max_tokens=max_tokens),
         warm_start=WarmStartConfig(steps=0),
     )
     torch.manual_seed(0)
@@ -109,16 +113,16 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
     out = []
     try:
         for step in range(steps):
-            questions = _questions(step)  # the embedded task is generated once, outside the clock
+            questions = _questions(step, prompts)  # the embedded task is generated once, outside the clock
             t0 = time.perf_counter()
             model.eval()
-            rollouts = rollout(sampler, questions, template, cfg.sampling, group_size=GROUP, seed=step, progress=False)
+            rollouts = rollout(sampler, questions, template, cfg.sampling, group_size=group, seed=step, progress=False)
             t1 = time.perf_counter()
             scores, _ = grade(rollouts, template, cfg.grading, progress=False)
-            adv, raw, _ = group_normalized_advantages(scores, group_size=GROUP, advantage_eps=cfg.advantage_eps,
+            adv, raw, _ = group_normalized_advantages(scores, group_size=group, advantage_eps=cfg.advantage_eps,
                                                       normalize_by_std=cfg.use_std_normalization)
             t2 = time.perf_counter()
-            grpo_update(learner, rollouts.prompts, rollouts.responses, raw, adv, settings, seed=step)
+            grpo_update(learner, rollouts, raw, adv, settings, seed=step)
             sampler.load_weights(model)
             t3 = time.perf_counter()
             out.append({"step_s": t3 - t0, "generate_s": t1 - t0, "grade_s": t2 - t1, "train_s": t3 - t2,
@@ -128,7 +132,8 @@ def run_ours(config: str, steps: int) -> list[dict[str, float]]:
     return out
 
 
-def run_trl(config: str, steps: int) -> list[dict[str, float]]:
+def run_trl(config: str, steps: int, *, model_path: str = "smollm2", prompts: int = PROMPTS_PER_STEP, group: int = GROUP,
+            max_tokens: int = MAX_TOKENS) -> list[dict[str, float]]:
     """``steps`` optimizer steps of TRL's GRPOTrainer; seconds per step and in generation."""
     import tempfile
 
@@ -143,12 +148,12 @@ def run_trl(config: str, steps: int) -> list[dict[str, float]]:
 
     template = load_prompt("r1_zero")
     rows = [{"prompt": template.format(q.question), "answer": q.answer}
-            for s in range(steps) for q in _questions(s)]
+            for s in range(steps) for q in _questions(s, prompts)]
 
     def reward(prompts, completions, answer, **_):
         return [r1_zero_reward_fn(c, a)["reward"] for c, a in zip(completions, answer)]
 
-    path = str(resolve_model_path("smollm2"))
+    path = str(resolve_model_path(model_path))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -156,8 +161,8 @@ def run_trl(config: str, steps: int) -> list[dict[str, float]]:
         tokenizer.pad_token = tokenizer.eos_token
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix="bench_trl_"), use_cpu=True, report_to="none", save_strategy="no",
-        per_device_train_batch_size=GROUP, gradient_accumulation_steps=GAS, num_generations=GROUP,
-        max_completion_length=MAX_TOKENS, temperature=1.0, top_p=1.0, beta=0.0, learning_rate=LR,
+        per_device_train_batch_size=group, gradient_accumulation_steps=prompts, num_generations=group,
+        max_completion_length=max_tokens, temperature=1.0, top_p=1.0, beta=0.0, learning_rate=LR,
         weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0, lr_scheduler_type="constant",
         max_steps=steps, logging_steps=1, seed=0, shuffle_dataset=False, dataloader_num_workers=0,
         gradient_checkpointing=config != "trl-nogc",
@@ -199,10 +204,10 @@ def run_trl(config: str, steps: int) -> list[dict[str, float]]:
     return times
 
 
-def child(config: str, steps: int) -> None:
+def child(config: str, steps: int, sizes: dict) -> None:
     import torch
 
-    rows = run_ours(config, steps) if config.startswith("ours") else run_trl(config, steps)
+    rows = (run_ours if config.startswith("ours") else run_trl)(config, steps, **sizes)
     print("RESULT " + json.dumps({"config": config, "threads": torch.get_num_threads(), "steps": rows}), flush=True)
 
 
@@ -213,13 +218,25 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2, help="optimizer steps per subprocess (the first is dropped)")
     p.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "ours-fp32-noprefix"], choices=CONFIGS)
     p.add_argument("--out", default="vs_trl", help="results/<OUT>.json")
+    p.add_argument("--small", action="store_true", help="a tiny random model, 1 round, seconds (CI)")
     p.add_argument("--child", choices=CONFIGS, help=argparse.SUPPRESS)
+    p.add_argument("--sizes", default=None, help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.child:
-        child(a.child, a.steps)
+        child(a.child, a.steps, json.loads(a.sizes) if a.sizes else {})
         return
 
-    from benchmarks.common import print_table, write_json
+    import tempfile
+
+    from benchmarks.common import print_table, tiny_model_folder, write_json
+
+    sizes: dict = {}
+    if a.small:
+        work = tempfile.mkdtemp(prefix="bench-vs-trl-")
+        sizes = {"model_path": str(tiny_model_folder(Path(work) / "tiny")), "prompts": 2, "group": 4, "max_tokens": 8}
+        has_trl = subprocess.run([a.trl_python, "-c", "import trl"], capture_output=True).returncode == 0
+        a.rounds, a.out = 1, a.out + "_small"
+        a.configs = ["ours", "ours-nostop", *(["trl"] if has_trl else [])]
 
     samples: dict[str, list[dict[str, float]]] = {c: [] for c in a.configs}
     meta: dict[str, dict] = {}
@@ -227,7 +244,8 @@ def main() -> None:
         for config in a.configs:
             python = a.trl_python if config.startswith("trl") else sys.executable
             t0 = time.perf_counter()
-            proc = subprocess.run([python, __file__, "--child", config, "--steps", str(a.steps)],
+            proc = subprocess.run([python, __file__, "--child", config, "--steps", str(a.steps),
+                                   *(["--sizes", json.dumps(sizes)] if sizes else [])],
                                   capture_output=True, text=True, cwd=ROOT)
             line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
             if proc.returncode or line is None:
@@ -255,8 +273,8 @@ def main() -> None:
             **meta.get(config, {}),
         })
     print_table(table, ["config", "steps", "step_s", "generate_s", "grade_s", "train_s", "tokens", "speedup_vs_trl"])
-    write_json(a.out, {"settings": {"prompts": PROMPTS_PER_STEP, "group": GROUP, "max_tokens": MAX_TOKENS,
-                                       "lr": LR, "gradient_accumulation_steps": GAS, "rounds": a.rounds,
+    write_json(a.out, {"settings": {"prompts": PROMPTS_PER_STEP, "group": GROUP, "max_tokens": MAX_TOKENS, **sizes,
+                                       "lr": LR, "gradient_accumulation_steps": sizes.get("prompts", GAS), "rounds": a.rounds,
                                        "steps_per_subprocess": a.steps},
                           "rows": table, "samples": samples})
 

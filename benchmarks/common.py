@@ -1,4 +1,10 @@
-"""Shared bits of the benchmark scripts: timing, a table printer and JSON output."""
+"""Shared bits of the benchmark scripts: timing, a table printer, JSON output and the small modes' tiny model.
+
+Every script has a small mode (``--small``, or ``--tiny`` for bench_gpu.py) that runs its code paths on a
+tiny random model in seconds; ``tests/test_benchmarks.py`` runs each one so that a change that breaks a
+benchmark fails the quick suite. Small modes write ``<name>_small.json``; ``REASONING_RL_BENCH_RESULTS``
+(set by that test) sends every result file to another folder.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +19,23 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def results_dir() -> Path:
+    """Where result files go: ``$REASONING_RL_BENCH_RESULTS`` when set, else ``benchmarks/results``."""
+    return Path(os.environ.get("REASONING_RL_BENCH_RESULTS") or RESULTS)
+
+
+def tiny_model_folder(folder: Path, seed: int = 0) -> Path:
+    """A tiny random Llama-style policy and byte-level tokenizer (``tests/doubles.py``) saved to ``folder``:
+    the small modes' model, loadable by every entry point (``--model.name-or-path``)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from doubles import save_tiny_policy
+
+    return save_tiny_policy(folder, seed=seed)
 
 
 def timeit(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> dict[str, float]:
@@ -56,6 +79,6 @@ def print_table(rows: list[dict[str, object]], columns: list[str]) -> None:
 def write_json(name: str, payload: dict[str, object]) -> Path:
     from shell.files import atomic_write_text
 
-    path = atomic_write_text(RESULTS / f"{name}.json", json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
+    path = atomic_write_text(results_dir() / f"{name}.json", json.dumps({"environment": environment(), **payload}, indent=2) + "\n")
     print(f"wrote {path}")
     return path

@@ -228,14 +228,16 @@ def sft_microbatch_loss(
     policy_log_probs: Float[Tensor, "batch seq"],
     response_mask: Bool[Tensor, "batch seq"],
     *,
-    gradient_accumulation_steps: int,
+    gradient_accumulation_steps: int | float,
     normalize_constant: float = 1.0,
 ) -> Float[Tensor, ""]:
     r"""The SFT microbatch objective (negative log-likelihood of the response tokens).
 
     .. math::  L = -\frac{1}{k}\,\frac{1}{B}\sum_{b=1}^{B} \frac{1}{c}\sum_t m_{bt} \log\pi_{bt}
 
-    with ``k = gradient_accumulation_steps`` and ``c = normalize_constant``.
+    with ``k = gradient_accumulation_steps`` and ``c = normalize_constant``. For microbatches of unequal size
+    (a token budget), ``k = N / B`` with ``N`` the rows of the optimizer step: the microbatch losses then sum
+    to the mean over the step's ``N`` rows, as equal microbatches' do.
 
     Args:
         policy_log_probs: ``(batch, seq)``.

@@ -83,7 +83,12 @@ class ObjectiveInputs:
     ``(batch, 1)``; ``truncated`` ``(batch,)``. Optional ones are None where the objective does not need them:
     ``old_log_probs`` (ratio losses, TIS), ``sampler_log_probs`` with ``sampler_mask`` (true where the sampler's
     log-prob is known) for the mismatch diagnostics and TIS, ``importance_weights`` (given weights, used when no
-    sampler log-probs are), ``ref_log_probs`` (KL), ``token_entropy`` (with gradient: the entropy bonus)."""
+    sampler log-probs are), ``ref_log_probs`` (KL), ``token_entropy`` (with gradient: the entropy bonus).
+
+    ``accumulation_divisor``: this microbatch's ``k`` where the step's microbatches differ in size (a token
+    budget, ``--optim.max-tokens-per-microbatch``): the step's rows over this microbatch's, ``N / B``, so that
+    the microbatch losses sum to the mean over the step's ``N`` rows whatever the split. None: the settings'
+    ``gradient_accumulation_steps`` (equal microbatches). Unused by ``token_mean``."""
 
     policy_log_probs: Float[Tensor, "batch seq"]
     response_mask: Bool[Tensor, "batch seq"]
@@ -95,6 +100,11 @@ class ObjectiveInputs:
     importance_weights: Float[Tensor, "batch seq"] | None = None
     ref_log_probs: Float[Tensor, "batch seq"] | None = None
     token_entropy: Float[Tensor, "batch seq"] | None = None
+    accumulation_divisor: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.accumulation_divisor is not None and not self.accumulation_divisor > 0:
+            raise ValueError(f"accumulation_divisor must be > 0, got {self.accumulation_divisor}")
 
 
 _PER_TOKEN_FIELDS = ("response_mask", "old_log_probs", "sampler_log_probs", "sampler_mask", "importance_weights",
@@ -188,7 +198,7 @@ def sampler_mismatch(
     return weights, meta
 
 
-def _aggregate(per_token: Tensor, mask: Tensor, s: ObjectiveSettings) -> Tensor:
+def _aggregate(per_token: Tensor, mask: Tensor, s: ObjectiveSettings, k: float | None) -> Tensor:
     if s.length_normalization == "token_mean":
         return masked_normalize(per_token, mask, s.normalize_constant)
     if s.length_normalization == "masked_mean":
@@ -197,7 +207,7 @@ def _aggregate(per_token: Tensor, mask: Tensor, s: ObjectiveSettings) -> Tensor:
         per_example = masked_normalize(per_token, mask, 1.0, dim=-1) / counts
     else:
         per_example = masked_normalize(per_token, mask, s.normalize_constant, dim=-1)
-    return per_example.mean() / s.gradient_accumulation_steps
+    return per_example.mean() / (s.gradient_accumulation_steps if k is None else k)
 
 
 def _clip_metrics(meta: dict[str, Tensor], advantages: Tensor | None, mask: Tensor, s: ObjectiveSettings) -> dict[str, Tensor]:
@@ -233,7 +243,8 @@ def policy_gradient_objective(
     :func:`compute_gspo_loss`, :func:`compute_cispo_loss`); ``w`` the TIS weights of
     :func:`sampler_mismatch` (with ``tis_cap > 0`` and sampler log-probs), else ``importance_weights``,
     else 1; ``\kappa`` :func:`compute_kl_penalty` against ``ref_log_probs``, ``\beta = kl_coef``; ``H`` the
-    token entropy, ``c_H = entropy_coef`` (an entropy bonus); ``k = gradient_accumulation_steps``. A response
+    token entropy, ``c_H = entropy_coef`` (an entropy bonus); ``k = gradient_accumulation_steps``, or the
+    microbatch's own ``inputs.accumulation_divisor`` (``N / B`` under a token budget). A response
     whose mask is all false contributes 0. With ``token_mean``, ``c`` counts the whole train batch's response
     tokens, so the step's gradient does not depend on the microbatch split.
 
@@ -282,7 +293,7 @@ def policy_gradient_objective(
         entropy = inputs.token_entropy.to(per_token.dtype)
         per_token = per_token - s.entropy_coef * entropy
         out["entropy_bonus"] = s.entropy_coef * masked_mean(entropy.detach(), mask)
-    loss = _aggregate(per_token, mask, s)
+    loss = _aggregate(per_token, mask, s, inputs.accumulation_divisor)
     if "clipped" in meta:
         out["clip_fraction"] = masked_mean(meta["clipped"].float(), mask)
     if "ratio" in meta:
@@ -298,7 +309,7 @@ def grpo_microbatch_loss(
     policy_log_probs: PerToken,
     response_mask: TokenMask,
     *,
-    gradient_accumulation_steps: int,
+    gradient_accumulation_steps: int | float,
     loss_type: str,
     raw_rewards: PerSequence | None = None, advantages: PerSequence | None = None,
     old_log_probs: PerToken | None = None, cliprange: float | None = None, cliprange_high: float | None = None,
@@ -317,7 +328,9 @@ def grpo_microbatch_loss(
     Args:
         policy_log_probs: ``(batch, seq)``.
         response_mask: ``(batch, seq)`` true on response tokens.
-        gradient_accumulation_steps: ``k`` (unused by ``token_mean``).
+        gradient_accumulation_steps: ``k`` (unused by ``token_mean``): the number of equal microbatches of the
+            step (an int, the settings'), or for unequal ones (a token budget) the step's rows over this
+            microbatch's, ``N / B`` (a float, the inputs' ``accumulation_divisor``).
         loss_type, raw_rewards, advantages, old_log_probs, cliprange, cliprange_high: as in
             :func:`compute_policy_gradient_loss` (and ``gspo``, ``cispo``).
         length_normalization: ``masked_mean``, ``masked_normalize`` or ``token_mean``.
@@ -333,12 +346,14 @@ def grpo_microbatch_loss(
     _check_names(loss_type, length_normalization)
     _check_per_token(policy_log_probs, response_mask=response_mask, old_log_probs=old_log_probs,
                      importance_weights=importance_weights, ref_log_probs=ref_log_probs)
+    equal = isinstance(gradient_accumulation_steps, int)
     settings = ObjectiveSettings(
-        loss_type=loss_type, gradient_accumulation_steps=gradient_accumulation_steps,  # type: ignore[arg-type]
+        loss_type=loss_type, gradient_accumulation_steps=gradient_accumulation_steps if equal else 1,  # type: ignore[arg-type]
         length_normalization=length_normalization, normalize_constant=normalize_constant,  # type: ignore[arg-type]
         cliprange=cliprange, cliprange_high=cliprange_high, kl_coef=kl_coef,
     )
     inputs = ObjectiveInputs(policy_log_probs, response_mask, advantages=advantages, raw_rewards=raw_rewards,
                              old_log_probs=old_log_probs, importance_weights=importance_weights,
-                             ref_log_probs=ref_log_probs)
+                             ref_log_probs=ref_log_probs,
+                             accumulation_divisor=None if equal else float(gradient_accumulation_steps))
     return policy_gradient_objective(inputs, settings=settings)

@@ -289,6 +289,11 @@ class OptimConfig:
     is recomputed in backward instead of keeping its activations (SmolLM2, 8 × 2,000 tokens: 20.7 GB
     peak without, 7.8 GB with, no slower on a 2-core CPU). Such a microbatch does not share its prompt
     prefix. 0: always; None: never."""
+    max_tokens_per_microbatch: int | None = None
+    """Token-budget microbatches: each optimizer step's rows are packed (first-fit-decreasing by length) into
+    microbatches of at most this many padded tokens (rows × the longest row), replacing the fixed split of
+    --gradient-accumulation-steps (which then only sizes entropy scoring); the step's loss and gradient are the
+    same. A row longer than this on its own is a microbatch by itself. None: the fixed split."""
 
     def check(self, prefix: str = "optim") -> None:
         require(self.lr > 0, f"{flag(prefix, 'lr')} must be > 0, got {self.lr}")
@@ -298,6 +303,7 @@ class OptimConfig:
         at_least(self.warmup_steps, 0, flag(prefix, "warmup_steps"))
         require(self.max_grad_norm > 0, f"{flag(prefix, 'max_grad_norm')} must be > 0, got {self.max_grad_norm}")
         at_least(self.checkpoint_above_tokens, 0, flag(prefix, "checkpoint_above_tokens"), optional=True)
+        at_least(self.max_tokens_per_microbatch, 1, flag(prefix, "max_tokens_per_microbatch"), optional=True)
 
 
 @dataclass(frozen=True)

@@ -240,7 +240,8 @@ class PolicyGradientTensors:
     ``old_log_probs`` None with ``on_policy``: the sampling policy is the current one, so the forward's own
     detached log-probs serve (the ratio is 1, with its gradient). ``sampler_log_probs`` / ``sampler_mask``: the
     sampler's log-probs and where they are known (mismatch diagnostics, TIS). ``ref_log_probs``: the KL
-    penalty's reference."""
+    penalty's reference. ``accumulation_divisor``: this microbatch's ``k`` under a token budget (the step's rows
+    over its own; :attr:`core.ObjectiveInputs.accumulation_divisor`), None with equal microbatches."""
 
     advantages: Tensor | None = None
     raw_rewards: Tensor | None = None
@@ -249,6 +250,7 @@ class PolicyGradientTensors:
     sampler_log_probs: Tensor | None = None
     sampler_mask: Tensor | None = None
     ref_log_probs: Tensor | None = None
+    accumulation_divisor: float | None = None
 
     def after(self, p: int) -> PolicyGradientTensors:
         """The per-token tensors at positions ``p:`` (a shared prefix of ``p`` positions run apart)."""
@@ -262,13 +264,14 @@ class PolicyGradientTensors:
         return ObjectiveInputs(lp, response_mask, advantages=self.advantages, raw_rewards=self.raw_rewards,
                                old_log_probs=old, sampler_log_probs=self.sampler_log_probs,
                                sampler_mask=self.sampler_mask, ref_log_probs=self.ref_log_probs,
-                               token_entropy=out.get("token_entropy") if settings.entropy_coef > 0 else None)
+                               token_entropy=out.get("token_entropy") if settings.entropy_coef > 0 else None,
+                               accumulation_divisor=self.accumulation_divisor)
 
 
 _PER_TOKEN = ("old_log_probs", "sampler_log_probs", "sampler_mask", "ref_log_probs")
 
 
-def _sft_objective(out: dict[str, Tensor], response_mask: Tensor, *, gradient_accumulation_steps: int,
+def _sft_objective(out: dict[str, Tensor], response_mask: Tensor, *, gradient_accumulation_steps: int | float,
                    normalize_constant: float = 1.0) -> tuple[Tensor, dict[str, Tensor]]:
     return sft_microbatch_loss(out["log_probs"], response_mask, gradient_accumulation_steps=gradient_accumulation_steps,
                                normalize_constant=normalize_constant), {}

@@ -24,6 +24,7 @@ from core import LengthNormalization, ObjectiveSettings, PolicyLossType
 from shell.config import OptimConfig, WarmStartConfig
 from shell.data import SFTExample
 from shell.fsdp import gathered, is_sharded, max_abs_weight, shard_model, unsharded_copy, zero_gradient_pass
+from shell.packing import pack_by_tokens
 from shell.progress import say
 from shell.rollout import Rollouts
 from shell.seeds import batch_indices, derive_seed, seeded_permutation
@@ -39,9 +40,11 @@ __all__ = [
     "accumulate_and_step",
     "finite_or_raise",
     "grpo_update",
+    "padded_lengths",
     "plan_microbatches",
     "response_entropies",
     "sft_update",
+    "token_budget_split",
     "warm_start",
     "warm_start_microbatches",
 ]
@@ -177,6 +180,52 @@ Microbatch = tuple[dict[str, Any], dict[str, Any]]
 """A tokenized microbatch and the objective's keyword arguments for it."""
 
 
+# ------------------------------------------------------------------------------------------------ token-budget microbatches
+
+Split = Callable[[Sequence[int]], list[list[int]]]
+"""An optimizer step's rows (indices) → its microbatches (lists of those indices)."""
+
+
+def padded_lengths(tokenizer: Any, prompts: Sequence[str], responses: Sequence[str]) -> list[int]:
+    """Each row's width in :func:`shell.steps.tokenize_batch`: its prompt and response tokens, less the shift's one."""
+    p = tokenizer(list(prompts), add_special_tokens=False)["input_ids"]
+    r = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    return [max(0, len(a) + len(b) - 1) for a, b in zip(p, r)]
+
+
+def token_budget_split(learner: Learner, prompts: Sequence[str], responses: Sequence[str]) -> Split | None:
+    """With ``--optim.max-tokens-per-microbatch N``: the split that packs a step's rows (indices into ``prompts``
+    and ``responses``) into microbatches of at most N padded tokens, as many as a multiple of the ranks
+    (:func:`shell.packing.pack_by_tokens`; an empty one only where no microbatch can be split further). None
+    without it: the fixed split of ``--gradient-accumulation-steps``."""
+    budget = learner.optim.max_tokens_per_microbatch
+    if budget is None:
+        return None
+    lengths = padded_lengths(learner.tokenizer, prompts, responses)
+    ranks = world().size
+
+    def split(rows: Sequence[int]) -> list[list[int]]:
+        rows = list(rows)
+        return [[rows[j] for j in mb] for mb in pack_by_tokens([lengths[i] for i in rows], budget, multiple_of=ranks)]
+
+    return split
+
+
+def _divisor(step_rows: int, microbatch_rows: int, fixed: int | None) -> int | float:
+    """The objective's ``k`` for one microbatch: the fixed count of equal microbatches, or under a token budget
+    the step's rows over the microbatch's, so that the microbatch losses (means over their rows, over k) sum to
+    the mean over the step's rows whatever the split: the same normalisation as equal microbatches."""
+    return fixed if fixed is not None else step_rows / microbatch_rows
+
+
+def _empty_microbatch(learner: Learner) -> dict[str, Any]:
+    """A microbatch with nothing to learn (one masked token): a rank's share of a step with fewer rows than
+    microbatches to share (it only takes part in the gradient reduction)."""
+    ids = torch.zeros((1, 1), dtype=torch.long, device=learner.device)
+    return {"input_ids": ids, "labels": ids, "response_mask": torch.zeros((1, 1), dtype=torch.bool, device=learner.device),
+            "prefix_len": 0}
+
+
 def accumulate_and_step(
     learner: Learner, step_fn: Callable[..., tuple[Tensor, dict[str, Any]]], microbatches: Sequence[Microbatch],
     *, optimizer: Optimizer | None = None,
@@ -246,20 +295,30 @@ def sft_update(
     learner: Learner, batch: Sequence[SFTExample], *, gradient_accumulation_steps: int,
     optimizer: Optimizer | None = None,
 ) -> dict[str, float]:
-    """One optimizer step of SFT on ``batch``, cut into ``gradient_accumulation_steps`` equal microbatches.
+    """One optimizer step of SFT on ``batch``, cut into ``gradient_accumulation_steps`` equal microbatches, or
+    with ``--optim.max-tokens-per-microbatch`` packed into microbatches within that token budget.
 
     Microbatches of similar length pad less, so the batch is sorted by length first; the step's gradient
-    does not depend on the split (each microbatch's loss is a mean over its examples divided by k). Under
-    torchrun each rank runs its share of these microbatches (k must be a multiple of the number of ranks).
+    does not depend on the split (each microbatch's loss is a sum over its examples divided by the batch's
+    size). Under torchrun each rank runs its share of these microbatches (k must be a multiple of the number
+    of ranks; a token budget packs a multiple of them).
     """
     k = gradient_accumulation_steps
-    if len(batch) % k:
-        raise ValueError(f"a batch of {len(batch)} cannot be cut into {k} equal microbatches")
-    micro = len(batch) // k
-    batch = sorted(batch, key=lambda e: len(e.prompt) + len(e.response))
-    parts = share_evenly([batch[i * micro : (i + 1) * micro] for i in range(k)])
-    microbatches = [(learner.tokenize([e.prompt for e in p], [e.response for e in p]), {"gradient_accumulation_steps": k})
-                    for p in parts]
+    split = token_budget_split(learner, [e.prompt for e in batch], [e.response for e in batch])
+    if split is None:
+        if len(batch) % k:
+            raise ValueError(f"a batch of {len(batch)} cannot be cut into {k} equal microbatches")
+        micro = len(batch) // k
+        order = sorted(range(len(batch)), key=lambda i: len(batch[i].prompt) + len(batch[i].response))
+        parts = [order[i * micro : (i + 1) * micro] for i in range(k)]
+    else:
+        parts = split(range(len(batch)))
+    microbatches = [
+        (learner.tokenize([batch[i].prompt for i in p], [batch[i].response for i in p]),
+         {"gradient_accumulation_steps": _divisor(len(batch), len(p), k if split is None else None)})
+        if p else (_empty_microbatch(learner), {})
+        for p in share_evenly(parts)
+    ]
     return accumulate_and_step(learner, learner.sft_step, microbatches, optimizer=optimizer)
 
 
@@ -347,12 +406,14 @@ class PolicyGradientSettings:
         return self.epochs_per_rollout_batch > 1 or self.train_batch_size < rollout_batch_size
 
 
-def plan_microbatches(n: int, settings: PolicyGradientSettings, *, seed: int) -> list[list[list[list[int]]]]:
+def plan_microbatches(n: int, settings: PolicyGradientSettings, *, seed: int,
+                      split: Split | None = None) -> list[list[list[list[int]]]]:
     """Row indices of a rollout batch of ``n`` responses, as epochs → train batches → microbatches.
 
     On-policy (one train batch, one epoch) keeps rollout order, so a microbatch of ``group_size`` rows is one
     group sharing its prompt. Off-policy, each epoch visits the groups in its own seeded order (whole groups
-    stay together); every row appears exactly once per epoch.
+    stay together); every row appears exactly once per epoch. ``split`` (:func:`token_budget_split`) cuts each
+    train batch into microbatches instead of ``gradient_accumulation_steps`` equal ones.
     """
     g = settings.group_size
     if n % g or n % settings.train_batch_size or settings.train_batch_size % settings.gradient_accumulation_steps:
@@ -368,7 +429,7 @@ def plan_microbatches(n: int, settings: PolicyGradientSettings, *, seed: int) ->
         batches = []
         for b in range(0, n, settings.train_batch_size):
             rows = order[b : b + settings.train_batch_size]
-            batches.append([rows[m : m + micro] for m in range(0, len(rows), micro)])
+            batches.append([rows[m : m + micro] for m in range(0, len(rows), micro)] if split is None else split(rows))
         epochs.append(batches)
     return epochs
 
@@ -474,13 +535,15 @@ def grpo_update(
     ``tis_cap > 0`` corrects for it.
 
     Under torchrun every rank holds the whole rollout batch and runs its share of each train batch's
-    microbatches (``gradient_accumulation_steps`` must be a multiple of the number of ranks).
+    microbatches (``gradient_accumulation_steps`` must be a multiple of the number of ranks; a token budget,
+    ``--optim.max-tokens-per-microbatch``, packs a multiple of them).
     """
     n = len(rollouts)
-    plan = plan_microbatches(n, settings, seed=seed)
+    split = token_budget_split(learner, rollouts.prompts, rollouts.responses)
+    plan = plan_microbatches(n, settings, seed=seed, split=split)
     keys = [tuple(mb) for epoch in plan for batch in epoch for mb in batch]
     tokenized = {k: learner.tokenize([rollouts.prompts[i] for i in k], [rollouts.responses[i] for i in k])
-                 for k in dict.fromkeys(keys)}
+                 if k else _empty_microbatch(learner) for k in dict.fromkeys(keys)}
     truncated = [reason == "length" for reason in rollouts.finish_reasons] if settings.mask_truncated else [False] * n
     for k, tb in tokenized.items():
         rows = [j for j, i in enumerate(k) if truncated[i]]
@@ -489,7 +552,7 @@ def grpo_update(
     off_policy = settings.off_policy(n)
     needs_old = settings.needs_old_log_probs
     temperature = settings.temperature
-    order = list(dict.fromkeys(tuple(mb) for epoch in plan for batch in epoch for mb in share_evenly(batch)))
+    order = list(dict.fromkeys(tuple(mb) for epoch in plan for batch in epoch for mb in share_evenly(batch) if mb))
     old: dict[tuple[int, ...], Tensor] = {}
     if needs_old and off_policy:
         old = {k: r["log_probs"] for k, r in zip(order, _policy_log_probs(learner, [tokenized[k] for k in order],
@@ -508,10 +571,14 @@ def grpo_update(
             batch_tokens = sum(int(tokenized[tuple(mb)]["response_mask"].sum()) for mb in batch)
             constant = float(max(1, batch_tokens)) if settings.length_normalization == "token_mean" else settings.normalize_constant
             objective = settings.objective(constant)
+            step_rows = sum(len(mb) for mb in batch)
             microbatches = []
             for mb in share_evenly(batch):
-                idx = torch.tensor(mb)
                 tb = tokenized[tuple(mb)]
+                if not mb:
+                    microbatches.append((tb, {}))
+                    continue
+                idx = torch.tensor(mb)
                 sampler: dict[str, Tensor] = {}
                 if rollouts.sampler_log_probs and any(rollouts.sampler_log_probs[i] is not None for i in mb):
                     values, known = _sampler_tensors(tb, [rollouts.sampler_token_ids[i] for i in mb],
@@ -519,12 +586,13 @@ def grpo_update(
                     sampler = {"sampler_log_probs": values, "sampler_mask": known}
                 tensors = PolicyGradientTensors(
                     advantages=advantages[idx].unsqueeze(-1).to(device), raw_rewards=raw_rewards[idx].unsqueeze(-1).to(device),
-                    old_log_probs=old.get(tuple(mb)), on_policy=not old, ref_log_probs=ref.get(tuple(mb)), **sampler,
+                    old_log_probs=old.get(tuple(mb)), on_policy=not old, ref_log_probs=ref.get(tuple(mb)),
+                    accumulation_divisor=None if split is None else step_rows / len(mb), **sampler,
                 )
                 microbatches.append((tb, {"settings": objective, "tensors": tensors, "temperature": temperature}))
             m = accumulate_and_step(learner, learner.grpo_step, microbatches)
             m.setdefault("train/clip_fraction", 0.0)
-            m["train/truncated_fraction"] = sum(truncated[i] for mb in batch for i in mb) / sum(len(mb) for mb in batch)
+            m["train/truncated_fraction"] = sum(truncated[i] for mb in batch for i in mb) / step_rows
             metrics.append(m)
     return metrics
 

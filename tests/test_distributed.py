@@ -190,6 +190,9 @@ SCENARIOS = {
     "cispo-entropy": dict(loss_type="cispo", group_size=2, train_batch_size=8, gradient_accumulation_steps=4,
                           epochs_per_rollout_batch=2, cliprange=1.0, cliprange_high=0.28, entropy_coef=0.01,
                           length_normalization="token_mean", temperature=0.7),
+    # rows of 18 tokens in a budget of 60: 3 microbatches (3 + 3 + 2 rows) alone, 4 on two ranks (one split)
+    "token-budget": dict(loss_type="grpo_clip", group_size=2, train_batch_size=8, gradient_accumulation_steps=2,
+                         max_tokens_per_microbatch=60),
 }
 
 
@@ -204,8 +207,10 @@ def _updates(out: Path) -> None:
     results = {}
     for name, kw in SCENARIOS.items():
         model, tok = tiny_policy(seed=3, tie_word_embeddings=True)
+        kw = dict(kw)
+        budget = kw.pop("max_tokens_per_microbatch", None)
         # bf16 autocast, as the laptop; no shared prefix: a sharded policy trains on whole microbatches (shell.steps._plan)
-        learner = Learner(model, tok, OptimConfig(lr=1e-3))
+        learner = Learner(model, tok, OptimConfig(lr=1e-3, max_tokens_per_microbatch=budget))
         settings = PolicyGradientSettings(**kw)
         reference = Reference.of(learner) if settings.kl_coef else None
         rollouts, raw, advantages = _group_rollouts()

@@ -243,6 +243,54 @@ def test_microbatch_split_does_not_change_the_loss_or_gradient(batch, loss_type,
     assert torch.all(whole_grad[~mask] == 0)
 
 
+@given(pg_batches(), st.sampled_from(LOSS_TYPES), st.sampled_from(NORMS), st.data())
+def test_unequal_microbatches_with_their_own_divisor_sum_to_the_whole_batch(batch, loss_type, norm, data):
+    """A token budget's unequal microbatches: each with ``accumulation_divisor = N / B`` (the step's rows over its
+    own; the settings' k unused) sums to the whole batch's loss and gradient, every loss type × normalisation."""
+    lp0, old, mask, adv = batch
+    n = lp0.shape[0]
+    cuts = sorted(data.draw(st.sets(st.integers(1, n - 1), max_size=n - 1), label="cuts")) if n > 1 else []
+    bounds = [0, *cuts, n]
+    constant = float(max(1, int(mask.sum()))) if norm == "token_mean" else 6.0
+    settings = _settings(loss_type, norm, 3, constant, kl_coef=0.1)  # k = 3 must not matter
+
+    def run(parts):
+        lp = lp0.clone().requires_grad_(True)
+        total = torch.zeros((), dtype=lp0.dtype)
+        for a, b in parts:
+            sl = slice(a, b)
+            loss, _ = core.policy_gradient_objective(
+                _inputs(lp[sl], mask[sl], old[sl], adv[sl], ref_log_probs=old[sl] - 0.1,
+                        accumulation_divisor=n / (b - a)), settings=settings)
+            loss.backward()
+            total = total + loss.detach()
+        return total, lp.grad
+
+    whole, whole_grad = run([(0, n)])
+    split, split_grad = run(list(zip(bounds[:-1], bounds[1:])))
+    assert split.item() == pytest.approx(whole.item(), rel=1e-10, abs=1e-12)
+    assert torch.allclose(split_grad, whole_grad, atol=1e-12)
+    if norm != "token_mean":  # the divisor replaces k: a whole batch with divisor 1 is k = 1's loss
+        one, _ = core.policy_gradient_objective(_inputs(lp0, mask, old, adv, ref_log_probs=old - 0.1),
+                                                settings=replace(settings, gradient_accumulation_steps=1))
+        assert whole.item() == pytest.approx(one.item(), rel=1e-12, abs=1e-12)
+
+
+def test_the_keyword_form_takes_a_float_divisor_and_the_inputs_check_it():
+    lp = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5]], dtype=torch.float64))
+    mask = torch.tensor([[True, True], [True, False]])
+    adv = torch.tensor([[1.0], [-1.0]], dtype=torch.float64)
+    # no_baseline, masked_mean: per response -A * mean(log p): -(log 0.5 + log 0.25) / 2 and +log 0.5; their
+    # mean over the 2 rows, divided by k
+    mean = (-(math.log(0.5) + math.log(0.25)) / 2 + math.log(0.5)) / 2
+    for k in (2, 2.5):
+        loss, _ = core.grpo_microbatch_loss(lp, mask, gradient_accumulation_steps=k, loss_type="no_baseline",
+                                            raw_rewards=adv)
+        assert loss.item() == pytest.approx(mean / k)
+    with pytest.raises(ValueError, match="accumulation_divisor"):
+        core.ObjectiveInputs(lp, mask, accumulation_divisor=0.0)
+
+
 @given(pg_batches(), st.sampled_from(LOSS_TYPES), st.sampled_from(NORMS), st.integers(1, 4))
 def test_padding_does_not_change_the_loss_or_gradient(batch, loss_type, norm, pad):
     lp0, old, mask, adv = batch
