@@ -151,7 +151,7 @@ def test_sft_at_world_size_2_equals_world_size_1(tiny, tmp_path):
                           for line in (tmp_path / name / "generations.jsonl").read_text().splitlines()] for name in ("two", "one"))
     assert sampled == expected  # the same responses: noise keyed by (seed, problem, sample), not by rank
     checkpoint = tmp_path / "two" / "checkpoints" / "step_000002"
-    assert {"sharded", "manifest.json", "trainer_state.pt"} <= {p.name for p in checkpoint.iterdir()}
+    assert {"sharded", "manifest.json", "trainer_state.safetensors"} <= {p.name for p in checkpoint.iterdir()}
     from shell.checkpoint import TrainerState
 
     state = TrainerState.read(checkpoint)  # the one schema: both ranks' RNG states, AdamW in sharded/
