@@ -372,10 +372,13 @@ class Checkpointer:
         return load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                weights=self.weights)
 
-    def save(self, step: int, *, elapsed: float, loop: dict[str, Any]) -> Path:
-        return save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                               scheduler=self.scheduler, elapsed=elapsed, loop=loop, keep_last=self.keep_last,
-                               weights=self.weights)
+    def save(self, step: int, *, elapsed: float, loop: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+             scheduler: Any = None) -> Path:
+        """Checkpoint ``step``; ``optimizer`` and ``scheduler``: others than the run's (the SFT warm start's own)."""
+        return save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer,
+                               optimizer=self.optimizer if optimizer is None else optimizer,
+                               scheduler=self.scheduler if scheduler is None else scheduler, elapsed=elapsed, loop=loop,
+                               keep_last=self.keep_last, weights=self.weights)
 
     def save_unless_newest(self, step: int, *, elapsed: float, loop: dict[str, Any]) -> Path:
         """The checkpoint of ``step``: the newest one when it is that step's already, else a new one."""
