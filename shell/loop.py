@@ -58,9 +58,10 @@ class Run:
     RNG, :attr:`state`), cuts ``metrics.jsonl`` and ``generations.jsonl`` back to its step (so every step is
     logged once) and opens the logs.
 
-    SIGTERM and SIGINT finish the current step, checkpoint it and exit 143 / 130 with the command to resume;
-    a second signal abandons the step (the previous checkpoint stays). ``--budget-hours`` ends the run
-    after the last step that fits, with its evaluation, checkpoint and ``final/``.
+    SIGTERM and SIGINT finish the current step (or warm-start step: :meth:`stop_if_signalled`), checkpoint it
+    and exit 143 / 130 with the command to resume; a second signal abandons the step (the previous checkpoint
+    stays); during the final evaluation (:meth:`final_phase`) a signal stops at once and ``--resume`` redoes it.
+    ``--budget-hours`` ends the run after the last step that fits, with its evaluation, checkpoint and ``final/``.
 
     Under torchrun (:mod:`shell.world`) every rank enters the run: rank 0 takes the lock and checks the
     folder and flags (a refusal exits every rank), writes the logs, figures and ``final/``; checkpoints are
