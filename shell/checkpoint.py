@@ -5,10 +5,17 @@ A checkpoint is ``run_dir/checkpoints/step_XXXXXX/`` holding
 * the policy: ``save_pretrained`` weights in one process; under torchrun ``sharded/``, the
   ``torch.distributed.checkpoint`` folder each rank writes its shards of the model and AdamW into;
 * the tokenizer;
-* ``trainer_state.pt``: one schema for both (:class:`TrainerState`): the step, the world size that wrote it,
-  the LR schedule, AdamW's state (in one process; sharded ones keep it in ``sharded/``), every rank's RNG
-  states, the run's elapsed seconds and the loop's own state;
+* ``trainer_state.safetensors``: one schema for both (:class:`TrainerState`): the step, the world size that
+  wrote it, the LR schedule, AdamW's state (in one process; sharded ones keep it in ``sharded/``), every rank's
+  RNG states, the run's elapsed seconds and the loop's own state; saved as data (:mod:`shell.safe_state`:
+  tensors and JSON, never a pickle);
 * ``manifest.json``: every file's size and SHA-256.
+
+A checkpoint is data, never code: no file of it is read before the manifest is checked (a checkpoint without
+one is not trusted), the trainer state is read as tensors and JSON, a sharded checkpoint's ``.metadata`` and
+items through :func:`shell.safe_state.safe_dcp_reader` / :func:`~shell.safe_state.safe_dcp_planner`. A
+checkpoint of the previous format (``trainer_state.pt``, a pickle) is refused naming the file; convert one
+once, explicitly, with :func:`convert_legacy_checkpoint` if you trust where it came from.
 
 It is written into a temporary folder, fsync'ed and renamed into place (:func:`shell.files.publish_dir`; rank 0
 renames, after every rank wrote its shards), so a run killed while saving keeps its previous checkpoint.
@@ -36,16 +43,18 @@ import numpy as np
 import torch
 
 from shell.files import publish_dir
+from shell.safe_state import LEGACY_STATE, STATE_FILE, StateError, convert_legacy_state, load_state, save_state
 from shell.fsdp import gather_state_dict, is_sharded
 from shell.world import barrier, from_main, gather, is_main, main_first, world
 
 __all__ = ["SHARDED", "Checkpoint", "CheckpointError", "Checkpointer", "TrainerState", "WeightFiles", "check_resume_world",
-           "checkpoint_world_size", "list_checkpoints", "load_checkpoint", "load_model_weights",
+           "checkpoint_world_size", "convert_legacy_checkpoint", "list_checkpoints", "load_checkpoint", "load_model_weights",
            "newest_intact_checkpoint", "prune_checkpoints", "remove_stale_temporaries", "rng_state", "save_checkpoint",
            "save_pretrained_atomic", "set_rng_state", "verify_manifest", "write_manifest"]
 
 MANIFEST = "manifest.json"
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = STATE_FILE
+"""The trainer state's file (``trainer_state.safetensors``); the previous format's was ``trainer_state.pt``."""
 SHARDED = "sharded"
 """The folder of a sharded checkpoint that holds its ``torch.distributed.checkpoint`` shards (model and AdamW)."""
 
@@ -60,7 +69,7 @@ _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 @dataclass
 class TrainerState:
-    """``trainer_state.pt`` of every checkpoint, one process or sharded."""
+    """``trainer_state.safetensors`` of every checkpoint, one process or sharded (data: :mod:`shell.safe_state`)."""
 
     step: int
     world_size: int
@@ -76,22 +85,76 @@ class TrainerState:
     """The loop's own state (e.g. expert iteration's SFT step count)."""
 
     @classmethod
-    def read(cls, folder: Path) -> TrainerState:
-        """The trainer state of checkpoint ``folder`` (also of one written before the two layouts shared this
-        schema: ``rng`` a dict and ``optimizer`` {optimizer, scheduler} in one process, ``rng_rank{r}.pt`` files
-        when sharded)."""
-        raw = torch.load(folder / TRAINER_STATE, map_location="cpu", weights_only=False)
-        if "scheduler" not in raw:  # the old one-process layout
-            raw = {**raw, "world_size": 1, "rng": [raw["rng"]], **raw["optimizer"]}
-        elif "rng" not in raw:  # the old sharded layout
-            files = [folder / f"rng_rank{r}.pt" for r in range(int(raw["world_size"]))]
-            raw = {**raw, "optimizer": None,
-                   "rng": [torch.load(f, map_location="cpu", weights_only=False) if f.exists() else None for f in files]}
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.items() if k in names})
+    def read(cls, folder: Path | str, *, verified: bool = False) -> TrainerState:
+        """The trainer state of checkpoint ``folder``, after its manifest is checked (:func:`verify_manifest`;
+        ``verified``: the caller just did). Read as tensors and JSON, never unpickled: a ``trainer_state.pt`` of
+        the previous format is refused (:class:`CheckpointError` naming it; see :func:`convert_legacy_checkpoint`)."""
+        folder = Path(folder)
+        if not verified:
+            verify_manifest(folder)
+        try:
+            raw = load_state(folder)
+        except StateError as e:
+            raise CheckpointError(str(e)) from None
+        return cls.of(raw, where=folder / TRAINER_STATE)
+
+    @classmethod
+    def of(cls, raw: dict[str, Any], *, where: Path) -> TrainerState:
+        """A trainer state from its fields (as :meth:`write` saved them); :class:`CheckpointError` naming ``where``
+        when a field is missing or of the wrong kind."""
+        kinds = {"step": int, "world_size": int, "scheduler": dict, "optimizer": (dict, type(None)), "rng": list,
+                 "elapsed": (int, float), "loop": dict}
+        for name, kind in kinds.items():
+            if name not in raw or not isinstance(raw[name], kind) or isinstance(raw[name], bool):
+                raise CheckpointError(f"{where}: no valid {name!r} field (not a trainer state this code wrote)")
+        return cls(**{k: raw[k] for k in kinds})
 
     def write(self, folder: Path) -> None:
-        torch.save(dataclasses.asdict(self), folder / TRAINER_STATE)
+        save_state(folder, {f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+def convert_legacy_checkpoint(folder: Path | str) -> Path:
+    """Convert checkpoint ``folder`` of the previous format (``trainer_state.pt``, and a sharded one's
+    ``rng_rank{r}.pt``: pickles) to ``trainer_state.safetensors``, once and explicitly, e.g.::
+
+        python -c "from shell.checkpoint import convert_legacy_checkpoint as c; c('runs/x/checkpoints/step_000050')"
+
+    Only for a checkpoint you trust where it came from: its manifest is checked first, and the pickles are read
+    with ``torch.load(weights_only=True)`` (tensors, containers and NumPy's RNG arrays, nothing that can name a
+    function: :func:`shell.safe_state.convert_legacy_state`), so a payload is refused there too. The old files
+    are removed and the manifest rewritten; returns the new file."""
+    folder = Path(folder)
+    verify_manifest(folder)
+    if not (folder / LEGACY_STATE).is_file():
+        raise CheckpointError(f"{folder / LEGACY_STATE}: missing (nothing to convert)")
+    try:
+        convert_legacy_state(folder)
+        raw = load_state(folder)
+        if "scheduler" not in raw:  # the one-process layout before the two layouts shared one schema
+            raw = {**raw, "world_size": 1, "rng": [raw["rng"]], **raw["optimizer"]}
+        elif "rng" not in raw:  # the sharded layout before it: one RNG file per rank
+            rng: list[dict[str, Any] | None] = []
+            for r in range(int(raw["world_size"])):
+                name = f"rng_rank{r}.pt"
+                if (folder / name).is_file():
+                    convert_legacy_state(folder, name=name)
+                    rng.append(load_state(folder, name=f"rng_rank{r}.safetensors"))
+                    (folder / f"rng_rank{r}.safetensors").unlink()
+                else:
+                    rng.append(None)
+            raw = {**raw, "optimizer": None, "rng": rng}
+        raw.setdefault("elapsed", 0.0)
+        raw.setdefault("loop", {})
+        state = TrainerState.of(raw, where=folder / LEGACY_STATE)
+    except StateError as e:
+        (folder / TRAINER_STATE).unlink(missing_ok=True)
+        raise CheckpointError(str(e)) from None
+    state.write(folder)
+    (folder / LEGACY_STATE).unlink()
+    for old in folder.glob("rng_rank*.pt"):
+        old.unlink()
+    write_manifest(folder)
+    return folder / TRAINER_STATE
 
 
 @dataclass
@@ -227,8 +290,8 @@ def load_checkpoint(
     """
     sharded = is_sharded(model)
 
-    def load(path: Path) -> TrainerState:
-        state = TrainerState.read(path)
+    def load(path: Path) -> TrainerState:  # newest_intact_checkpoint checked the manifest first
+        state = TrainerState.read(path, verified=True)
         if weights is not None:
             weights.load(path)
         elif not sharded:
@@ -245,7 +308,7 @@ def load_checkpoint(
 
         model_state, optim_state = get_state_dict(model, optimizer)
         states = {"model": model_state, "optimizer": optim_state}
-        dcp.load(states, checkpoint_id=str(path / SHARDED))
+        load_shards(path, states)
         set_state_dict(model, optimizer, model_state_dict=states["model"], optim_state_dict=states["optimizer"])
     else:
         optimizer.load_state_dict(state.optimizer)
@@ -259,20 +322,35 @@ def load_checkpoint(
     return Checkpoint(path=path, state=state)
 
 
+def load_shards(path: Path, states: dict[str, Any]) -> None:
+    """Read the ``sharded/`` folder of checkpoint ``path`` into ``states`` (``{"model": …, "optimizer": …}`` as
+    ``get_state_dict`` made them) in place, as data: its ``.metadata`` and non-tensor items through
+    :func:`shell.safe_state.safe_dcp_reader` and :func:`~shell.safe_state.safe_dcp_planner` (torch's own reader and
+    planner unpickle them unrestricted). Call it after the manifest is checked."""
+    import torch.distributed.checkpoint as dcp
+
+    from shell.safe_state import safe_dcp_planner, safe_dcp_reader
+
+    dcp.load(states, storage_reader=safe_dcp_reader(path / SHARDED), planner=safe_dcp_planner())
+
+
 def checkpoint_world_size(path: Path) -> int:
-    """How many ranks wrote checkpoint ``path``."""
+    """How many ranks wrote checkpoint ``path`` (its manifest checked first)."""
     return TrainerState.read(path).world_size
 
 
 def check_resume_world(run_dir: Path | str) -> None:
-    """``ValueError`` when the run's newest checkpoint was written by another number of ranks than this run has."""
-    found = list_checkpoints(run_dir)
-    if not found:
+    """``ValueError`` when the run's newest intact checkpoint was written by another number of ranks than this run
+    has. Rank 0 picks it as a resume does (:func:`newest_intact_checkpoint`: each candidate's manifest checked
+    before anything of it is read, a damaged one reported and the previous one tried) and decides for all."""
+    found = main_first(lambda: newest_intact_checkpoint(run_dir, checkpoint_world_size))
+    if found is None:
         return
-    wrote, now = checkpoint_world_size(found[-1]), world().size
+    path, wrote = found
+    now = world().size
     if wrote != now:
         how = "python -m … (no torchrun)" if wrote == 1 else f"torchrun with {wrote} ranks in all"
-        raise ValueError(f"{found[-1]} was written by {wrote} rank(s) and this run has {now}: resume with {how}")
+        raise ValueError(f"{path} was written by {wrote} rank(s) and this run has {now}: resume with {how}")
 
 
 class Checkpointer:
@@ -294,10 +372,13 @@ class Checkpointer:
         return load_checkpoint(self.run_dir, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                weights=self.weights)
 
-    def save(self, step: int, *, elapsed: float, loop: dict[str, Any]) -> Path:
-        return save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer, optimizer=self.optimizer,
-                               scheduler=self.scheduler, elapsed=elapsed, loop=loop, keep_last=self.keep_last,
-                               weights=self.weights)
+    def save(self, step: int, *, elapsed: float, loop: dict[str, Any], optimizer: torch.optim.Optimizer | None = None,
+             scheduler: Any = None) -> Path:
+        """Checkpoint ``step``; ``optimizer`` and ``scheduler``: others than the run's (the SFT warm start's own)."""
+        return save_checkpoint(self.run_dir, step, model=self.model, tokenizer=self.tokenizer,
+                               optimizer=self.optimizer if optimizer is None else optimizer,
+                               scheduler=self.scheduler if scheduler is None else scheduler, elapsed=elapsed, loop=loop,
+                               keep_last=self.keep_last, weights=self.weights)
 
     def save_unless_newest(self, step: int, *, elapsed: float, loop: dict[str, Any]) -> Path:
         """The checkpoint of ``step``: the newest one when it is that step's already, else a new one."""
@@ -336,33 +417,62 @@ def write_manifest(folder: Path) -> None:
     (folder / MANIFEST).write_text(json.dumps({"files": entries}, indent=1) + "\n")
 
 
+_VERIFIED: dict[Path, tuple[tuple[str, int, int], ...]] = {}
+"""Folders this process verified, with their files' (name, size, mtime) then: a resume checks a checkpoint once
+(:func:`check_resume_world` and :func:`load_checkpoint` both do), unless a file changed since."""
+
+
+def _file_stats(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    return tuple(sorted((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                        for p in folder.rglob("*") if p.is_file() or p.is_symlink()))
+
+
 def verify_manifest(folder: Path) -> None:
-    """Raise :class:`CheckpointError` naming the file when a file of ``folder`` is missing, has another size
-    or another checksum than its manifest says (a checkpoint without a manifest passes unverified)."""
+    """Raise :class:`CheckpointError` naming the file when ``folder`` has no readable manifest (a checkpoint without
+    one is not trusted), when a file the manifest lists is missing, has another size or another checksum than it
+    says, or when a file is not listed (nothing unchecked is ever read)."""
+    folder = Path(folder)
     path = folder / MANIFEST
-    if not path.exists():
+    stats = _file_stats(folder) if folder.is_dir() else ()
+    if stats and _VERIFIED.get(folder.resolve()) == stats:
         return
+    if not path.is_file() or path.is_symlink():
+        raise CheckpointError(f"{path}: missing: a checkpoint without a manifest is not trusted (nothing of "
+                              f"{folder} is read)")
     try:
         entries = json.loads(path.read_text())["files"]
-    except (ValueError, KeyError) as e:
+        if not isinstance(entries, dict):
+            raise ValueError("'files' is not a map")
+        wants = {str(name): (int(want["bytes"]), str(want["sha256"])) for name, want in entries.items()}
+    except (ValueError, KeyError, TypeError, RecursionError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: unreadable manifest ({e})") from None
-    for name, want in entries.items():
+    listed = set()
+    for name, (want_bytes, want_sha) in wants.items():
         f = folder / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing")
+        if Path(name).is_absolute() or ".." in Path(name).parts:
+            raise CheckpointError(f"{path}: names {name!r}, outside the checkpoint")
+        if f.is_symlink() or not f.is_file():
+            raise CheckpointError(f"{f}: missing" + (" (a link, not a file)" if f.is_symlink() else ""))
         size = f.stat().st_size
-        if size != want["bytes"]:
-            raise CheckpointError(f"{f}: {size} bytes, the manifest says {want['bytes']} (truncated or overwritten)")
-        if _sha256(f) != want["sha256"]:
+        if size != want_bytes:
+            raise CheckpointError(f"{f}: {size} bytes, the manifest says {want_bytes} (truncated or overwritten)")
+        if _sha256(f) != want_sha:
             raise CheckpointError(f"{f}: checksum differs from the manifest (the file is corrupted)")
+        listed.add(name)
+    unlisted = [name for name, _, _ in stats if name != MANIFEST and name not in listed]
+    if unlisted:
+        raise CheckpointError(f"{folder / unlisted[0]}: not in the manifest (a file added after the checkpoint was "
+                              "written is not trusted)")
+    _VERIFIED[folder.resolve()] = stats
 
 
 def list_checkpoints(run_dir: Path | str) -> list[Path]:
-    """Complete checkpoints of a run, oldest first."""
+    """Complete checkpoints of a run, oldest first (those of the previous format too: loading refuses them by name)."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and (p / TRAINER_STATE).exists()]
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+             and ((p / TRAINER_STATE).exists() or (p / LEGACY_STATE).exists())]  # an old one: refused by name on load
     return [p for _, p in sorted(found)]
 
 
@@ -400,7 +510,7 @@ def load_model_weights(model: torch.nn.Module, folder: Path | str) -> None:
     from safetensors.torch import load_file
 
     folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(f for f in folder.glob("*.safetensors") if f.name != TRAINER_STATE)  # a checkpoint's state: no weights
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors weights")
     state: dict[str, torch.Tensor] = {}

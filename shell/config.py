@@ -316,9 +316,13 @@ class WarmStartConfig:
     """Examples per SFT step."""
     lr: float = 3e-5
     """Its own AdamW's learning rate."""
+    budget_share: float = 0.5
+    """With --budget-hours: the warm start ends early (after the last step that fits) once it would pass this
+    share of the budget; the rest is the RL steps' and the final evaluation's."""
 
     def check(self, prefix: str = "warm-start") -> None:
         at_least(self.steps, 0, flag(prefix, "steps"))
+        require(0 < self.budget_share <= 1, f"{flag(prefix, 'budget_share')} must be in (0, 1], got {self.budget_share}")
         at_least(self.batch_size, 1, flag(prefix, "batch_size"))
         require(self.lr > 0, f"{flag(prefix, 'lr')} must be > 0, got {self.lr}")
         if self.steps:
@@ -342,8 +346,12 @@ class LoopConfig:
     resume: bool = False
     """Continue from the run folder's last checkpoint, as if the run had never stopped."""
     allow_config_change: bool = False
-    """With --resume: accept flags that change training mid-run (learning rate, batch sizes, loss, sampling,
-    model, data) and apply them from here on; each change is appended to config_history.jsonl."""
+    """With --resume: accept flags or data that change training mid-run (learning rate, batch sizes, loss,
+    sampling, model, data; a missing or unreadable config.json or data_fingerprint.json) and apply them from here
+    on; each change is appended to config_history.jsonl."""
+    overwrite: bool = False
+    """Start a new run in a folder that holds a finished one (final/ or a non-empty metrics.jsonl; without it such
+    a folder is refused: --resume continues it)."""
     budget_hours: float | None = None
     """Wall-clock budget of the whole run (across resumes): stop cleanly after the step that reaches it,
     with a checkpoint and the final evaluation (None: no budget)."""

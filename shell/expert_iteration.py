@@ -201,7 +201,7 @@ def train(cfg: EIConfig) -> Path:
 
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
     with Run(cfg, total_steps=cfg.n_ei_steps, unit="EI step", step_keys=("train/ei_step", "eval_step"),
-             plot=write_plots) as run:
+             plot=write_plots, fingerprints=data.fingerprints()) as run:
         session = RLSession(run, cfg, data, microbatch=cfg.sft_batch_size // cfg.sft_gradient_accumulation_steps,
                             total_steps=cfg.n_ei_steps, eval_extra=lambda: {"eval/sft_steps": run.state["train_step"]})
         learner, sampler, template, train_set = session.learner, session.sampler, session.template, session.train_set

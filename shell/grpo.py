@@ -230,7 +230,8 @@ def train(cfg: GRPOConfig) -> Path:
           f"({len(data.held_out)} problems)")
 
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
-    with Run(cfg, total_steps=cfg.n_grpo_steps, plot=lambda d: write_curves(d, extra_panels=[("train/reward", "train_step")])) as run:
+    with Run(cfg, total_steps=cfg.n_grpo_steps, plot=lambda d: write_curves(d, extra_panels=[("train/reward", "train_step")]),
+             fingerprints=data.fingerprints()) as run:
         session = RLSession(run, cfg, data, microbatch=cfg.train_batch_size // cfg.gradient_accumulation_steps,
                             total_steps=cfg.n_grpo_steps, rounds_per_step=cfg.max_sampling_rounds)
         learner, sampler, template, train_set = session.learner, session.sampler, session.template, session.train_set

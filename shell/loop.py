@@ -22,7 +22,8 @@ A loop reads top-down as phases on a :class:`Run`::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from shell.run_folder import FREE_TO_CHANGE, RunFolder, RunLocked, config_change
 from shell.runlog import RunLogger, plot_curves, read_metrics
 from shell.schedule import Schedule
 from shell.steps import compiled_graph_count
-from shell.update import Learner
+from shell.update import Learner, Optimizer
 from shell.world import World, close_world, init_world, main_first
 
 __all__ = ["FREE_TO_CHANGE", "Run", "RunLocked", "config_changes", "write_curves"]
@@ -57,9 +58,10 @@ class Run:
     RNG, :attr:`state`), cuts ``metrics.jsonl`` and ``generations.jsonl`` back to its step (so every step is
     logged once) and opens the logs.
 
-    SIGTERM and SIGINT finish the current step, checkpoint it and exit 143 / 130 with the command to resume;
-    a second signal abandons the step (the previous checkpoint stays). ``--budget-hours`` ends the run
-    after the last step that fits, with its evaluation, checkpoint and ``final/``.
+    SIGTERM and SIGINT finish the current step (or warm-start step: :meth:`stop_if_signalled`), checkpoint it
+    and exit 143 / 130 with the command to resume; a second signal abandons the step (the previous checkpoint
+    stays); during the final evaluation (:meth:`final_phase`) a signal stops at once and ``--resume`` redoes it.
+    ``--budget-hours`` ends the run after the last step that fits, with its evaluation, checkpoint and ``final/``.
 
     Under torchrun (:mod:`shell.world`) every rank enters the run: rank 0 takes the lock and checks the
     folder and flags (a refusal exits every rank), writes the logs, figures and ``final/``; checkpoints are
@@ -71,11 +73,14 @@ class Run:
         unit: what a step is called in messages.
         step_keys: the metrics keys that hold a record's loop step (for truncation on resume).
         plot: draws the run's figures from its folder (after each evaluation and at the end).
+        fingerprints: the loop's data sets (name → :func:`shell.fingerprint.records_fingerprint`), stored in
+            ``data_fingerprint.json`` and compared on ``--resume`` (None: not checked).
     """
 
     def __init__(
         self, config: Any, *, total_steps: int, unit: str = "step",
         step_keys: Sequence[str] = ("train_step", "eval_step"), plot: Callable[[Path], Any] | None = None,
+        fingerprints: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.config = config
         self.run_cfg: RunConfig = config.run
@@ -83,8 +88,11 @@ class Run:
         self.step_keys = tuple(step_keys)
         self.plot = plot
         self.dir = Path(self.run_cfg.runs_dir) / self.run_cfg.name
-        self.folder = RunFolder(self.dir, config)
+        self.folder = RunFolder(self.dir, config, fingerprints=fingerprints)
         self.schedule = Schedule(self.loop, total=total_steps, unit=unit, name=self.run_cfg.name)
+        self.schedule.module = config.__class__.__module__
+        self.resumed = False
+        """Did :meth:`begin` restore a checkpoint (possibly one of the set-up: step 0, mid-warm-start)?"""
         self.state: dict[str, Any] = {}
         """The loop's own state (e.g. expert iteration's SFT step count): saved with every checkpoint, restored on resume."""
         self.learner: Learner | None = None
@@ -140,7 +148,13 @@ class Run:
     def __enter__(self) -> Run:
         self.world = init_world()
         self.schedule.world_size, self.schedule.local_size = self.world.size, self.world.local_size
-        self.folder.changes = main_first(self.folder.open)  # every rank applies the accepted changes
+        folder = self.folder
+
+        def open_folder() -> tuple[Any, Any, Any]:
+            return folder.open(), folder.data_changes, folder.config_lost
+
+        # every rank applies the accepted changes
+        folder.changes, folder.data_changes, folder.config_lost = main_first(open_folder)
         self.schedule.install_signal_handlers()
         return self
 
@@ -161,9 +175,12 @@ class Run:
             else:
                 self.schedule.resume(ckpt.step, elapsed=ckpt.state.elapsed)
                 self.state = dict(ckpt.state.loop)
-                resumed = True
-                say(f"resumed from {ckpt.path} ({self.schedule.unit} {ckpt.step})")
-                if self.folder.changes:
+                self.schedule.reserve_s = float(self.state.get("reserve_s", 0.0))
+                resumed = self.resumed = True
+                warm = self.state.get("warm_start_step")
+                say(f"resumed from {ckpt.path} ({self.schedule.unit} {ckpt.step}"
+                    + (f", warm-start step {warm})" if ckpt.step == 0 and warm else ")"))
+                if self.folder.accepted:
                     learner.optimizer.apply(learner.optim)
                     if self.world.main:
                         self.folder.record_changes(self.start)
@@ -171,6 +188,7 @@ class Run:
             return self
         if not resumed:
             self.folder.forget_history()
+            self.folder.write_fingerprints()
         self.logger = RunLogger(self.dir, logger=self.run_cfg.logger, config=asdict(self.config), save_config=not resumed,
                                 resume_step=self.start if resumed else None, step_keys=self.step_keys,
                                 elapsed_offset=self.elapsed, generations_name="generations.jsonl")
@@ -197,11 +215,33 @@ class Run:
         self.folder.release(started=self.learner is not None)
         close_world(wait=clean)
 
-    def _stop_for_signal(self, step: int) -> None:
-        """Checkpoint ``step`` (unless it is the newest checkpoint already), say how to resume, exit 128 + signal."""
-        where = (f"checkpoint {self._checkpoint_unless_newest(step)}" if step > 0
-                 else "nothing to save yet (no step had completed)")
+    def _stop_for_signal(self, step: int, *, optimizer: Optimizer | None = None) -> None:
+        """Checkpoint ``step`` (unless it is the newest checkpoint already; at step 0, the warm start's progress),
+        say how to resume, exit 128 + signal."""
+        warm = self.state.get("warm_start_step", 0)
+        if step > 0:
+            where = f"checkpoint {self._checkpoint_unless_newest(step)}"
+        elif warm:
+            where = f"checkpoint {self.checkpoint(0, optimizer=optimizer)} (warm-start step {warm})"
+        else:
+            where = "nothing to save yet (no step had completed)"
         self.schedule.exit_for_signal(step, where, module=self.config.__class__.__module__)
+
+    def stop_if_signalled(self, step: int, *, optimizer: Optimizer | None = None) -> None:
+        """After a piece of the set-up (a warm-start step; every rank calls it): when a signal came, checkpoint
+        (with ``optimizer``, the warm start's own, when given) and exit 128 + signal with the command to resume."""
+        if self.schedule.signalled():
+            self._stop_for_signal(step, optimizer=optimizer)
+
+    @contextlib.contextmanager
+    def final_phase(self) -> Iterator[None]:
+        """The final evaluation (after :meth:`finish`): a signal stops it at once, exit 128 + signal; ``--resume``
+        redoes it (its records appear once)."""
+        self.schedule.phase = "final"
+        try:
+            yield
+        finally:
+            self.schedule.phase = "finish"
 
     # ------------------------------------------------------------------------------------------ records
 
@@ -222,11 +262,14 @@ class Run:
     def metrics(self) -> list[dict[str, Any]]:
         return read_metrics(self.dir / "metrics.jsonl")
 
-    def checkpoint(self, step: int) -> Path:
-        """Write ``checkpoints/step_{step}``: weights, tokenizer, optimizer + schedule, RNG, elapsed time and
-        :attr:`state`."""
+    def checkpoint(self, step: int, *, optimizer: Optimizer | None = None) -> Path:
+        """Write ``checkpoints/step_{step}``: weights, tokenizer, optimizer + schedule (``optimizer``'s when given:
+        the warm start's own), RNG, elapsed time and :attr:`state`."""
         assert self.checkpointer is not None, "checkpoint() needs a begun Run"
-        return self.checkpointer.save(step, elapsed=self.elapsed, loop=self.state)
+        if optimizer is None:
+            return self.checkpointer.save(step, elapsed=self.elapsed, loop=self.state)
+        return self.checkpointer.save(step, elapsed=self.elapsed, loop=self.state, optimizer=optimizer.optimizer,
+                                      scheduler=optimizer.scheduler)
 
     def _checkpoint_unless_newest(self, step: int) -> Path:
         assert self.checkpointer is not None
@@ -237,9 +280,13 @@ class Run:
         and the figures; returns the run folder."""
         assert self.learner is not None and self.checkpointer is not None
         step = self.completed
-        self._checkpoint_unless_newest(step)
+        self.schedule.phase = "finish"
+        path = self._checkpoint_unless_newest(step)
         self.checkpointer.final()
         self.draw()
+        if self.schedule.signalled():  # came while the last checkpoint and final/ were written: both are whole
+            self.schedule.exit_for_signal(step, f"checkpoint {path} and {self.dir / 'final'} are written (a final "
+                                                f"evaluation, if any, is not)", module=self.config.__class__.__module__)
         if self.learner.optim.compile:
             say(f"torch.compile: {compiled_graph_count()} graph(s) compiled in this process")
         if self.schedule.stopped_by_budget:

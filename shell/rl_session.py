@@ -17,6 +17,8 @@ A loop reads::
 
 from __future__ import annotations
 
+import copy
+import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +31,13 @@ from shell.data import (
     restore_curriculum,
 )
 from shell.evaluation import final_evaluation, run_eval
+from shell.fingerprint import records_fingerprint
 from shell.lora import apply_lora, parameter_counts
 from shell.loop import Run
 from shell.models import prompt_token_limit
 from shell.prompts import PromptTemplate, load_prompt
 from shell.sampling import build_sampler
-from shell.update import Learner, response_entropies, warm_start
+from shell.update import Learner, Optimizer, response_entropies, warm_start
 
 __all__ = ["RLData", "RLSession", "load_rl_data"]
 
@@ -51,6 +54,12 @@ class RLData:
     held_out: Dataset
     held_note: str
     final: Dataset | None = None
+
+    def fingerprints(self) -> dict[str, dict[str, Any]]:
+        """Each set's :func:`shell.fingerprint.records_fingerprint` (``train``, ``held_out``, ``final``), which a
+        resume compares with the run's."""
+        sets = {"train": self.train, "held_out": self.held_out, **({} if self.final is None else {"final": self.final})}
+        return {name: records_fingerprint(records) for name, records in sets.items()}
 
 
 def load_rl_data(cfg: Any, *, total_steps: int) -> RLData:
@@ -103,8 +112,12 @@ class RLSession:
         """Which training questions each step takes (``--data.curriculum``); its state rides in ``run.state``."""
         self.model = apply_lora(self.model, cfg.lora)  # after the sampler's generation copy: that stays a plain model
         self.learner = Learner(self.model, self.tokenizer, cfg.optim)
+        rl = self.learner.optimizer
+        self._fresh_optimizer = (copy.deepcopy(rl.optimizer.state_dict()), copy.deepcopy(rl.scheduler.state_dict()))
+        """The RL optimizer as it starts (no state yet): what it returns to after a resume mid-warm-start, whose
+        checkpoint holds the warm start's own optimizer."""
         run.begin(self.learner, closing=[self.sampler.close])
-        if run.start == 0:
+        if not run.resumed:
             run.log(parameter_counts(self.model))  # the first record: what trains (no step: kept by every resume)
         if run.start > 0 and (note := restore_curriculum(self.curriculum, run.state.get("curriculum"))):
             run.say(note)
@@ -137,13 +150,48 @@ class RLSession:
         returned (the loop's own start-up, e.g. GRPO's KL reference)."""
         fresh = self.run.start == 0
         if fresh:
-            warm_start(self.learner, make_sft_examples(self.train_set, self.template), self.cfg.warm_start,
-                       seed=self.cfg.run.seed, run_dir=self.run.dir)
+            self._warm_start()
         prepared = prepare(fresh) if prepare is not None else None
         self.sampler.load_weights(self.model)
-        if fresh:
+        if fresh and not self.run.state.get("evaluated_0"):  # a resume at step 0 after it: it is logged already
             self.evaluate(0)
+            self.run.state["evaluated_0"] = True
         return prepared
+
+    def _warm_start(self) -> None:
+        """The SFT warm start inside the run's lifecycle: after each step a signal checkpoints it (step 0, with the
+        warm start's own AdamW and its step in :attr:`Run.state`) and exits; ``--resume`` continues from that step.
+        With ``--budget-hours`` it ends early when another step would pass its share (``--warm-start.budget-share``)."""
+        cfg, run = self.cfg.warm_start, self.run
+        done = int(run.state.get("warm_start_step", 0))
+        if cfg.steps <= 0 or run.state.get("warm_start_ended"):
+            return
+        optimizer = Optimizer(self.model, self.learner.optim, lr=cfg.lr)
+        if done > 0:  # the checkpoint held the warm start's AdamW in the RL optimizer's place: move it back
+            rl = self.learner.optimizer
+            optimizer.optimizer.load_state_dict(rl.optimizer.state_dict())
+            optimizer.scheduler.load_state_dict(rl.scheduler.state_dict())
+            rl.optimizer.load_state_dict(self._fresh_optimizer[0])
+            rl.scheduler.load_state_dict(self._fresh_optimizer[1])
+            run.say(f"warm start: continuing after step {done} of {cfg.steps}")
+        seconds: list[float] = []
+
+        def after_step(step: int, took: float) -> bool:
+            run.state["warm_start_step"] = step
+            run.schedule.doing = f"warm-start step {step + 1}"
+            run.stop_if_signalled(0, optimizer=optimizer)
+            seconds.append(took)
+            if step < cfg.steps and run.schedule.over_share(cfg.budget_share, statistics.median(seconds)):
+                run.say(f"--budget-hours {run.loop.budget_hours:g}: warm start ends after step {step} of {cfg.steps} "
+                        f"(its share, {cfg.budget_share:g} of the budget, is used: {run.elapsed / 60:.1f} min)")
+                return False
+            return True
+
+        last = warm_start(self.learner, make_sft_examples(self.train_set, self.template), cfg, seed=self.cfg.run.seed,
+                          run_dir=run.dir, optimizer=optimizer, start=done, after_step=after_step)
+        run.state["warm_start_ended"] = True  # done, or ended by the budget: a resume does not go on with it
+        run.state["warm_start_step"] = last
+        run.schedule.doing = None
 
     def evaluate(self, step: int) -> dict[str, Any]:
         """The held-out evaluation at ``step`` (the sampler holds the policy's weights); with a final evaluation
@@ -154,6 +202,7 @@ class RLSession:
         if self.final_set is not None:  # the final evaluation, plus the last checkpoint and final/ (a margin)
             passes = 2 if self.final_eval.greedy else 1
             self.run.reserve_s = 1.15 * m["eval/seconds"] / max(1, len(self.eval_set)) * len(self.final_set) * passes + 30
+            self.run.state["reserve_s"] = self.run.reserve_s  # kept across a resume
         return m
 
     def after_step(self, step: int) -> None:
@@ -169,7 +218,8 @@ class RLSession:
         returns the run folder."""
         folder = self.run.finish()
         if self.final_set is not None:
-            final_evaluation(self.run, self.sampler, self.model, self.final_set, template=self.template,
-                             cfg=self.final_eval, grading=self.cfg.grading,
-                             entropy=self.entropy_at(self.final_eval.sampling.temperature))
+            with self.run.final_phase():  # a signal stops it at once; --resume redoes it
+                final_evaluation(self.run, self.sampler, self.model, self.final_set, template=self.template,
+                                 cfg=self.final_eval, grading=self.cfg.grading,
+                                 entropy=self.entropy_at(self.final_eval.sampling.temperature))
         return folder

@@ -1,9 +1,11 @@
 """The schedule of a run's steps: which steps remain, when to evaluate and checkpoint, the wall-clock budget
 (``--budget-hours``) and SIGTERM/SIGINT.
 
-A signal finishes the current step; the run then checkpoints it and exits 128 + the signal's number with the
-command to resume (:meth:`Schedule.exit_for_signal`); a second signal abandons the step. Under torchrun the
-ranks agree after each step on a signal any of them received, and rank 0 decides a budget stop for all.
+A signal finishes the current step (an RL step, a warm-start step, the last checkpoint and ``final/``); the run
+then checkpoints it and exits 128 + the signal's number with the command to resume
+(:meth:`Schedule.exit_for_signal`); a second signal abandons the step. During the final evaluation (which
+``--resume`` redoes) a signal stops at once. Under torchrun the ranks agree after each step on a signal any of
+them received, and rank 0 decides a budget stop for all.
 """
 
 from __future__ import annotations
@@ -67,7 +69,13 @@ class Schedule:
         self._old_handlers: dict[int, Any] = {}
         self._budget_stop: int | None = None
         self._judged: tuple[int, bool] | None = None  # (step, is it the last): the budget is judged once a step
-        self._in_steps = False
+        self.phase = "setup"
+        """What the run does now: ``setup`` (loading, the warm start, the first evaluation), ``steps``, ``finish``
+        (the last checkpoint and ``final/``) or ``final`` (the final evaluation: a signal stops it at once)."""
+        self.doing: str | None = None
+        """The piece of the set-up under way, for a signal's message (e.g. ``warm-start step 3``)."""
+        self.module = ""
+        """The entry point's module, for the command that resumes the run."""
         self._step_seconds: list[float] = []
         self._elapsed_before = 0.0
         self._t0 = time.monotonic() - process_age()
@@ -92,7 +100,7 @@ class Schedule:
         if self._signal is not None:  # a signal during the set-up (warm start, first evaluation)
             on_signal(self.start)
         bar = progress_bar(total=self.total, initial=self.start, desc=self.name, unit=self.unit)
-        self._in_steps = True
+        self.phase = "steps"
         try:
             for step in range(self.start + 1, self.total + 1):
                 t0 = time.monotonic()
@@ -106,8 +114,15 @@ class Schedule:
                 if self._budget_stop == step:
                     return
         finally:
-            self._in_steps = False
+            self.phase = "finish"
             bar.close()
+
+    def over_share(self, share: float, typical: float) -> bool:
+        """Would more work of ``typical`` seconds end past ``share`` of ``--budget-hours`` (the warm start's part of
+        the budget)? False without a budget; rank 0 decides for all."""
+        if self.loop.budget_hours is None:
+            return False
+        return bool(from_main(self.elapsed + typical > share * self.loop.budget_hours * 3600))
 
     def is_last(self, step: int) -> bool:
         """Is ``step`` the run's last: the final one, or the last that fits ``--budget-hours`` (judged from the
@@ -165,8 +180,20 @@ class Schedule:
             self.restore_signal_handlers()
             raise SystemExit(128 + signum)
         self._signal = signum
-        doing = f"{self.unit} {self.completed + 1}" if self._in_steps else "the set-up"
+        if self.phase == "final":  # nothing to finish: the checkpoint and final/ are written, --resume redoes it
+            say(f"{name} during the final evaluation: stopping now; the checkpoint of {self.unit} {self.completed} and "
+                f"final/ are saved, the final evaluation is not. Continue with: {self.resume_command()} (it redoes "
+                f"the final evaluation)")
+            self.restore_signal_handlers()
+            raise SystemExit(128 + signum)
+        doing = {"steps": f"{self.unit} {self.completed + 1}", "finish": "the last checkpoint and final/"}.get(
+            self.phase, self.doing or "the set-up")
         say(f"{name}: finishing {doing}, then checkpointing and stopping (send it again to abandon it)")
+
+    def signalled(self) -> bool:
+        """Did a signal come (on any rank, under torchrun: every rank calls it at the same point)?"""
+        self._agree_on_signal()
+        return self._signal is not None
 
     def _agree_on_signal(self) -> None:
         """Under torchrun: a signal any rank received stops every rank after the same step."""
@@ -177,10 +204,14 @@ class Schedule:
         """Say what was saved (``where``) and the command that continues the run, and exit 128 + the signal."""
         signum = self._signal
         assert signum is not None
+        say(f"stopped by {signal.Signals(signum).name} after {self.unit} {step}: {where}. Continue with: "
+            f"{self.resume_command(module)}")
+        raise SystemExit(128 + signum)
+
+    def resume_command(self, module: str = "") -> str:
+        """The command line that continues this run (its own arguments and ``--resume``)."""
         spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-        module = spec.name if spec is not None else module
+        module = spec.name if spec is not None else (module or self.module)
         args = [a for a in (sys.argv[1:] if sys.argv and sys.argv[0].endswith(".py") else []) if a != "--resume"]
         launcher = "python -m" if self.world_size == 1 else f"torchrun --nproc-per-node {self.local_size} -m"
-        command = " ".join([launcher, module, *args, "--resume"])
-        say(f"stopped by {signal.Signals(signum).name} after {self.unit} {step}: {where}. Continue with: {command}")
-        raise SystemExit(128 + signum)
+        return " ".join([launcher, module, *args, "--resume"])

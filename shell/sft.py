@@ -32,6 +32,7 @@ from shell.grading import grade_batch
 from shell.lora import LoraConfig, apply_lora, parameter_counts
 from shell.loop import Run, write_curves
 from shell.progress import say
+from shell.fingerprint import records_fingerprint
 from shell.prompts import PromptName, load_prompt
 from shell.sampling import build_sampler
 from shell.seeds import batch_indices, derive_seed, seeded_permutation
@@ -149,7 +150,8 @@ def train(cfg: SFTConfig) -> Path:
     say(f"SFT: {len(examples)} pairs, {num_steps} steps of {cfg.batch_size}; {held_note} ({len(eval_set)} problems)")
 
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
-    with Run(cfg, total_steps=num_steps, plot=write_curves) as run:
+    fingerprints = {"train": records_fingerprint(examples), "held_out": records_fingerprint(eval_set)}
+    with Run(cfg, total_steps=num_steps, plot=write_curves, fingerprints=fingerprints) as run:
         model, tokenizer, sampler = build_sampler(cfg.model, cfg.sampler, seed=cfg.run.seed, training=True)
         examples = keep_within_context(examples, [e.prompt + e.response for e in examples], tokenizer, what="training pairs",
                                        limit=prompt_token_limit(model, reserve=0, max_prompt_tokens=None))

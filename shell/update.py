@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 import statistics
+import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -322,29 +323,43 @@ def sft_update(
     return accumulate_and_step(learner, learner.sft_step, microbatches, optimizer=optimizer)
 
 
-def warm_start(learner: Learner, examples: Sequence[SFTExample], cfg: WarmStartConfig, *, seed: int, run_dir: Path) -> None:
+def warm_start(learner: Learner, examples: Sequence[SFTExample], cfg: WarmStartConfig, *, seed: int, run_dir: Path,
+               optimizer: Optimizer | None = None, start: int = 0,
+               after_step: Callable[[int, float], bool] | None = None) -> int:
     """``cfg.steps`` SFT steps on ``examples`` (r1_zero traces of the training questions) before RL, with their
-    own AdamW at ``cfg.lr``; logged to ``run_dir/warm_start_metrics.jsonl``. Nothing when ``cfg.steps`` is 0."""
+    own AdamW at ``cfg.lr`` (``optimizer``: that one, e.g. restored from a checkpoint); logged to
+    ``run_dir/warm_start_metrics.jsonl``. Nothing when ``cfg.steps`` is 0.
+
+    Resumable: from step ``start + 1`` (the log cut back to ``start``); after each step ``after_step(step,
+    seconds)`` may checkpoint, exit on a signal, or return False to end the warm start early (the budget's
+    share). Returns the last step done."""
     from shell.runlog import RunLogger
 
     steps, batch_size = cfg.steps, cfg.batch_size
-    if steps <= 0:
-        return
+    if steps <= 0 or start >= steps:
+        return min(start, max(steps, 0))
     if not examples:
         raise ValueError("warm start: the training data has no solutions to make SFT traces from")
-    optimizer = Optimizer(learner.model, learner.optim, lr=cfg.lr)
+    optimizer = optimizer if optimizer is not None else Optimizer(learner.model, learner.optim, lr=cfg.lr)
     k = warm_start_microbatches(batch_size, world().size)
-    logger = RunLogger(run_dir, logger="none", metrics_name="warm_start_metrics.jsonl") if is_main() else None
+    logger = (RunLogger(run_dir, logger="none", metrics_name="warm_start_metrics.jsonl", step_keys=("train_step",),
+                        resume_step=start if start > 0 else None) if is_main() else None)
+    done = start
     try:
-        for step in range(1, steps + 1):
+        for step in range(start + 1, steps + 1):
+            t0 = time.monotonic()
             idx = batch_indices(len(examples), batch_size, step - 1, seed=seed, stream="warm-start")
             m = sft_update(learner, [examples[i] for i in idx], gradient_accumulation_steps=k, optimizer=optimizer)
             if logger is not None:
                 logger.log({"train_step": step, **m})
             say(f"[warm start {step}/{steps}] loss {m['train/loss']:.4f}")
+            done = step
+            if after_step is not None and not after_step(step, time.monotonic() - t0) and step < steps:
+                break
     finally:
         if logger is not None:
             logger.close()
+    return done
 
 
 def warm_start_microbatches(batch_size: int, ranks: int = 1) -> int:

@@ -20,6 +20,7 @@ from shell.data import (
 from shell.data.curriculum import Online, Staged, Uniform, competence, difficulty_of
 from shell.data.records import Dataset
 from shell.sampling.api import Completion
+from shell.safe_state import load_state
 from shell.seeds import batch_indices, derive_seed
 
 
@@ -336,7 +337,7 @@ def test_online_curriculum_grpo_resume_equals_uninterrupted(tmp_path):
     extra = ("--data.curriculum", "online", "--data.curriculum-rest", "1")
     grpo.main(_grpo_args(tiny, tmp_path, "straight", 4, *extra))
     grpo.main(_grpo_args(tiny, tmp_path, "resumed", 2, *extra))
-    state = torch.load(tmp_path / "resumed" / "checkpoints" / "step_000002" / "trainer_state.pt", weights_only=False)
+    state = load_state(tmp_path / "resumed" / "checkpoints" / "step_000002")
     assert state["loop"]["curriculum"]["kind"] == "online" and state["loop"]["curriculum"]["cursor"] == 4
     grpo.main([*_grpo_args(tiny, tmp_path, "resumed", 4, *extra), "--resume"])
     drop = {"time/elapsed_s", "eval/seconds"}
@@ -372,7 +373,7 @@ def test_expert_iteration_takes_its_questions_from_the_curriculum(tmp_path, monk
     ])
     assert seen[0] == [1, 1, 1]  # competence 0.25 of 12: the three easiest, all difficulty 1
     assert len(seen) == 3
-    state = torch.load(tmp_path / "ei" / "checkpoints" / "step_000003" / "trainer_state.pt", weights_only=False)
+    state = load_state(tmp_path / "ei" / "checkpoints" / "step_000003")
     assert state["loop"]["curriculum"] == {"kind": "level", "size": 12}
 
 

@@ -151,7 +151,7 @@ def test_sft_at_world_size_2_equals_world_size_1(tiny, tmp_path):
                           for line in (tmp_path / name / "generations.jsonl").read_text().splitlines()] for name in ("two", "one"))
     assert sampled == expected  # the same responses: noise keyed by (seed, problem, sample), not by rank
     checkpoint = tmp_path / "two" / "checkpoints" / "step_000002"
-    assert {"sharded", "manifest.json", "trainer_state.pt"} <= {p.name for p in checkpoint.iterdir()}
+    assert {"sharded", "manifest.json", "trainer_state.safetensors"} <= {p.name for p in checkpoint.iterdir()}
     from shell.checkpoint import TrainerState
 
     state = TrainerState.read(checkpoint)  # the one schema: both ranks' RNG states, AdamW in sharded/
@@ -363,3 +363,22 @@ def test_kill_and_resume_under_torchrun_equals_an_uninterrupted_run(tiny, tmp_pa
     one_process = subprocess.run([sys.executable, "-m", "shell.sft", *args("killed", reached + 3, "--resume")], cwd=REPO,
                                  env=ENV, capture_output=True, text=True, timeout=600)
     assert one_process.returncode == 2 and "written by 2 rank(s) and this run has 1" in one_process.stderr
+
+    # a pickled payload planted as the newest checkpoint's trainer state, the manifest refreshed: never run by any
+    # rank (the world-size check reads nothing unverified, and what it reads is data), refused naming the file
+    from shell.checkpoint import write_manifest
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    newest = tmp_path / "killed" / "checkpoints" / f"step_{reached + 2:06d}"
+    (newest / "trainer_state.safetensors").unlink()
+    torch.save({"step": reached + 2, "x": Payload()}, newest / "trainer_state.pt")
+    write_manifest(newest)
+    planted = torchrun("shell.sft", *args("killed", reached + 3, "--resume"))
+    assert not marker.exists(), planted.stdout[-2000:]
+    assert "trainer_state.pt: a trainer state of the previous format" in planted.stderr + planted.stdout
+    assert planted.returncode == 0, planted.stderr[-3000:]  # it fell back to the previous, intact checkpoint

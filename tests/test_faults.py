@@ -410,3 +410,203 @@ def test_a_resumed_logger_drops_the_final_records_it_will_write_again(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     RunLogger(tmp_path, resume_step=1, save_config=False)
     assert read_metrics(tmp_path) == rows[:2]
+
+
+# 6. under torchrun, the world-size check falls back from a damaged newest checkpoint ----------------------
+
+
+def test_the_resume_world_check_falls_back_from_a_damaged_newest_checkpoint(tiny, tmp_path):
+    from shell import sft
+    from shell.checkpoint import CheckpointError, check_resume_world
+
+    sft.main(sft_args(tiny, tmp_path, "w", "--checkpoint-every", "1", "--keep-checkpoints", "2", steps=2))
+    folder = tmp_path / "w" / "checkpoints" / "step_000002"
+    newest = next(folder / name for name in ("trainer_state.safetensors", "trainer_state.pt") if (folder / name).exists())
+    newest.write_bytes(newest.read_bytes()[:100])  # what a torchrun rank killed mid-copy leaves
+    with pytest.warns(UserWarning, match="step_000002 is damaged"):
+        check_resume_world(tmp_path / "w")  # the previous checkpoint, written by one rank like this run: no error
+    older = tmp_path / "w" / "checkpoints" / "step_000001" / "model.safetensors"
+    older.write_bytes(b"x")
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError, match="no intact checkpoint"):
+        check_resume_world(tmp_path / "w")
+
+
+# 9. and 10. a resume checks the config and the data it resumes ---------------------------------------------
+
+
+def test_a_missing_or_unreadable_config_is_refused_naming_it_unless_allowed_then_recorded(tiny, tmp_path, capsys):
+    from shell import sft
+    from shell.runlog import read_metrics
+
+    sft.main(sft_args(tiny, tmp_path, "c", "--optim.lr", "1e-3", steps=2))
+    config = tmp_path / "c" / "config.json"
+    config.unlink()
+    with pytest.raises(SystemExit) as exc:
+        sft.main(sft_args(tiny, tmp_path, "c", "--resume", "--optim.lr", "0.5", steps=3))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"{config} is missing" in err and "--allow-config-change" in err
+    config.write_text('{"optim":\n')
+    with pytest.raises(SystemExit) as exc:
+        sft.main(sft_args(tiny, tmp_path, "c", "--resume", "--optim.lr", "0.5", steps=3))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"{config} is unreadable" in err and "line 2" in err
+    sft.main(sft_args(tiny, tmp_path, "c", "--resume", "--optim.lr", "0.5", "--allow-config-change", steps=3))
+    rows = [r for r in read_metrics(tmp_path / "c") if "train/lr" in r]
+    assert rows[-1]["train_step"] == 3 and rows[-1]["train/lr"] == pytest.approx(0.5)  # applied, not the old 1e-3
+    [entry] = [json.loads(x) for x in (tmp_path / "c" / "config_history.jsonl").read_text().splitlines()]
+    assert entry["step"] == 2 and f"{config} is unreadable" in entry["config_replaced"]
+    assert json.loads(config.read_text())["optim"]["lr"] == 0.5  # the flags it trains with now
+    sft.main(sft_args(tiny, tmp_path, "c", "--resume", "--optim.lr", "0.5", steps=4))  # and compared from now on
+
+
+def _sft_file(path: Path, n: int) -> Path:
+    from shell.data import DataConfig, sft_examples_for
+
+    examples = sft_examples_for(DataConfig(limit=n), "r1_zero")
+    path.write_text("".join(json.dumps({"prompt": e.prompt, "response": e.response, "ground_truth": e.ground_truth}) + "\n"
+                            for e in examples[:n]))
+    return path
+
+
+def test_the_data_is_fingerprinted_and_a_change_refused_on_resume_unless_allowed(tiny, tmp_path, capsys):
+    from shell import sft
+    from shell.runlog import read_metrics
+
+    data = _sft_file(tmp_path / "train.jsonl", 16)
+    args = [*sft_args(tiny, tmp_path, "d"), "--data.path", str(data)]
+    sft.main(args)
+    saved = json.loads((tmp_path / "d" / "data_fingerprint.json").read_text())
+    assert saved["train"]["records"] == 16 and set(saved) == {"train", "held_out"}
+    _sft_file(data, 5)  # replaced between the run and its resume
+    with pytest.raises(SystemExit) as exc:
+        sft.main([*args, "--num-steps", "3", "--resume"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "data fingerprint: train: 16 records" in err and "-> 5 records" in err
+    assert "--allow-config-change" in err
+    sft.main([*args, "--num-steps", "3", "--resume", "--allow-config-change"])
+    assert [r["train_step"] for r in read_metrics(tmp_path / "d") if "train/loss" in r] == [1, 2, 3]
+    [entry] = [json.loads(x) for x in (tmp_path / "d" / "config_history.jsonl").read_text().splitlines()]
+    assert "data fingerprint: train" in entry["data"]
+    assert json.loads((tmp_path / "d" / "data_fingerprint.json").read_text())["train"]["records"] == 5
+    (tmp_path / "d" / "data_fingerprint.json").unlink()
+    with pytest.raises(SystemExit) as exc:
+        sft.main([*args, "--num-steps", "4", "--resume"])
+    assert exc.value.code == 2 and "data_fingerprint.json missing" in capsys.readouterr().err
+
+
+# 7. a finished run's folder is protected --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("left", ["final", "metrics"])
+def test_a_new_run_over_a_finished_one_is_refused_unless_resume_or_overwrite(tiny, tmp_path, capsys, left):
+    import shutil
+
+    from shell import sft
+
+    sft.main(sft_args(tiny, tmp_path, "done", steps=1))
+    run = tmp_path / "done"
+    shutil.rmtree(run / "checkpoints")  # to free disk
+    if left == "metrics":
+        shutil.rmtree(run / "final")
+    kept = (run / "metrics.jsonl").read_text()
+    with pytest.raises(SystemExit) as exc:
+        sft.main(sft_args(tiny, tmp_path, "done", steps=1))
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "holds a run that trained" in err and "--overwrite" in err
+    assert (run / "metrics.jsonl").read_text() == kept and (left == "metrics" or (run / "final").is_dir())
+    sft.main(sft_args(tiny, tmp_path, "done", "--overwrite", steps=2))
+    assert [json.loads(x)["train_step"] for x in (run / "metrics.jsonl").read_text().splitlines()
+            if "train/loss" in json.loads(x)] == [1, 2]
+
+
+# 4. and 5. the warm start and the final evaluation are inside the run's lifecycle ---------------------------
+
+
+def _grpo_args(tiny: Path, runs: Path, name: str, *extra: str) -> list[str]:
+    return ["--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "16", "--eval-data.limit", "2",
+            "--eval.max-tokens", "4", "--grading.workers", "0", "--sampler.generation-dtype", "None",
+            "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", name, "--n-grpo-steps", "1",
+            "--rollout-batch-size", "4", "--group-size", "2", "--train-batch-size", "4", "--gradient-accumulation-steps", "2",
+            "--sampling.max-tokens", "4", "--eval-every", "10", "--warm-start.batch-size", "4", *extra]
+
+
+def _popen(args: list[str]):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "shell.grpo", *args], cwd=Path(__file__).resolve().parents[1], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_during_the_warm_start_checkpoints_it_and_resume_continues_from_that_step(tiny, tmp_path, sig, code):
+    from shell import grpo
+    from shell.runlog import read_metrics
+
+    grpo.main(_grpo_args(tiny, tmp_path, "straight", "--warm-start.steps", "12"))
+    args = _grpo_args(tiny, tmp_path, "sig", "--warm-start.steps", "12")
+    proc = _popen(args)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("[warm start 3/12]"):
+            proc.send_signal(sig)
+            break
+    out += proc.stdout.readlines()
+    text = "".join(out)
+    assert proc.wait(timeout=300) == code, text
+    reached = int(text.split("(warm-start step ")[1].split(")")[0])
+    assert 3 <= reached < 12 and "Continue with:" in text and "[warm start 12/12]" not in text
+    assert (tmp_path / "sig" / "checkpoints" / "step_000000").is_dir() and not (tmp_path / "sig" / "final").exists()
+    grpo.main([*args, "--resume"])
+    warm = read_metrics(tmp_path / "sig" / "warm_start_metrics.jsonl")
+    assert [r["train_step"] for r in warm] == list(range(1, 13))  # each warm-start step once
+    straight = read_metrics(tmp_path / "straight" / "warm_start_metrics.jsonl")
+    assert [r["train/loss"] for r in warm] == pytest.approx([r["train/loss"] for r in straight], rel=1e-4)  # exact resume
+    rows = read_metrics(tmp_path / "sig")
+    assert sum(r.get("eval_step") == 0 for r in rows if "eval/answer_reward" in r) == 1
+    assert sum("train/total_params" in r for r in rows) == 1
+    assert [r["train_step"] for r in rows if "train/loss" in r] == [1]
+
+
+def test_the_budget_governs_the_warm_start(tiny, tmp_path, capsys):
+    from shell import grpo
+    from shell.runlog import read_metrics
+
+    started = time.monotonic()
+    grpo.main(_grpo_args(tiny, tmp_path, "b", "--warm-start.steps", "100000", "--budget-hours", "0.001",
+                         "--warm-start.budget-share", "0.5"))
+    took = time.monotonic() - started
+    warm = read_metrics(tmp_path / "b" / "warm_start_metrics.jsonl")
+    assert 1 <= len(warm) < 100000 and "warm start ends after step" in capsys.readouterr().out
+    assert took < 120  # the warm start stopped at its share (1.8 s), not after 100,000 steps
+    assert [r["train_step"] for r in read_metrics(tmp_path / "b") if "train/loss" in r] == [1]
+
+
+def test_sigterm_during_the_final_evaluation_stops_at_once_and_resume_redoes_it(tiny, tmp_path):
+    from shell import grpo
+    from shell.runlog import read_metrics
+
+    args = _grpo_args(tiny, tmp_path, "f", "--warm-start.steps", "0", "--final-eval.enabled", "--final-eval.data.limit",
+                      "500", "--final-eval.sampling.max-tokens", "96", "--final-eval.greedy")
+    proc = _popen(args)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if line.startswith("done: "):  # the last checkpoint and final/ are written: the final evaluation begins
+            break
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    out += proc.stdout.readlines()
+    text = "".join(out)
+    assert proc.wait(timeout=120) == 143, text
+    assert time.monotonic() - sent < 30
+    assert "SIGTERM during the final evaluation: stopping now" in text and "finishing the set-up" not in text
+    assert "--resume" in text.split("Continue with:")[1]
+    assert not (tmp_path / "f" / "final_eval" / "greedy" / "summary.json").exists()
+    grpo.main([*args, "--resume"])
+    rows = read_metrics(tmp_path / "f")
+    assert sum("final/answer_reward" in r for r in rows) == 1 and sum("final_greedy/answer_reward" in r for r in rows) == 1
+    assert json.loads((tmp_path / "f" / "final_eval" / "summary.json").read_text())["num_examples"] == 500

@@ -271,16 +271,18 @@ def test_a_failed_checkpoint_write_names_the_path_and_leaves_no_temporary(tiny, 
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     parts = dict(model=model, tokenizer=tok, optimizer=optimizer, scheduler=scheduler)
-    real_save = torch.save
+    import safetensors.torch
 
-    def full_disk(obj, f, *a, **k):
+    real_save = safetensors.torch.save_file
+
+    def full_disk(*a, **k):  # what the trainer state's writer (shell.safe_state, safetensors) raises on a full disk
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1024 vs 512")
 
     save_checkpoint(tmp_path, 1, **parts)
-    monkeypatch.setattr(torch, "save", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
     with pytest.raises(OSError, match="could not write .*step_000002"):
         save_checkpoint(tmp_path, 2, **parts)
-    monkeypatch.setattr(torch, "save", real_save)
+    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step_000001"]  # no hidden .tmp left
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000001"]
 

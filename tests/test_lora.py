@@ -20,6 +20,7 @@ from shell.config import OptimConfig
 from shell.data import SFTExample
 from shell.lora import LoraConfig, adapter_disabled, apply_lora, is_lora, merged_state_dict
 from shell.runlog import read_metrics
+from shell.safe_state import load_state
 from shell.update import Learner, Reference, sft_update
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,7 +239,7 @@ def test_sft_with_lora_writes_an_adapter_checkpoint_and_a_merged_final_of_rank_a
     assert "train_step" not in rows[0] and 0 < rows[0]["train/trainable_params"] < rows[0]["train/total_params"]
     ckpt = run / "checkpoints" / "step_000004"
     assert (ckpt / "adapter" / "adapter_model.safetensors").is_file() and not list(ckpt.glob("model*.safetensors"))
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False)["optimizer"]["optimizer"]["state"]
+    state = load_state(ckpt)["optimizer"]["state"]
     assert len(state) == 2 * 2 * len(TARGETS)  # AdamW state for A and B of each targeted projection of 2 layers, only
     assert (run / "final" / "adapter" / "adapter_config.json").is_file()
     final = load_file(str(run / "final" / "model.safetensors"))

@@ -7,17 +7,23 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import torch
 
 from doubles import tiny_policy
-from shell.checkpoint import TRAINER_STATE, Checkpointer, TrainerState, list_checkpoints, rng_state
+from shell.checkpoint import (
+    SHARDED, TRAINER_STATE, CheckpointError, Checkpointer, TrainerState, check_resume_world, convert_legacy_checkpoint,
+    list_checkpoints, load_shards, rng_state, write_manifest,
+)
 from shell.config import LoopConfig, RunConfig, asdict
 from shell.run_folder import RunFolder, RunLocked
 from shell.runlog import RunLogger, read_jsonl_records, read_metrics
+from shell.safe_state import LEGACY_STATE
 from shell.schedule import Schedule
 
 # ------------------------------------------------------------------------------------------------ the schedule
@@ -139,16 +145,109 @@ def test_a_checkpoint_restores_weights_optimizer_schedule_rng_and_the_loop_state
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000004"]  # keep_last=1
 
 
-def test_a_checkpoint_of_the_old_one_process_layout_still_reads(tmp_path):
-    folder = tmp_path / "step_000002"
-    folder.mkdir()
+def test_a_checkpoint_of_the_old_format_is_refused_by_name_and_converts_once_explicitly(tmp_path):
+    folder = tmp_path / "checkpoints" / "step_000002"
+    folder.mkdir(parents=True)
     rng = rng_state()
     torch.save({"step": 2, "rng": rng, "elapsed": 5.0, "loop": {"a": 1},
-                "optimizer": {"optimizer": {"state": {}}, "scheduler": {"last_epoch": 2}}}, folder / TRAINER_STATE)
-    state = TrainerState.read(folder)
+                "optimizer": {"optimizer": {"state": {}}, "scheduler": {"last_epoch": 2}}}, folder / LEGACY_STATE)
+    write_manifest(folder)
+    assert list_checkpoints(tmp_path) == [folder]  # seen, so a resume refuses it instead of starting afresh
+    with pytest.raises(CheckpointError, match=r"trainer_state\.pt: a trainer state of the previous format"):
+        TrainerState.read(folder)
+    assert convert_legacy_checkpoint(folder) == folder / TRAINER_STATE
+    assert not (folder / LEGACY_STATE).exists()
+    state = TrainerState.read(folder)  # the rewritten manifest holds
     assert (state.step, state.world_size, state.optimizer, state.scheduler, state.loop) == (
         2, 1, {"state": {}}, {"last_epoch": 2}, {"a": 1})
     assert torch.equal(state.rng[0]["torch"], rng["torch"])
+
+
+class Payload:
+    """A pickle that runs a shell command when it is unpickled (what an attacker plants in a checkpoint)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def _planted_checkpoint(tmp_path: Path, marker: Path, file: str, manifest: str) -> Path:
+    """A real checkpoint whose ``file`` is replaced by a pickled payload; its manifest then ``refreshed`` (the payload
+    listed as if it belonged), ``deleted`` or ``stale`` (left as it was)."""
+    model, tok, optimizer, scheduler = _parts(0)
+    path = Checkpointer(tmp_path, model=model, tokenizer=tok, optimizer=optimizer, scheduler=scheduler,
+                        keep_last=1).save(1, elapsed=1.0, loop={})
+    if file == LEGACY_STATE:
+        (path / TRAINER_STATE).unlink()
+    torch.save({"step": 1, "x": Payload(marker)}, path / file)
+    if manifest == "refreshed":
+        write_manifest(path)
+    elif manifest == "deleted":
+        (path / "manifest.json").unlink()
+    return path
+
+
+_REFUSALS = {
+    (TRAINER_STATE, "refreshed"): "not a safetensors file", (LEGACY_STATE, "refreshed"): "of the previous format",
+    ("model.safetensors", "refreshed"): "deserializing header|weights do not match", ("rng_rank0.pt", "stale"): "not in the manifest",
+    **{(f, "deleted"): "a checkpoint without a manifest is not trusted"
+       for f in (TRAINER_STATE, LEGACY_STATE, "model.safetensors", "rng_rank0.pt")},
+    **{(f, "stale"): "checksum differs|bytes, the manifest says|missing"
+       for f in (TRAINER_STATE, LEGACY_STATE, "model.safetensors")},
+}
+
+
+@pytest.mark.parametrize(("file", "manifest"), sorted(_REFUSALS))
+def test_a_pickled_payload_in_any_checkpoint_file_never_runs_on_resume(tmp_path, file, manifest):
+    marker = tmp_path / "ran"
+    path = _planted_checkpoint(tmp_path / "run", marker, file, manifest)
+    other, tok2, optimizer2, scheduler2 = _parts(1)
+    resumer = Checkpointer(tmp_path / "run", model=other, tokenizer=tok2, optimizer=optimizer2, scheduler=scheduler2,
+                           keep_last=1)
+    with pytest.warns(UserWarning, match=re.escape(str(path))):
+        with pytest.raises(CheckpointError, match="no intact checkpoint") as refused:
+            resumer.resume()  # check_resume_world first: it reads nothing of a checkpoint before its manifest
+    assert not marker.exists()
+    assert re.search(_REFUSALS[file, manifest], str(refused.value)), str(refused.value)
+
+
+def test_an_extra_pickle_listed_in_a_refreshed_manifest_is_never_read(tmp_path):
+    marker = tmp_path / "ran"
+    path = _planted_checkpoint(tmp_path / "run", marker, "rng_rank0.pt", "refreshed")
+    other, tok2, optimizer2, scheduler2 = _parts(1)
+    loaded = Checkpointer(tmp_path / "run", model=other, tokenizer=tok2, optimizer=optimizer2, scheduler=scheduler2,
+                          keep_last=1).resume()
+    assert loaded is not None and loaded.path == path and not marker.exists()
+
+
+@pytest.mark.parametrize("manifest", ["refreshed", "deleted", "stale"])
+def test_a_payload_in_the_world_size_check_never_runs(tmp_path, manifest):  # what torchrun's resume asks first
+    marker = tmp_path / "ran"
+    _planted_checkpoint(tmp_path / "run", marker, LEGACY_STATE, manifest)
+    with pytest.warns(UserWarning), pytest.raises(CheckpointError):
+        check_resume_world(tmp_path / "run")
+    with pytest.raises(CheckpointError):
+        convert_legacy_checkpoint(tmp_path / "run" / "checkpoints" / "step_000001")  # the explicit conversion too
+    assert not marker.exists()
+
+
+def test_a_payload_in_a_sharded_checkpoints_files_never_runs_through_the_loaders_reader(tmp_path):
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    marker = tmp_path / "ran"
+    model = torch.nn.Linear(3, 2)
+    dcp.save({"model": model.state_dict(), "extra": Payload(marker)}, checkpoint_id=str(tmp_path / "ckpt" / SHARDED))
+    target = {"model": torch.nn.Linear(3, 2).state_dict(), "extra": 0}
+    with pytest.raises(BaseException, match="refused"):  # dcp's CheckpointException wraps the item's StateError
+        load_shards(tmp_path / "ckpt", target)
+    (tmp_path / "ckpt" / SHARDED / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(BaseException, match="CheckpointException|refused"):
+        load_shards(tmp_path / "ckpt", target)
+    assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------------------------ the logger
