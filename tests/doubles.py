@@ -269,3 +269,24 @@ def install_fake_vllm(monkeypatch: Any, *, platform: str = "gpu", sleep_availabl
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # restored after the test, as VLLMSampler sets it
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     return calls
+
+
+def sigkill_once(module: str, args: list[str], marker: Path, *, cwd: Path, timeout_s: float = 300) -> bool:
+    """Run ``python -m module args`` in a subprocess and SIGKILL it as soon as ``marker`` exists (or it ended, or
+    ``timeout_s`` passed), as an out-of-memory killer would; returns whether it was still running when killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", module, *args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout_s
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    running = proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return running

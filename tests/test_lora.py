@@ -5,17 +5,12 @@ options (shared prefix, activation checkpointing, compile) agree, and bad flags 
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from doubles import install_fake_vllm, save_tiny_policy, tiny_policy
+from doubles import install_fake_vllm, save_tiny_policy, sigkill_once, tiny_policy
 from shell.config import OptimConfig
 from shell.data import SFTExample
 from shell.lora import LoraConfig, adapter_disabled, apply_lora, is_lora, merged_state_dict
@@ -269,15 +264,8 @@ def test_lora_sft_killed_then_resumed_equals_uninterrupted(tiny, tmp_path):
 
     sft.main(_sft_args(tiny, tmp_path, "straight", "--lora.dropout", "0.1", steps=6))
     args = _sft_args(tiny, tmp_path, "killed", "--lora.dropout", "0.1", steps=6)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "shell.sft", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "killed" / "checkpoints" / "step_000002"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    sigkill_once("shell.sft", args, first, cwd=REPO)
     assert first.exists()
     sft.main([*args, "--resume"])
     assert _comparable(read_metrics(tmp_path / "killed")) == _comparable(read_metrics(tmp_path / "straight"))

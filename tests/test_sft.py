@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from doubles import save_tiny_policy
+from doubles import save_tiny_policy, sigkill_once
 from shell.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,16 +81,8 @@ def test_sft_killed_then_resumed_equals_uninterrupted(tiny_dir, tmp_path):
 
     sft.main(_sft_args(tiny_dir, tmp_path, "straight"))
     args = _sft_args(tiny_dir, tmp_path, "killed")
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "shell.sft", *args], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     first = tmp_path / "killed" / "checkpoints" / "step_000002"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    killed_mid_run = proc.poll() is None
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    killed_mid_run = sigkill_once("shell.sft", args, first, cwd=REPO)
     assert first.exists()
     if killed_mid_run:
         assert not (tmp_path / "killed" / "final").exists()
