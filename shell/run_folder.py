@@ -48,7 +48,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     """Fields (dotted) whose value differs between two config dicts and that change training: ``field -> (old, new)``."""
-    a, b = _flatten(saved), _flatten(json.loads(json.dumps(new, default=str)))
+    a, b = (_flatten(json.loads(json.dumps(c, default=str))) for c in (saved, new))  # both as JSON reads them
     changed = {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
     return {k: v for k, v in changed.items() if not k.startswith(FREE_TO_CHANGE)}
 
