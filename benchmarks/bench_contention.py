@@ -66,7 +66,7 @@ def evaluate_seconds(model: str, setting: str, limit: int, out: Path) -> float:
         else:
             env.pop(key, None)
     cmd = [sys.executable, "-m", "shell.evaluate", "--model.name-or-path", model, "--data.limit", str(limit),
-           "--run.runs-dir", str(out), "--run.name", setting, "--eval.max-tokens", "64"]
+           "--run.runs-dir", str(out), "--run.name", setting, "--eval.max-tokens", "64", "--overwrite"]
     t0 = time.perf_counter()
     subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return time.perf_counter() - t0

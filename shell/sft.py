@@ -218,7 +218,7 @@ PRESETS: dict[str, tuple[str, SFTConfig]] = {
         "CPU, minutes: the laptop run with LoRA (rank 16, alpha 32 on the attention and MLP projections; lr 3e-4, "
         "10x the full fine-tuning lr as in \"LoRA without regret\")",
         SFTConfig(
-            num_steps=24, batch_size=16, gradient_accumulation_steps=2, loop=LoopConfig(eval_every=8),
+            num_steps=24, batch_size=16, gradient_accumulation_steps=2, loop=LoopConfig(eval_every=8, keep_checkpoints=1),
             optim=OptimConfig(lr=3e-4, share_prompt_prefix=True),
             eval=SamplingConfig(max_tokens=64), lora=LoraConfig(rank=16, alpha=32.0),
             run=RunConfig(name="sft_laptop_lora"),

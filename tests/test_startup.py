@@ -304,7 +304,7 @@ def test_a_misspelled_flag_gets_one_hint_and_an_unknown_preset_the_nearest_names
         "error: unrecognized flag --num-step (did you mean --num-steps?); python -m shell.sft laptop --help lists every flag"
     ]
     err = _exit_2(sft.main, ["lapto", "--num-steps", "3"], capsys)
-    assert "unknown preset 'lapto'; did you mean laptop?" in err and "h100x2" not in err
+    assert "unknown preset 'lapto'; did you mean laptop or laptop-lora?" in err and "h100x2" not in err
     err = _exit_2(sft.main, ["--preset", "h10", "--num-steps", "3"], capsys)
     assert "unknown preset 'h10'; did you mean" in err and "h100" in err
 
@@ -338,7 +338,7 @@ def test_laptop_presets_keep_one_checkpoint():
 
     laptop = {f"{m.__name__}:{k}": cfg.loop.keep_checkpoints for m in (sft, grpo, expert_iteration)
               for k, (_, cfg) in m.PRESETS.items() if k.startswith("laptop")}
-    assert len(laptop) == 5 and set(laptop.values()) == {1}, laptop
+    assert len(laptop) == 7 and set(laptop.values()) == {1}, laptop  # laptop(-lora) of sft and grpo, -dapo, -leaderboard, EI
 
 
 def test_make_sft_data_checks_its_paths_naming_the_flag(tmp_path):
