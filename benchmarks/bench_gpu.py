@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import importlib.util
 import sys
 import tempfile
@@ -52,7 +51,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
-from benchmarks.common import print_table, timeit, write_json  # noqa: E402
+from benchmarks.common import free_memory, print_table, timeit, write_json  # noqa: E402
 
 # Qwen2.5-Math-1.5B's published config.json (huggingface.co/Qwen/Qwen2.5-Math-1.5B; the same values in the
 # verbatim mirror huggingface.co/mlx-community/Qwen2.5-Math-1.5B-bf16, config.json at c4eab3af): Qwen2ForCausalLM.
@@ -131,9 +130,7 @@ def train_phase(shape: dict[str, Any], *, weights: str, compile: bool, sizes: li
                      "matmul_params": n_params})
         print_table(rows[-1:], list(rows[-1]))
     del learner, model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     return rows
 
 
@@ -214,9 +211,7 @@ def microbatch_phase(shape: dict[str, Any], *, lengths: list[tuple[int, int]], c
                      "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None})
         print_table(rows[-1:], list(rows[-1]))
     del learner, model
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     return rows
 
 

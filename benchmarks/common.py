@@ -8,6 +8,7 @@ benchmark fails the quick suite. Small modes write ``<name>_small.json``; ``REAS
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import platform
@@ -36,6 +37,14 @@ def tiny_model_folder(folder: Path, seed: int = 0) -> Path:
     from doubles import save_tiny_policy
 
     return save_tiny_policy(folder, seed=seed)
+
+
+def free_memory(device: str) -> None:
+    """Collect what the caller just dropped and, on CUDA, hand the cached blocks back (between measured parts, so
+    one part's peak memory is not the last part's leftovers)."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def timeit(fn: Callable[[], object], *, warmup: int = 1, repeats: int = 5) -> dict[str, float]:

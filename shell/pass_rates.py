@@ -111,28 +111,20 @@ def input_records(cfg: DataConfig, dataset: Dataset) -> list[dict[str, Any]]:
 def read_partial(path: Path, records: Sequence[dict[str, Any]], *, samples: int) -> list[dict[str, Any]]:
     """The graded records an interrupted job left in ``path``, checked against the job's own: the i-th must be the
     i-th input record graded with ``samples`` samples (``DataError`` naming the line otherwise); a torn last line
-    (the job killed mid-write) is dropped."""
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
+    (the job killed mid-write) is dropped (the job rewrites the file without it before appending)."""
+    if path.read_bytes()[-1:] not in (b"", b"\n"):
         print(f"{path}: dropping a torn last line", flush=True)
-        lines = lines[:-1]
     done: list[dict[str, Any]] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i + 1}: invalid JSON ({e.msg})") from None
+    for lineno, rec in read_jsonl(path, complete_lines_only=True):
         j = len(done)
         if j >= len(records):
-            raise DataError(f"{path}:{i + 1}: more graded records than the data set has ({len(records)})")
+            raise DataError(f"{path}:{lineno}: more graded records than the data set has ({len(records)})")
         expected = {k: v for k, v in records[j].items() if k not in ("pass_rate", "num_samples", "num_correct")}
         if {k: rec.get(k) for k in expected} != expected:
-            raise DataError(f"{path}:{i + 1}: not problem {j + 1} of this data set (other --data flags?); "
+            raise DataError(f"{path}:{lineno}: not problem {j + 1} of this data set (other --data flags?); "
                             "remove the file to start over")
         if rec.get("num_samples") != samples:
-            raise DataError(f"{path}:{i + 1}: graded with num_samples {rec.get('num_samples')}, not "
+            raise DataError(f"{path}:{lineno}: graded with num_samples {rec.get('num_samples')}, not "
                             f"--samples-per-problem {samples}")
         done.append(rec)
     return done
@@ -204,8 +196,8 @@ def _estimate(cfg: PassRatesConfig, output: Path, partial: Path, template: Any, 
         if done:
             say(f"--resume: {len(done)} of {len(records)} problems already graded in {partial}")
         say(f"pass rates: {len(records)} problems × {k} samples with {cfg.model.name_or_path} from {fits.source}")
-        if is_main():
-            partial.touch()
+        if is_main():  # exactly the checked records: a torn last line must not stay in front of the appended ones
+            atomic_write_jsonl(partial, done)
         for start in range(len(done), len(records), cfg.chunk_problems):
             idx = list(range(start, min(len(records), start + cfg.chunk_problems)))
             batch = rollout(sampler, [fits[i] for i in idx], template, cfg.sampling, group_size=k,

@@ -160,7 +160,7 @@ def train(cfg: SFTConfig) -> Path:
         model = apply_lora(model, cfg.lora)  # after the sampler's generation copy: that copy stays a plain model
         learner = Learner(model, tokenizer, cfg.optim)
         run.begin(learner, closing=[sampler.close])
-        if run.start == 0:
+        if not run.resumed:
             run.log(parameter_counts(model))  # the first record: what trains (no step: kept by every resume)
         micro = max(1, cfg.batch_size // cfg.gradient_accumulation_steps)
 

@@ -339,7 +339,10 @@ def warm_start(learner: Learner, examples: Sequence[SFTExample], cfg: WarmStartC
     if steps <= 0 or start >= steps:
         return min(start, max(steps, 0))
     if not examples:
-        raise ValueError("warm start: the training data has no solutions to make SFT traces from")
+        # the loops refuse data without solutions before loading (rl_session.load_rl_data); this is what is left
+        # after the context filter, or a direct caller's empty list
+        raise ValueError("warm start: no SFT traces to train on (no training question has a solution that fits "
+                         "the model's context)")
     optimizer = optimizer if optimizer is not None else Optimizer(learner.model, learner.optim, lr=cfg.lr)
     k = warm_start_microbatches(batch_size, world().size)
     logger = (RunLogger(run_dir, logger="none", metrics_name="warm_start_metrics.jsonl", step_keys=("train_step",),

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from hypothesis import HealthCheck, settings
+
+from doubles import save_tiny_policy
 
 settings.register_profile(
     "quick", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
@@ -36,3 +39,10 @@ def no_shape_checks():
         yield
     finally:
         jaxtyping.config.update("jaxtyping_disable", False)
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory) -> Path:
+    """A saved tiny random policy folder (``doubles.save_tiny_policy``), shared by every test that runs a CLI on it
+    (read-only: runs write into their own runs folders)."""
+    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")

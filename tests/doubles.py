@@ -170,6 +170,19 @@ def save_tiny_policy(path: str | os.PathLike[str], seed: int = 0, model: Any | N
     return save_policy(model, tokenizer, path)
 
 
+def tiny_sft_args(tiny: str | os.PathLike[str], runs: str | os.PathLike[str], name: str, *extra: str, steps: int,
+                  data_limit: int, eval_limit: int, eval_tokens: int = 4, batch_size: int = 4) -> list[str]:
+    """The flags of a short ``shell.sft`` run of the tiny policy at ``tiny`` into ``runs/name`` (CPU, no grading
+    workers, no logger, float32 generation copy; 2 microbatches per step, an evaluation every 2 steps)."""
+    return [
+        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", str(data_limit),
+        "--eval-data.limit", str(eval_limit), "--eval.max-tokens", str(eval_tokens), "--grading.workers", "0",
+        "--sampler.generation-dtype", "None", "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", name,
+        "--num-steps", str(steps), "--batch-size", str(batch_size), "--gradient-accumulation-steps", "2",
+        "--eval-every", "2", *extra,
+    ]
+
+
 # ------------------------------------------------------------------------------------------ a fake vllm module
 
 

@@ -272,6 +272,22 @@ def test_pass_rates_band_filter_resume_and_load_back(monkeypatch, tmp_path):
     pass_rates.main(_pr_args(cut, "--resume"))
     assert cut.read_text() == full.read_text() and sampler.calls == 3  # chunks 2..4 of 3 problems only
 
+    # Killed mid-write (a torn last line), resumed, killed again, resumed: the torn bytes are dropped before the
+    # next chunk is appended (else they would glue onto it and break the second resume).
+    torn = tmp_path / "torn.jsonl"
+    _patch_sampler(monkeypatch, tmp_path, _Scripted(answers, fail_after=1))
+    with pytest.raises(KeyboardInterrupt):
+        pass_rates.main(_pr_args(torn))
+    with open(pass_rates.partial_path(torn), "a", encoding="utf-8") as f:
+        f.write('{"question": "half a rec')
+    _patch_sampler(monkeypatch, tmp_path, _Scripted(answers, fail_after=1))
+    with pytest.raises(KeyboardInterrupt):
+        pass_rates.main(_pr_args(torn, "--resume"))
+    assert len(pass_rates.partial_path(torn).read_text().splitlines()) == 6
+    _patch_sampler(monkeypatch, tmp_path, _Scripted(answers))
+    pass_rates.main(_pr_args(torn, "--resume"))
+    assert torn.read_text() == full.read_text()
+
     # The output loads back: the same problems, with their pass rates for --data.curriculum pass-rate.
     back = load_dataset(DataConfig(path=str(full)))
     assert [ex.meta["pass_rate"] for ex in back] == [r["pass_rate"] for r in recs]

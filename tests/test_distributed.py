@@ -24,7 +24,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from doubles import save_tiny_policy, tiny_policy
+from doubles import save_tiny_policy, tiny_policy, tiny_sft_args
 from shell.world import add_up, interleave, share_of
 from shell.runlog import read_metrics
 
@@ -122,13 +122,11 @@ def test_a_warm_start_batch_that_cannot_be_shared_is_refused_before_loading(monk
 
 
 def sft_args(tiny: Path, runs: Path, name: str, *extra: str, steps: int = 2) -> list[str]:
-    return [
-        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "32", "--eval-data.limit", "5",
-        "--eval.max-tokens", "6", "--grading.workers", "0", "--sampler.generation-dtype", "None",
-        "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", name, "--num-steps", str(steps),
-        "--batch-size", "8", "--gradient-accumulation-steps", "2", "--eval-every", "2", "--optim.lr", "1e-3",
-        "--optim.share-prompt-prefix", "--optim.no-autocast-bf16", *extra,  # the prompt prefix run once; float32:
-    ]  # under the laptop's bf16 autocast the two differ by ~1.5e-5 relative at step 2 since the typed objective (open)
+    # the prompt prefix run once; float32: under the laptop's bf16 autocast the two differ by ~1.5e-5 relative at
+    # step 2 since the typed objective (open)
+    return tiny_sft_args(tiny, runs, name, "--optim.lr", "1e-3", "--optim.share-prompt-prefix",
+                         "--optim.no-autocast-bf16", *extra, steps=steps, data_limit=32, eval_limit=5, eval_tokens=6,
+                         batch_size=8)
 
 
 def test_sft_at_world_size_2_equals_world_size_1(tiny, tmp_path):

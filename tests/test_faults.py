@@ -12,21 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from doubles import save_tiny_policy
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
+from doubles import tiny_sft_args
 
 
 def sft_args(tiny: Path, runs: Path, name: str, *extra: str, steps: int = 2) -> list[str]:
-    return [
-        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "16", "--eval-data.limit", "2",
-        "--eval.max-tokens", "4", "--grading.workers", "0", "--sampler.generation-dtype", "None",
-        "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", name, "--num-steps", str(steps),
-        "--batch-size", "4", "--gradient-accumulation-steps", "2", "--eval-every", "2", *extra,
-    ]
+    return tiny_sft_args(tiny, runs, name, *extra, steps=steps, data_limit=16, eval_limit=2)
 
 
 # 2. run names are single folder names; nothing is written through a link ----------------------------------

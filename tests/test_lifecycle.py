@@ -14,26 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from doubles import save_tiny_policy
+from doubles import tiny_sft_args
 from shell.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled"}
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
-
-
 def sft_args(tiny: Path, runs: Path, name: str, *extra: str, steps: int = 4) -> list[str]:
-    return [
-        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "32", "--eval-data.limit", "4",
-        "--eval.max-tokens", "4", "--grading.workers", "0", "--sampler.generation-dtype", "None",
-        "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", name, "--num-steps", str(steps),
-        "--batch-size", "4", "--gradient-accumulation-steps", "2", "--eval-every", "2", "--optim.lr", "1e-3",
-        "--keep-checkpoints", "2", *extra,  # the laptop preset keeps one; these tests resume from the one before
-    ]
+    # the laptop preset keeps one checkpoint; these tests resume from the one before
+    return tiny_sft_args(tiny, runs, name, "--optim.lr", "1e-3", "--keep-checkpoints", "2", *extra, steps=steps,
+                         data_limit=32, eval_limit=4)
 
 
 def sft(*args: str) -> subprocess.CompletedProcess:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from doubles import install_fake_vllm, save_tiny_policy, sigkill_once, tiny_policy
+from doubles import install_fake_vllm, sigkill_once, tiny_policy
 from shell.config import OptimConfig
 from shell.data import SFTExample
 from shell.lora import LoraConfig, adapter_disabled, apply_lora, is_lora, merged_state_dict
@@ -20,11 +20,6 @@ from shell.update import Learner, Reference, sft_update
 
 REPO = Path(__file__).resolve().parents[1]
 TARGETS = ("q_proj", "v_proj", "up_proj")
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
 
 
 def _examples(n: int = 8) -> list[SFTExample]:

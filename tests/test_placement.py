@@ -11,17 +11,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from doubles import install_fake_vllm, save_tiny_policy
+from doubles import install_fake_vllm
 from shell.config import OptimConfig, SamplerConfig, cli
 from shell.models import load_policy, resolve_dtype
 from shell.runlog import read_metrics
 from shell.sampling.hf import generation_copy_dtype
 from shell.sampling.vllm import engine_kwargs
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
 
 
 # ------------------------------------------------------------------------------------------ mixed precision

@@ -7,20 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from doubles import save_tiny_policy, sigkill_once
+from doubles import sigkill_once
 from shell.runlog import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
-
-
-def _common(tiny_dir: Path, runs: Path) -> list[str]:
+def _common(tiny: Path, runs: Path) -> list[str]:
     return [
-        "--model.name-or-path", str(tiny_dir), "--model.device", "cpu",
+        "--model.name-or-path", str(tiny), "--model.device", "cpu",
         "--data.limit", "32", "--eval-data.limit", "6",
         "--eval.max-tokens", "6", "--grading.workers", "0",
         "--sampler.generation-dtype", "None",
@@ -28,8 +23,8 @@ def _common(tiny_dir: Path, runs: Path) -> list[str]:
     ]
 
 
-def _sft_args(tiny_dir: Path, runs: Path, name: str) -> list[str]:
-    return _common(tiny_dir, runs) + [
+def _sft_args(tiny: Path, runs: Path, name: str) -> list[str]:
+    return _common(tiny, runs) + [
         "--run.name", name, "--num-steps", "6", "--batch-size", "4", "--gradient-accumulation-steps", "2",
         "--eval-every", "3", "--checkpoint-every", "2", "--optim.lr", "1e-3",
     ]
@@ -40,10 +35,10 @@ def _comparable(rows):
     return [{k: v for k, v in r.items() if k not in drop} for r in rows]
 
 
-def test_evaluate_writes_results_and_summary(tiny_dir, tmp_path, capsys):
+def test_evaluate_writes_results_and_summary(tiny, tmp_path, capsys):
     from shell import evaluate
 
-    result = evaluate.main([*_common(tiny_dir, tmp_path)[:2], "--data.limit", "5", "--eval.max-tokens", "5",
+    result = evaluate.main([*_common(tiny, tmp_path)[:2], "--data.limit", "5", "--eval.max-tokens", "5",
                             "--grading.workers", "0", "--sampler.generation-dtype", "None", "--run.runs-dir", str(tmp_path),
                             "--run.name", "zero_shot"])
     run_dir = tmp_path / "zero_shot"
@@ -57,10 +52,10 @@ def test_evaluate_writes_results_and_summary(tiny_dir, tmp_path, capsys):
     assert "format 1, answer 1" in capsys.readouterr().out
 
 
-def test_sft_run_writes_metrics_curves_checkpoints(tiny_dir, tmp_path):
+def test_sft_run_writes_metrics_curves_checkpoints(tiny, tmp_path):
     from shell import sft
 
-    sft.main(_sft_args(tiny_dir, tmp_path, "a"))
+    sft.main(_sft_args(tiny, tmp_path, "a"))
     run = tmp_path / "a"
     rows = read_metrics(run)
     train = [r for r in rows if "train_step" in r]
@@ -76,11 +71,11 @@ def test_sft_run_writes_metrics_curves_checkpoints(tiny_dir, tmp_path):
     assert [g["step"] for g in gens] == [0, 3, 6]
 
 
-def test_sft_killed_then_resumed_equals_uninterrupted(tiny_dir, tmp_path):
+def test_sft_killed_then_resumed_equals_uninterrupted(tiny, tmp_path):
     from shell import sft
 
-    sft.main(_sft_args(tiny_dir, tmp_path, "straight"))
-    args = _sft_args(tiny_dir, tmp_path, "killed")
+    sft.main(_sft_args(tiny, tmp_path, "straight"))
+    args = _sft_args(tiny, tmp_path, "killed")
     first = tmp_path / "killed" / "checkpoints" / "step_000002"
     killed_mid_run = sigkill_once("shell.sft", args, first, cwd=REPO)
     assert first.exists()
@@ -104,7 +99,7 @@ def _write(path: Path, text: str) -> Path:
         ('{"prompt": "p", "response": "no template here"}\n', ":1: field 'response' does not follow the r1_zero template"),
     ],
 )
-def test_sft_bad_input_is_a_clear_error_and_keeps_earlier_output(tiny_dir, tmp_path, capsys, content, message):
+def test_sft_bad_input_is_a_clear_error_and_keeps_earlier_output(tiny, tmp_path, capsys, content, message):
     from shell import sft
 
     run = tmp_path / "bad"
@@ -114,7 +109,7 @@ def test_sft_bad_input_is_a_clear_error_and_keeps_earlier_output(tiny_dir, tmp_p
     if content is not None:
         _write(data, content)
     with pytest.raises(SystemExit) as exc:
-        sft.main([*_sft_args(tiny_dir, tmp_path, "bad"), "--data.path", str(data)])
+        sft.main([*_sft_args(tiny, tmp_path, "bad"), "--data.path", str(data)])
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and str(data) in err

@@ -11,16 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from doubles import save_tiny_policy
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "disabled",
        "PYTHONPATH": str(REPO)}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
 
 
 def _exit_2(main, argv, capsys) -> str:

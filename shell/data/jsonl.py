@@ -44,12 +44,15 @@ PASS_RATE_FIELDS: tuple[str, ...] = ("pass_rate", "num_samples", "num_correct")
 """Fields ``shell.pass_rates`` adds to a record; every loader keeps them in ``Example.meta``."""
 
 
-def read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for each non-blank line; malformed lines raise DataError."""
+def read_jsonl(path: Path, *, complete_lines_only: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for each non-blank line; malformed lines raise DataError.
+    ``complete_lines_only``: a last line without its newline (a writer killed mid-line) is skipped, not parsed."""
     if not path.is_file():
         raise DataFileNotFoundError(f"data file not found: {path}")
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
+            if complete_lines_only and not raw.endswith(b"\n"):
+                return
             try:
                 line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
             except UnicodeDecodeError as e:
