@@ -60,15 +60,17 @@ class RolloutProducer(Generic[T]):
     sampler holds as it starts (the step the run starts after). Use as a context manager: entering starts the
     thread, leaving stops it after the batch in flight (which is dropped) and joins it.
 
-    ``produce`` runs in the producer's thread, with the sampler held; an exception it raises is raised again
-    by the trainer's next :meth:`take`."""
+    ``produce`` runs in the producer's thread, with the sampler held (after ``on_start()``, once); an exception
+    either raises is raised again by the trainer's next :meth:`take`."""
 
     def __init__(self, produce: Callable[[int], T], *, staleness: int, first_step: int, last_step: int,
-                 version: int) -> None:
+                 version: int, on_start: Callable[[], object] | None = None) -> None:
         if staleness < 1:
             raise ValueError(f"a producer needs staleness >= 1, got {staleness} (0 is the synchronous loop)")
         self.staleness = staleness
         self.produce = produce
+        self.on_start = on_start
+        """Called first in the producer's thread (e.g. its own torch thread count)."""
         self.first_step, self.last_step = first_step, last_step
         self.version = version
         """The version of the weights the sampler holds (changed only with the sampler held)."""
@@ -101,6 +103,8 @@ class RolloutProducer(Generic[T]):
     def _run(self) -> None:
         idle_since = time.monotonic()
         try:
+            if self.on_start is not None:
+                self.on_start()
             for step in range(self.first_step, self.last_step + 1):
                 with self.changed:  # the bound: the batch of `step` needs weights of version >= step - 1 - K
                     while not self.stopping and self.version < step - 1 - self.staleness:

@@ -359,28 +359,50 @@ def asynchronous_steps(cfg: GRPOConfig, run: Run, session: RLSession, settings: 
         rollouts, scores, info = sample_batch(sampler, session.train_set, session.template, cfg, step, session.curriculum)
         return rollouts, scores, info, session.curriculum.state_dict()
 
-    with RolloutProducer(produce, staleness=k, first_step=run.start + 1, last_step=cfg.n_grpo_steps,
-                         version=run.start) as producer:
-        for step in run.steps():
-            batch, waited = producer.take(step)
-            rollouts, scores, info, curriculum = batch.value
-            session.record_curriculum(curriculum)  # the state after this step's questions: its checkpoint's
-            session.model.eval()
-            rollouts.fill_entropies(session.entropy)  # vLLM: under the current policy (the trainer's version)
-            rows, line = learn(cfg, session.learner, rollouts, scores, info, settings, reference, step,
-                               {"train/staleness": step - 1 - batch.version, "train/policy_version": batch.version,
-                                "time/wait_for_rollouts": waited, "time/wait_for_weights": batch.wait_for_weights,
-                                "time/rollout_s": batch.seconds})
+    threads = torch.get_num_threads()
+    split = session.learner.device.type == "cpu"  # the two sides share the cores: split the torch threads
+    producer_threads, trainer_threads = max(1, threads // 2), max(1, threads - threads // 2)
+    if split:
+        run.say(f"--async-staleness on a CPU: {producer_threads} torch thread(s) sample, {trainer_threads} train")
+        torch.set_num_threads(trainer_threads)  # this thread's (OpenMP's count is per thread)
+    try:
+        with RolloutProducer(produce, staleness=k, first_step=run.start + 1, last_step=cfg.n_grpo_steps,
+                             version=run.start,
+                             on_start=(lambda: torch.set_num_threads(producer_threads)) if split else None) as producer:
+            _asynchronous_loop(cfg, run, session, settings, reference, producer, threads=threads)
+    finally:
+        torch.set_num_threads(threads)
 
-            def log_and_evaluate(sync: float) -> None:  # the new weights in the sampler, still held
-                for row in rows:
-                    run.log({**row, "time/weight_sync": sync})
-                run.say(f"{line}  staleness {step - 1 - batch.version}  waited {waited:.1f}s")
-                if run.eval_due(step):
+
+def _asynchronous_loop(cfg: GRPOConfig, run: Run, session: RLSession, settings: PolicyGradientSettings,
+                       reference: Reference | None, producer: RolloutProducer, *, threads: int) -> None:
+    """The trainer's side of :func:`asynchronous_steps`; it evaluates with all ``threads`` (the producer waits)."""
+    sampler = session.sampler
+    for step in run.steps():
+        batch, waited = producer.take(step)
+        rollouts, scores, info, curriculum = batch.value
+        session.record_curriculum(curriculum)  # the state after this step's questions: its checkpoint's
+        session.model.eval()
+        rollouts.fill_entropies(session.entropy)  # vLLM: under the current policy (the trainer's version)
+        rows, line = learn(cfg, session.learner, rollouts, scores, info, settings, reference, step,
+                           {"train/staleness": step - 1 - batch.version, "train/policy_version": batch.version,
+                            "time/wait_for_rollouts": waited, "time/wait_for_weights": batch.wait_for_weights,
+                            "time/rollout_s": batch.seconds})
+
+        def log_and_evaluate(sync: float) -> None:  # the new weights in the sampler, still held
+            for row in rows:
+                run.log({**row, "time/weight_sync": sync})
+            run.say(f"{line}  staleness {step - 1 - batch.version}  waited {waited:.1f}s")
+            if run.eval_due(step):
+                trainer_threads = torch.get_num_threads()
+                torch.set_num_threads(threads)  # the producer waits for the sampler meanwhile
+                try:
                     session.evaluate(step)
+                finally:
+                    torch.set_num_threads(trainer_threads)
 
-            producer.publish(step, lambda: sampler.load_weights(session.model), then=log_and_evaluate)
-            run.checkpoint_if_due(step)
+        producer.publish(step, lambda: sampler.load_weights(session.model), then=log_and_evaluate)
+        run.checkpoint_if_due(step)
 
 
 def _h100(**overrides: Any) -> GRPOConfig:

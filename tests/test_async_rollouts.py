@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 from doubles import save_tiny_policy, sigkill_once
 from shell.async_rollouts import Produced, RolloutProducer
@@ -229,7 +230,8 @@ def test_async_applies_the_correction_and_keeps_each_checkpoints_curriculum(tiny
     """K = 2 with training slowed by 0.6 s a step: the producer is always as far ahead as the bound lets it, so
     step t's batch is min(t - 1, 2) versions old; every microbatch's objective gets the sampler's log-probs and the
     TIS cap 2; and each checkpoint's curriculum state is the one after its own step's questions (the online
-    walk's cursor: 2 a step), not the producer's, which is ahead."""
+    walk's cursor: 2 a step), not the producer's, which is ahead. On a CPU the trainer trains with its share of
+    the torch threads and gets them all back after."""
     from shell import grpo, update
 
     seen = []
@@ -239,7 +241,10 @@ def test_async_applies_the_correction_and_keeps_each_checkpoints_curriculum(tiny
         seen.extend(kwargs for _, kwargs in microbatches if "settings" in kwargs)  # GRPO's, not the warm start's
         return original_step(learner, step_fn, microbatches, **kw)
 
+    threads, trainer_threads = torch.get_num_threads(), []
+
     def slow_learn(*args, **kwargs):
+        trainer_threads.append(torch.get_num_threads())
         time.sleep(0.6)
         return original_learn(*args, **kwargs)
 
@@ -253,6 +258,7 @@ def test_async_applies_the_correction_and_keeps_each_checkpoints_curriculum(tiny
     assert {"time/wait_for_rollouts", "time/wait_for_weights", "time/weight_sync", "train/tis_weight_mean"} <= set(rows[-1])
     assert sum(r["time/wait_for_weights"] for r in rows if r["train_step"] > 3) > 0.6  # held at the bound
     assert seen and all(kw["settings"].tis_cap == 2.0 and kw["tensors"].sampler_log_probs is not None for kw in seen)
+    assert set(trainer_threads) == {max(1, threads - threads // 2)} and torch.get_num_threads() == threads  # a CPU
     cursors = {c.name: load_state(c)["loop"]["curriculum"]["cursor"] for c in list_checkpoints(tmp_path / "k2")}
     assert cursors == {f"step_{s:06d}": 2 * s for s in range(1, 6)}
 
@@ -262,9 +268,10 @@ def test_a_slow_sampler_keeps_the_bound_in_the_loop(tiny, tmp_path, monkeypatch)
     pushing its weights after the batch in flight), and the bound holds."""
     from shell import grpo
 
-    original = grpo.sample_batch
+    original, producer_threads = grpo.sample_batch, []
 
     def slow_sample(*args, **kwargs):
+        producer_threads.append(torch.get_num_threads())
         time.sleep(0.4)
         return original(*args, **kwargs)
 
@@ -274,6 +281,7 @@ def test_a_slow_sampler_keeps_the_bound_in_the_loop(tiny, tmp_path, monkeypatch)
     assert sorted({r["train_step"] for r in rows}) == [1, 2, 3, 4]
     assert all(0 <= r["train/staleness"] <= 1 for r in rows)
     assert rows[0]["time/wait_for_rollouts"] > 0.3
+    assert set(producer_threads) == {max(1, torch.get_num_threads() // 2)}  # a CPU: the threads are split
     once = {r["train_step"]: r for r in rows}.values()
     assert sum(r["time/wait_for_rollouts"] + r["time/weight_sync"] for r in once) > 0.5 * 4 * 0.4  # less training
 
@@ -303,7 +311,10 @@ def test_async_killed_then_resumed_completes(tiny, tmp_path):
     _check_resumed(tmp_path / "killed", 5, 1, newest)
 
 
+@pytest.mark.slow
 def test_async_sigterm_checkpoints_stops_the_producer_and_resumes(tiny, tmp_path):
+    """SIGTERM after step 2 is logged: the run finishes its step, stops the producer (the batch in flight ends,
+    the ones made ahead are dropped), checkpoints, exits 143; --resume runs to the end within the bound."""
     from shell import grpo
 
     args = _args(tiny, tmp_path, "term", 5, "--async-staleness", "1")
