@@ -99,8 +99,9 @@ class GRPOConfig:
     """Weight of a k3 KL penalty to a frozen copy of the starting policy (0: off, no reference loaded)."""
     tis_cap: float | None = None
     """Truncated importance sampling: weight each token's loss by min(exp(old - sampler log-prob), cap),
-    correcting the sampler/trainer mismatch and, with --async-staleness, the rollouts' staleness (0: off; None: off
-    at --async-staleness 0, ASYNC_TIS_CAP (2) above it; the mismatch is logged either way)."""
+    correcting the sampler/trainer mismatch and, with --async-staleness, the rollouts' staleness (0: off, with a
+    warning under --async-staleness; None: off at --async-staleness 0, 2 above it; the mismatch is logged either
+    way)."""
     async_staleness: int = 0
     """Asynchronous rollouts: a producer thread samples the rollout batches of steps t+1 … t+K while the policy
     trains on step t, and no batch is trained on more than K policy versions after the weights that drew it
