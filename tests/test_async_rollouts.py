@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from doubles import save_tiny_policy, sigkill_once
+from doubles import install_fake_vllm, save_tiny_policy, sigkill_once
 from shell.async_rollouts import Produced, RolloutProducer
 from shell.checkpoint import list_checkpoints
 from shell.grpo import ASYNC_TIS_CAP, GRPOConfig, check_config, pg_settings
@@ -284,6 +284,21 @@ def test_a_slow_sampler_keeps_the_bound_in_the_loop(tiny, tmp_path, monkeypatch)
     assert set(producer_threads) == {max(1, torch.get_num_threads() // 2)}  # a CPU: the threads are split
     once = {r["train_step"]: r for r in rows}.values()
     assert sum(r["time/wait_for_rollouts"] + r["time/weight_sync"] for r in once) > 0.5 * 4 * 0.4  # less training
+
+
+def test_async_under_colocated_vllm_never_sleeps_pushes_every_version_and_scores_entropy(tiny, tmp_path, monkeypatch):
+    """The vLLM path (a fake engine sampling with the HF backend): the producer's thread generates, the trainer
+    pushes the weights after every step (once at the start, then each version), the engine never sleeps (it
+    samples while the policy trains), and the rollout entropy is scored by the policy."""
+    from shell import grpo
+
+    calls = install_fake_vllm(monkeypatch)
+    grpo.main(_args(tiny, tmp_path, "vllm", 3, "--async-staleness", "1", "--sampler.backend", "vllm"))
+    names = [c[0] for c in calls]
+    assert "sleep" not in names and names.count("reload_weights") == 1 + 3
+    rows = _train_rows(tmp_path / "vllm")
+    assert all(0 <= r["train/staleness"] <= 1 and r["train/rollout_entropy"] is not None for r in rows)
+    assert max(r["train/staleness"] for r in rows) == 1
 
 
 def _check_resumed(run: Path, steps: int, k: int, resumed_from: int) -> None:
