@@ -5,7 +5,8 @@ Phases per GRPO step: sample questions → rollout G responses each from the old
 mode) epochs × train batches × microbatches, clip + AdamW per train batch → log → sync the new weights
 into the sampler. Every ``--eval-every`` steps (and at step 0, before the first update) the held-out set
 is evaluated; ``--resume`` continues exactly from the last checkpoint. An optional SFT warm start
-(``--warm-start-steps``) runs first and writes ``warm_start_metrics.jsonl``.
+(``--warm-start-steps``) runs first and writes ``warm_start_metrics.jsonl``. With ``--async-staleness K`` > 0 a
+producer thread samples the batches of steps t+1 … t+K while step t trains (:func:`asynchronous_steps`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from core import (
     AdvantageEstimator, LengthNormalization, PolicyLossType, group_normalized_advantages, nonconstant_group_mask,
     overlong_penalty,
 )
+from shell.async_rollouts import RolloutProducer
 from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
     at_least, check_parts, flag, require, run_cli, variant,
@@ -35,7 +37,6 @@ from shell.lora import LoraConfig
 from shell.loop import Run, write_curves
 from shell.progress import say
 from shell.prompts import PromptName
-from shell.async_rollouts import RolloutProducer
 from shell.rl_session import RLSession, load_rl_data
 from shell.rollout import Rollouts, grade, rollout, rollout_diagnostics
 from shell.seeds import derive_seed
