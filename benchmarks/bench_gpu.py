@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu.py                 # a GPU: the h100 shapes, then 2 GRPO steps of the h100 preset
     python benchmarks/bench_gpu.py --tiny          # a CPU: the same code paths at toy size (< 2 minutes)
     python benchmarks/bench_gpu.py --tiny --no-compile   # the same without torch.compile (CI, seconds)
+    python benchmarks/bench_gpu.py --async-only    # only part 3: sync vs --async-staleness 1
 
 Part 1, the train phase of the project's GRPO microbatch step (:class:`shell.update.Learner`'s ``grpo_step``,
 the h100 preset's objective and optimizer settings: forward, chunked log-probs, loss, backward), eager vs
@@ -31,6 +32,14 @@ when installed (``h100x2``, vLLM on its own GPU, when two GPUs are visible), els
 when ``../shared/data/math`` exists (and not ``--tiny``), else the embedded arithmetic task; 64 held-out
 problems (4 with ``--tiny``), evaluated before the first step and after the last. A random model never writes
 ``</answer>``, so every response runs to ``--max-tokens``.
+
+Part 3, the synchronous loop vs ``--async-staleness 1`` (``--async-steps`` GRPO steps each, the part 2 set-up):
+on one device with the HF sampler beside the policy (on a GPU both share it: the producer's generation copy
+samples while the policy trains) and, with two GPUs and vLLM, ``h100x2`` (vLLM on a GPU of its own: the two
+overlap). Per run: the median step time over steps 2 … n (between consecutive steps' log records), the largest
+``train/staleness``, and the async runs' mean ``time/wait_for_rollouts``, ``time/wait_for_weights`` and
+``time/weight_sync`` over those steps (the synchronous loop logs no waits: its trainer waits for the whole
+sampling, its sampler for the whole training). ``--async-only`` runs part 3 alone.
 
 Writes ``benchmarks/results/gpu.json`` (``gpu_tiny.json`` with ``--tiny``).
 """
@@ -216,8 +225,10 @@ def microbatch_phase(shape: dict[str, Any], *, lengths: list[tuple[int, int]], c
 
 
 def grpo_smoke(shape: dict[str, Any], *, device: str, rollouts: int, max_tokens: int, sampler: str, tiny: bool,
-               work: Path) -> dict[str, Any]:
-    """2 GRPO steps of the h100 preset (h100x2 for vLLM on two GPUs) on the random model; wall time and metrics."""
+               work: Path, steps: int = 2, extra: tuple[str, ...] = (), name: str = "grpo",
+               preset: str | None = None) -> dict[str, Any]:
+    """``steps`` GRPO steps of the h100 preset (h100x2 for vLLM on two GPUs; ``preset`` when given) on the random
+    model, with the flags ``extra``; wall time and metrics."""
     from doubles import tiny_tokenizer
     from shell import grpo
     from shell.models import save_policy
@@ -225,16 +236,19 @@ def grpo_smoke(shape: dict[str, Any], *, device: str, rollouts: int, max_tokens:
 
     backend = sampler if sampler != "auto" else (
         "vllm" if device == "cuda" and importlib.util.find_spec("vllm") is not None else "hf")
-    preset = "h100x2" if backend == "vllm" and device == "cuda" and torch.cuda.device_count() >= 2 else "h100"
+    if preset is None:
+        preset = "h100x2" if backend == "vllm" and device == "cuda" and torch.cuda.device_count() >= 2 else "h100"
     tokenizer = tiny_tokenizer(vocab_size=shape["vocab_size"])
     model = build_model({**shape, "eos_token_id": tokenizer.eos_token_id, "pad_token_id": tokenizer.pad_token_id},
                         torch.bfloat16, "cpu")
-    folder = save_policy(model, tokenizer, work / "model")
+    folder = work / "model"
+    if not (folder / "config.json").is_file():
+        save_policy(model, tokenizer, folder)
     del model
     math = (ROOT / ".." / "shared" / "data" / "math" / "train.jsonl").resolve()
     data = [] if math.is_file() and not tiny else ["--data.path", "None", "--eval-data.path", "None"]
     args = [preset, "--model.name-or-path", str(folder), "--model.device", device, *data,
-            "--n-grpo-steps", "2", "--rollout-batch-size", str(rollouts), "--group-size", "8",
+            "--n-grpo-steps", str(steps), "--rollout-batch-size", str(rollouts), "--group-size", "8",
             "--train-batch-size", str(rollouts), "--gradient-accumulation-steps", str(rollouts // 2),
             "--sampling.max-tokens", str(max_tokens), "--eval.max-tokens", str(max_tokens),
             "--eval-data.limit", "4" if tiny else "64",
@@ -242,19 +256,53 @@ def grpo_smoke(shape: dict[str, Any], *, device: str, rollouts: int, max_tokens:
             # tokens, more than the random model's context holds, which is checked even when it is off)
             "--eval-every", "100", "--final-eval.no-enabled", "--final-eval.sampling.max-tokens", str(max_tokens),
             "--sampler.backend", backend, "--run.logger", "none",
-            "--run.runs-dir", str(work / "runs"), "--run.name", "grpo", "--grading.workers", "0"]
+            "--run.runs-dir", str(work / "runs"), "--run.name", name, "--grading.workers", "0", *extra]
     if tiny:
         args += ["--optim.no-compile"]  # on a CPU compiling costs minutes; part 1 runs the compiled step
     t0 = time.perf_counter()
     grpo.main(args)
     wall = time.perf_counter() - t0
-    rows = read_metrics(work / "runs" / "grpo")
-    train = [r for r in rows if "train/loss" in r]
+    rows = read_metrics(work / "runs" / name)
+    train = list({r["train_step"]: r for r in rows if "train/loss" in r}.values())  # a step's last optimizer step
     return {"preset": preset, "sampler": backend, "data": "MATH train" if not data else "embedded arithmetic",
             "rollouts": rollouts, "max_tokens": max_tokens, "wall_s": wall, "steps": len(train),
             "response_length": [r["train/response_length"] for r in train],
             "rollout_entropy": [r["train/rollout_entropy"] for r in train],
-            "elapsed_s": [r["time/elapsed_s"] for r in train]}
+            "elapsed_s": [r["time/elapsed_s"] for r in train],
+            **{key: [r.get(key) for r in train] for key in ASYNC_KEYS}}
+
+
+ASYNC_KEYS = ("train/staleness", "time/wait_for_rollouts", "time/wait_for_weights", "time/weight_sync")
+
+
+def async_phase(shape: dict[str, Any], *, device: str, rollouts: int, max_tokens: int, steps: int, tiny: bool,
+                work: Path) -> list[dict[str, Any]]:
+    """Part 3: the synchronous loop vs ``--async-staleness 1``, ``steps`` GRPO steps each: on one device with the
+    HF sampler beside the policy and, with two GPUs and vLLM, with vLLM on a GPU of its own (h100x2). Per run:
+    the median step time over steps 2 … n (the time between consecutive steps' log records; step 1 has nothing to
+    overlap with) and the async runs' mean waits over the same steps."""
+    import statistics
+
+    setups = [("one device, HF sampler", "hf", "h100")]
+    if device == "cuda" and torch.cuda.device_count() >= 2 and importlib.util.find_spec("vllm") is not None:
+        setups.append(("two GPUs, dedicated vLLM", "vllm", "h100x2"))
+    out = []
+    for label, backend, preset in setups:
+        for k in (0, 1):
+            run = grpo_smoke(shape, device=device, rollouts=rollouts, max_tokens=max_tokens, sampler=backend, tiny=tiny,
+                             work=work, steps=steps, extra=("--async-staleness", str(k)), preset=preset,
+                             name=f"async_{backend}_{k}")
+            elapsed = run["elapsed_s"]
+            periods = [b - a for a, b in zip(elapsed, elapsed[1:])]
+            row = {"setup": label, "async_staleness": k, "steps": run["steps"],
+                   "step_s": statistics.median(periods) if periods else None,
+                   "max_staleness": max(run["train/staleness"]), "wall_s": run["wall_s"]}
+            for key in ASYNC_KEYS[1:]:
+                values = [v for v in run[key][1:] if v is not None]
+                row[key.split("/")[1] + "_s"] = statistics.fmean(values) if values else None
+            out.append(row)
+            print_table(out[-1:], list(out[-1]))
+    return out
 
 
 def main() -> None:
@@ -266,6 +314,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="GRPO response tokens (default 192; tiny 8)")
     p.add_argument("--sampler", choices=["auto", "hf", "vllm"], default="auto", help="auto: vLLM on a GPU when installed")
     p.add_argument("--skip-grpo", action="store_true")
+    p.add_argument("--async-only", action="store_true", help="only part 3 (sync vs --async-staleness 1)")
+    p.add_argument("--async-steps", type=int, default=4, help="part 3: GRPO steps per run (default 4)")
     p.add_argument("--no-compile", action="store_true", help="part 1 eager only (compiling takes minutes on a CPU)")
     p.add_argument("--rows", type=int, default=None, help="part 1b: rows of the step (default 64; tiny 16)")
     p.add_argument("--microbatches", nargs="+", default=None,
@@ -279,31 +329,39 @@ def main() -> None:
     sizes = [tuple(int(x) for x in s.split("x")) for s in (a.sizes or (["2x32"] if a.tiny else ["2x1024", "8x1024"]))]
     repeats = a.repeats or (2 if a.tiny else 5)
     t0 = time.perf_counter()
-    rows = []
-    for weights in ("bf16", "float32 masters"):
-        for compile in (False,) if a.no_compile else (False, True):
-            rows += train_phase(shape, weights=weights, compile=compile, sizes=sizes, device=device, repeats=repeats)
-    print()
-    print_table(rows, ["weights", "compiled", "microbatch", "tokens_per_s", "mfu", "peak_gib", "step_s", "first_call_s",
-                       "adamw_step_s", "checkpointed"])
-    lengths = math_like_lengths(a.rows or (16 if a.tiny else 64), scale=16 if a.tiny else 1)
-    micro_rows = microbatch_phase(shape, lengths=lengths, device=device, repeats=repeats, configs=a.microbatches or (
-        ["fixed-2", "budget-128", "budget-256"] if a.tiny else ["fixed-2", "budget-2048", "budget-4096", "budget-8192"]))
-    print()
-    print_table(micro_rows, list(micro_rows[0]))
-    smoke = None
+    rows: list[dict[str, Any]] = []
+    micro_rows: list[dict[str, Any]] = []
+    if not a.async_only:
+        for weights in ("bf16", "float32 masters"):
+            for compile in (False,) if a.no_compile else (False, True):
+                rows += train_phase(shape, weights=weights, compile=compile, sizes=sizes, device=device, repeats=repeats)
+        print()
+        print_table(rows, ["weights", "compiled", "microbatch", "tokens_per_s", "mfu", "peak_gib", "step_s",
+                           "first_call_s", "adamw_step_s", "checkpointed"])
+        lengths = math_like_lengths(a.rows or (16 if a.tiny else 64), scale=16 if a.tiny else 1)
+        micro_rows = microbatch_phase(shape, lengths=lengths, device=device, repeats=repeats, configs=a.microbatches or (
+            ["fixed-2", "budget-128", "budget-256"] if a.tiny else ["fixed-2", "budget-2048", "budget-4096", "budget-8192"]))
+        print()
+        print_table(micro_rows, list(micro_rows[0]))
+    smoke, async_rows = None, []
+    rollouts, max_tokens = a.rollouts or (8 if a.tiny else 64), a.max_tokens or (8 if a.tiny else 192)
     if not a.skip_grpo:
         with tempfile.TemporaryDirectory(prefix="bench-gpu-") as work:
-            smoke = grpo_smoke(shape, device=device, rollouts=a.rollouts or (8 if a.tiny else 64),
-                               max_tokens=a.max_tokens or (8 if a.tiny else 192), sampler=a.sampler, tiny=a.tiny,
-                               work=Path(work))
-        print(f"\nGRPO, {smoke['steps']} steps of the {smoke['preset']} preset ({smoke['sampler']} sampler, "
-              f"{smoke['data']}, {smoke['rollouts']} rollouts of {smoke['max_tokens']} tokens): {smoke['wall_s']:.1f} s")
+            if not a.async_only:
+                smoke = grpo_smoke(shape, device=device, rollouts=rollouts, max_tokens=max_tokens, sampler=a.sampler,
+                                   tiny=a.tiny, work=Path(work))
+                print(f"\nGRPO, {smoke['steps']} steps of the {smoke['preset']} preset ({smoke['sampler']} sampler, "
+                      f"{smoke['data']}, {smoke['rollouts']} rollouts of {smoke['max_tokens']} tokens): "
+                      f"{smoke['wall_s']:.1f} s")
+            async_rows = async_phase(shape, device=device, rollouts=rollouts, max_tokens=max_tokens,
+                                     steps=a.async_steps, tiny=a.tiny, work=Path(work))
+        print()
+        print_table(async_rows, list(async_rows[0]))
     total = time.perf_counter() - t0
     print(f"total {total:.1f} s")
     write_json("gpu_tiny" if a.tiny else "gpu", {"shape": shape, "device": device, "sizes": [f"{b}x{s}" for b, s in sizes],
                                                   "rows": rows, "microbatches": micro_rows, "grpo": smoke,
-                                                  "total_s": total})
+                                                  "async": async_rows, "total_s": total})
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ Phases per GRPO step: sample questions → rollout G responses each from the old
 mode) epochs × train batches × microbatches, clip + AdamW per train batch → log → sync the new weights
 into the sampler. Every ``--eval-every`` steps (and at step 0, before the first update) the held-out set
 is evaluated; ``--resume`` continues exactly from the last checkpoint. An optional SFT warm start
-(``--warm-start-steps``) runs first and writes ``warm_start_metrics.jsonl``.
+(``--warm-start-steps``) runs first and writes ``warm_start_metrics.jsonl``. With ``--async-staleness K`` > 0 a
+producer thread samples the batches of steps t+1 … t+K while step t trains (:func:`asynchronous_steps`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from core import (
     AdvantageEstimator, LengthNormalization, PolicyLossType, group_normalized_advantages, nonconstant_group_mask,
     overlong_penalty,
 )
+from shell.async_rollouts import RolloutProducer
 from shell.config import (
     GradingConfig, LoopConfig, ModelConfig, OptimConfig, RunConfig, SamplerConfig, SamplingConfig, WarmStartConfig,
     at_least, check_parts, flag, require, run_cli, variant,
@@ -39,7 +41,7 @@ from shell.rl_session import RLSession, load_rl_data
 from shell.rollout import Rollouts, grade, rollout, rollout_diagnostics
 from shell.seeds import derive_seed
 from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update
-from shell.world import require_world_multiple
+from shell.world import launched_world_size, require_world_multiple
 
 
 @dataclass(frozen=True)
@@ -96,9 +98,15 @@ class GRPOConfig:
     """The upper epsilon of grpo_clip / gspo / cispo (DAPO's clip-higher, e.g. 0.28); None: --cliprange."""
     kl_coef: float = 0.0
     """Weight of a k3 KL penalty to a frozen copy of the starting policy (0: off, no reference loaded)."""
-    tis_cap: float = 0.0
+    tis_cap: float | None = None
     """Truncated importance sampling: weight each token's loss by min(exp(old - sampler log-prob), cap),
-    correcting the sampler/trainer mismatch (0: off; the mismatch is logged either way)."""
+    correcting the sampler/trainer mismatch and, with --async-staleness, the rollouts' staleness (0: off, with a
+    warning under --async-staleness; None: off at --async-staleness 0, 2 above it; the mismatch is logged either
+    way)."""
+    async_staleness: int = 0
+    """Asynchronous rollouts: a producer thread samples the rollout batches of steps t+1 … t+K while the policy
+    trains on step t, and no batch is trained on more than K policy versions after the weights that drew it
+    (README "Asynchronous rollouts"). 0: the synchronous loop (sample, then train)."""
     dynamic_sampling: bool = False
     """Keep only groups whose rewards differ (DAPO): sample more questions until the rollout batch is full
     or --max-sampling-rounds is reached (then fill it with constant groups, which carry no signal)."""
@@ -138,7 +146,17 @@ def check_config(cfg: GRPOConfig) -> None:
     require(cfg.cliprange_high is None or cfg.cliprange_high > 0, f"--cliprange-high must be > 0, got {cfg.cliprange_high}")
     at_least(cfg.advantage_eps, 0, "--advantage-eps")
     at_least(cfg.kl_coef, 0, "--kl-coef")
-    at_least(cfg.tis_cap, 0, "--tis-cap")
+    at_least(cfg.tis_cap, 0, "--tis-cap", optional=True)
+    at_least(cfg.async_staleness, 0, "--async-staleness")
+    if cfg.async_staleness > 0:
+        require(launched_world_size() == 1,
+                f"--async-staleness {cfg.async_staleness} runs in one training process; under torchrun (world size "
+                f"{launched_world_size()}) use --async-staleness 0")
+        require(not samples_with_the_policy(cfg),
+                f"--async-staleness {cfg.async_staleness} samples while the policy trains, so the HF sampler needs a "
+                f"generation copy of its own: --sampler.generation-dtype {cfg.sampler.generation_dtype} with "
+                f"--model.dtype {cfg.model.dtype} samples with the policy itself; pass --sampler.generation-dtype "
+                f"bfloat16 (or float32), or --async-staleness 0")
     at_least(cfg.entropy_coef, 0, "--entropy-coef")
     at_least(cfg.overlong_penalty, 0, "--overlong-penalty")
     at_least(cfg.overlong_buffer, 0, "--overlong-buffer")
@@ -149,13 +167,34 @@ def check_config(cfg: GRPOConfig) -> None:
     require_world_multiple(cfg.gradient_accumulation_steps, "--gradient-accumulation-steps")
 
 
+ASYNC_TIS_CAP = 2.0
+"""The TIS cap with --async-staleness > 0 when --tis-cap is not given (ms-swift's default
+``rollout_importance_sampling_threshold``, 2.0)."""
+
+
+def samples_with_the_policy(cfg: GRPOConfig) -> bool:
+    """Does the HF sampler sample with the policy itself (no generation copy: :func:`shell.sampling.hf.generation_copy_dtype`)?
+    Known from the flags: ``--sampler.generation-dtype None``, or ``auto`` beside 16-bit policy weights."""
+    sampler = cfg.sampler
+    return sampler.backend == "hf" and (sampler.generation_dtype is None or (
+        sampler.generation_dtype == "auto" and cfg.model.dtype in ("bfloat16", "float16")))
+
+
+def tis_cap(cfg: GRPOConfig) -> float:
+    """The TIS cap the objective uses: ``--tis-cap``, or when it is None, :data:`ASYNC_TIS_CAP` with
+    ``--async-staleness`` > 0 (the off-policy correction) and 0 (off) without."""
+    if cfg.tis_cap is not None:
+        return cfg.tis_cap
+    return ASYNC_TIS_CAP if cfg.async_staleness > 0 else 0.0
+
+
 def pg_settings(cfg: GRPOConfig) -> PolicyGradientSettings:
     """The policy-gradient update's settings from GRPO's flags."""
     return PolicyGradientSettings(
         loss_type=cfg.loss_type, group_size=cfg.group_size, train_batch_size=cfg.train_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, epochs_per_rollout_batch=cfg.epochs_per_rollout_batch,
         cliprange=cfg.cliprange, cliprange_high=cfg.cliprange_high, length_normalization=cfg.length_normalization,
-        normalize_constant=float(cfg.sampling.max_tokens), kl_coef=cfg.kl_coef, tis_cap=cfg.tis_cap,
+        normalize_constant=float(cfg.sampling.max_tokens), kl_coef=cfg.kl_coef, tis_cap=tis_cap(cfg),
         mask_truncated=cfg.mask_truncated, entropy_coef=cfg.entropy_coef, temperature=cfg.sampling.temperature,
     )
 
@@ -228,6 +267,10 @@ def train(cfg: GRPOConfig) -> Path:
     say(f"GRPO: {cfg.n_grpo_steps} steps × {cfg.rollout_batch_size // cfg.group_size} questions × G={cfg.group_size}, "
           f"loss {cfg.loss_type}, {'off' if settings.off_policy(cfg.rollout_batch_size) else 'on'}-policy; {data.held_note} "
           f"({len(data.held_out)} problems)")
+    if cfg.async_staleness > 0:
+        say(f"--async-staleness {cfg.async_staleness}: rollouts up to {cfg.async_staleness} policy version(s) old; "
+            + (f"TIS with the sampler's log-probs, cap {settings.tis_cap:g}" if settings.tis_cap > 0 else
+               "--tis-cap 0: trained on WITHOUT an off-policy correction"))
 
     # Phase 1: the run folder (lock, guard, config checks), then the policy, the sampler, resume.
     with Run(cfg, total_steps=cfg.n_grpo_steps, plot=lambda d: write_curves(d, extra_panels=[("train/reward", "train_step")]),
@@ -239,7 +282,10 @@ def train(cfg: GRPOConfig) -> Path:
         # Phase 2: a fresh run warm-starts, fixes its KL reference and evaluates; a resumed one reloads them.
         reference = session.open(prepare=lambda fresh: kl_reference(cfg, run, learner, fresh=fresh))
 
-        # Phase 3: GRPO steps.
+        # Phase 3: GRPO steps (--async-staleness K > 0: their rollouts from a producer thread).
+        if cfg.async_staleness > 0:
+            asynchronous_steps(cfg, run, session, settings, reference)
+            return session.finish()
         for step in run.steps():
             # Rollout and score: n_questions × G graded responses from the current (old) policy.
             session.model.eval()
@@ -247,45 +293,118 @@ def train(cfg: GRPOConfig) -> Path:
             session.record_curriculum()  # saved with this step's checkpoint
             rollouts.fill_entropies(session.entropy)
             sampler.sleep()  # a colocated vLLM frees its KV cache while the policy trains
-            length_penalty = (overlong_penalty(torch.tensor(rollouts.num_tokens), max_tokens=cfg.sampling.max_tokens,
-                                               buffer=cfg.overlong_buffer, penalty=cfg.overlong_penalty)
-                              if cfg.overlong_buffer > 0 else None)
-            advantages, raw, stats = group_normalized_advantages(scores, group_size=cfg.group_size,
-                                                                 advantage_eps=cfg.advantage_eps,
-                                                                 normalize_by_std=cfg.use_std_normalization,
-                                                                 estimator=cfg.advantage_estimator,
-                                                                 reward_shaping=length_penalty)
-            # Train: epochs × train batches of policy-gradient steps.
-            updates = grpo_update(learner, rollouts, raw, advantages, settings,
-                                  seed=derive_seed(cfg.run.seed, "update", step), reference=reference)
-            # Log; then sync, evaluate, checkpoint.
-            common = {
-                "train_step": step,
-                "train/reward": stats["reward_mean"],
-                "train/format_reward": stats["format_reward_mean"],
-                "train/answer_reward": stats["answer_reward_mean"],
-                "train/reward_std": stats["reward_std"],
-                "train/zero_variance_group_fraction": stats["zero_variance_group_fraction"],
-                "train/frac_reward_zero_std": stats["zero_variance_group_fraction"],  # TRL's name of the same
-                "train/response_length": statistics.fmean(rollouts.num_tokens),
-                **rollout_diagnostics(rollouts),
-                "train/rollout_entropy": rollouts.mean_entropy,
-                "train/grading_timeouts": info["timeouts"],
-            }
-            if length_penalty is not None:
-                common["train/overlong_penalty"] = float(length_penalty.mean())
-            if cfg.dynamic_sampling:
-                common["train/sampling_rounds"] = info["rounds"]
-                common["train/kept_group_fraction"] = info["nonconstant"] / info["groups"]
-            for i, u in enumerate(updates):
-                run.log({**common, "train/optimizer_step": (step - 1) * len(updates) + i + 1, **u})
-            run.say(f"[grpo step {step}/{cfg.n_grpo_steps}] reward {stats['reward_mean']:.3f}  format "
-                    f"{stats['format_reward_mean']:.3f}  zero-var {stats['zero_variance_group_fraction']:.2f}  "
-                    f"len {common['train/response_length']:.1f}  loss {updates[-1]['train/loss']:.4f}"
-                    + (f"  rounds {info['rounds']}" if cfg.dynamic_sampling else ""))
+            rows, line = learn(cfg, learner, rollouts, scores, info, settings, reference, step,
+                               {"train/staleness": 0, "train/policy_version": step - 1})
+            for row in rows:
+                run.log(row)
+            run.say(line)
             session.after_step(step)
         # Phase 4: the finish, then the final model on the whole final set.
         return session.finish()
+
+
+def learn(cfg: GRPOConfig, learner: Learner, rollouts: Rollouts, scores: list[dict[str, float]], info: dict[str, float],
+          settings: PolicyGradientSettings, reference: Reference | None, step: int, extra: dict[str, Any]
+          ) -> tuple[list[dict[str, Any]], str]:
+    """Step ``step``'s advantages and policy-gradient updates on its scored rollouts: the metrics rows to log (one per
+    optimizer step, with ``extra``) and the step's progress line."""
+    length_penalty = (overlong_penalty(torch.tensor(rollouts.num_tokens), max_tokens=cfg.sampling.max_tokens,
+                                       buffer=cfg.overlong_buffer, penalty=cfg.overlong_penalty)
+                      if cfg.overlong_buffer > 0 else None)
+    advantages, raw, stats = group_normalized_advantages(scores, group_size=cfg.group_size,
+                                                         advantage_eps=cfg.advantage_eps,
+                                                         normalize_by_std=cfg.use_std_normalization,
+                                                         estimator=cfg.advantage_estimator,
+                                                         reward_shaping=length_penalty)
+    # Train: epochs × train batches of policy-gradient steps.
+    updates = grpo_update(learner, rollouts, raw, advantages, settings,
+                          seed=derive_seed(cfg.run.seed, "update", step), reference=reference)
+    common = {
+        "train_step": step,
+        "train/reward": stats["reward_mean"],
+        "train/format_reward": stats["format_reward_mean"],
+        "train/answer_reward": stats["answer_reward_mean"],
+        "train/reward_std": stats["reward_std"],
+        "train/zero_variance_group_fraction": stats["zero_variance_group_fraction"],
+        "train/frac_reward_zero_std": stats["zero_variance_group_fraction"],  # TRL's name of the same
+        "train/response_length": statistics.fmean(rollouts.num_tokens),
+        **rollout_diagnostics(rollouts),
+        "train/rollout_entropy": rollouts.mean_entropy,
+        "train/grading_timeouts": info["timeouts"],
+    }
+    if length_penalty is not None:
+        common["train/overlong_penalty"] = float(length_penalty.mean())
+    if cfg.dynamic_sampling:
+        common["train/sampling_rounds"] = info["rounds"]
+        common["train/kept_group_fraction"] = info["nonconstant"] / info["groups"]
+    common.update(extra)
+    rows = [{**common, "train/optimizer_step": (step - 1) * len(updates) + i + 1, **u} for i, u in enumerate(updates)]
+    line = (f"[grpo step {step}/{cfg.n_grpo_steps}] reward {stats['reward_mean']:.3f}  format "
+            f"{stats['format_reward_mean']:.3f}  zero-var {stats['zero_variance_group_fraction']:.2f}  "
+            f"len {common['train/response_length']:.1f}  loss {updates[-1]['train/loss']:.4f}"
+            + (f"  rounds {info['rounds']}" if cfg.dynamic_sampling else ""))
+    return rows, line
+
+
+def asynchronous_steps(cfg: GRPOConfig, run: Run, session: RLSession, settings: PolicyGradientSettings,
+                       reference: Reference | None) -> None:
+    """The GRPO steps with ``--async-staleness K`` > 0 (README "Asynchronous rollouts"): a
+    :class:`shell.async_rollouts.RolloutProducer` makes the batches of steps t+1 … t+K (questions, curriculum and
+    seeds in step order, each batch's curriculum state kept with it for the checkpoint of its step) while step t
+    trains; after each step the weights go to the sampler between the producer's batches, then the evaluation (with
+    the sampler held) and the checkpoint when due. A stop (signal, budget, error) drops the batches made ahead."""
+    sampler, k = session.sampler, cfg.async_staleness
+    if getattr(sampler, "owns_copy", True) is False:  # check_config refuses the flags that lead here
+        raise RuntimeError("--async-staleness: the HF sampler samples with the policy itself")
+
+    def produce(step: int) -> tuple[Rollouts, list[dict[str, float]], dict[str, float], dict[str, Any]]:
+        rollouts, scores, info = sample_batch(sampler, session.train_set, session.template, cfg, step, session.curriculum)
+        return rollouts, scores, info, session.curriculum.state_dict()
+
+    threads = torch.get_num_threads()
+    split = session.learner.device.type == "cpu"  # the two sides share the cores: split the torch threads
+    producer_threads, trainer_threads = max(1, threads // 2), max(1, threads - threads // 2)
+    if split:
+        run.say(f"--async-staleness on a CPU: {producer_threads} torch thread(s) sample, {trainer_threads} train")
+        torch.set_num_threads(trainer_threads)  # this thread's (OpenMP's count is per thread)
+    try:
+        with RolloutProducer(produce, staleness=k, first_step=run.start + 1, last_step=cfg.n_grpo_steps,
+                             version=run.start,
+                             on_start=(lambda: torch.set_num_threads(producer_threads)) if split else None) as producer:
+            _asynchronous_loop(cfg, run, session, settings, reference, producer, threads=threads)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _asynchronous_loop(cfg: GRPOConfig, run: Run, session: RLSession, settings: PolicyGradientSettings,
+                       reference: Reference | None, producer: RolloutProducer, *, threads: int) -> None:
+    """The trainer's side of :func:`asynchronous_steps`; it evaluates with all ``threads`` (the producer waits)."""
+    sampler = session.sampler
+    for step in run.steps():
+        batch, waited = producer.take(step)
+        rollouts, scores, info, curriculum = batch.value
+        session.record_curriculum(curriculum)  # the state after this step's questions: its checkpoint's
+        session.model.eval()
+        rollouts.fill_entropies(session.entropy)  # vLLM: under the current policy (the trainer's version)
+        rows, line = learn(cfg, session.learner, rollouts, scores, info, settings, reference, step,
+                           {"train/staleness": step - 1 - batch.version, "train/policy_version": batch.version,
+                            "time/wait_for_rollouts": waited, "time/wait_for_weights": batch.wait_for_weights,
+                            "time/rollout_s": batch.seconds})
+
+        def log_and_evaluate(sync: float) -> None:  # the new weights in the sampler, still held
+            for row in rows:
+                run.log({**row, "time/weight_sync": sync})
+            run.say(f"{line}  staleness {step - 1 - batch.version}  waited {waited:.1f}s")
+            if run.eval_due(step):
+                trainer_threads = torch.get_num_threads()
+                torch.set_num_threads(threads)  # the producer waits for the sampler meanwhile
+                try:
+                    session.evaluate(step)
+                finally:
+                    torch.set_num_threads(trainer_threads)
+
+        producer.publish(step, lambda: sampler.load_weights(session.model), then=log_and_evaluate)
+        run.checkpoint_if_due(step)
 
 
 def _h100(**overrides: Any) -> GRPOConfig:

@@ -124,9 +124,10 @@ class RLSession:
         if cfg.data.curriculum != "none":
             run.say(f"training problems: {self.curriculum.describe()}")
 
-    def record_curriculum(self) -> None:
-        """After the curriculum observed a step's pass rates: its state goes into the step's checkpoint."""
-        self.run.state["curriculum"] = self.curriculum.state_dict()
+    def record_curriculum(self, state: dict[str, Any] | None = None) -> None:
+        """After the curriculum observed a step's pass rates: its state goes into the step's checkpoint (``state``:
+        the one taken when the step's batch was made, with asynchronous rollouts; None: the curriculum's now)."""
+        self.run.state["curriculum"] = self.curriculum.state_dict() if state is None else state
 
     def _within_context(self, dataset: Dataset, what: str, reserve: int) -> Dataset:
         limit = prompt_token_limit(self.model, reserve=reserve, max_prompt_tokens=self.cfg.data.max_prompt_tokens)
