@@ -170,6 +170,29 @@ def save_tiny_policy(path: str | os.PathLike[str], seed: int = 0, model: Any | N
     return save_policy(model, tokenizer, path)
 
 
+def tiny_loop_args(tiny: str | os.PathLike[str], runs: str | os.PathLike[str], name: str, *,
+                   generation_dtype: str = "None") -> list[str]:
+    """The flags every short loop run of the tiny policy at ``tiny`` into ``runs/name`` shares: CPU, 32 training
+    and 4 held-out problems, 6 evaluation tokens, no grading workers, no logger."""
+    return [
+        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "32", "--eval-data.limit", "4",
+        "--eval.max-tokens", "6", "--grading.workers", "0", "--sampler.generation-dtype", generation_dtype,
+        "--run.logger", "none", "--run.runs-dir", str(runs), "--run.name", name,
+    ]
+
+
+def tiny_grpo_args(tiny: str | os.PathLike[str], runs: str | os.PathLike[str], name: str, steps: int, *extra: str,
+                   generation_dtype: str = "None") -> list[str]:
+    """A short ``shell.grpo`` run of the tiny policy: ``steps`` steps of 2 questions × G 4 (≤ 6 tokens), grpo_clip
+    with 2 optimizer steps per rollout batch, an evaluation every 2 steps, lr 1e-3; then ``extra``."""
+    return [
+        *tiny_loop_args(tiny, runs, name, generation_dtype=generation_dtype), "--n-grpo-steps", str(steps),
+        "--rollout-batch-size", "8", "--group-size", "4", "--train-batch-size", "4", "--gradient-accumulation-steps",
+        "2", "--loss-type", "grpo_clip", "--sampling.max-tokens", "6", "--eval-every", "2", "--optim.lr", "1e-3",
+        *extra,
+    ]
+
+
 def tiny_sft_args(tiny: str | os.PathLike[str], runs: str | os.PathLike[str], name: str, *extra: str, steps: int,
                   data_limit: int, eval_limit: int, eval_tokens: int = 4, batch_size: int = 4) -> list[str]:
     """The flags of a short ``shell.sft`` run of the tiny policy at ``tiny`` into ``runs/name`` (CPU, no grading

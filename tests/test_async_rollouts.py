@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from doubles import install_fake_vllm, save_tiny_policy, sigkill_once
+from doubles import install_fake_vllm, sigkill_once, tiny_grpo_args
 from shell.async_rollouts import Produced, RolloutProducer
 from shell.checkpoint import list_checkpoints
 from shell.grpo import ASYNC_TIS_CAP, GRPOConfig, check_config, pg_settings
@@ -189,20 +189,8 @@ def test_a_refusal_exits_2_before_anything_loads(tmp_path, capsys, monkeypatch):
 # ------------------------------------------------------------------------------------------ the GRPO loop
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    return save_tiny_policy(tmp_path_factory.mktemp("tiny") / "policy")
-
-
 def _args(tiny: Path, runs: Path, name: str, steps: int, *extra: str) -> list[str]:
-    return [
-        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "32",
-        "--eval-data.limit", "4", "--eval.max-tokens", "6", "--grading.workers", "0",
-        "--sampler.generation-dtype", "float32", "--run.logger", "none", "--run.runs-dir", str(runs),
-        "--run.name", name, "--n-grpo-steps", str(steps), "--rollout-batch-size", "8", "--group-size", "4",
-        "--train-batch-size", "4", "--gradient-accumulation-steps", "2", "--loss-type", "grpo_clip",
-        "--sampling.max-tokens", "6", "--eval-every", "2", "--optim.lr", "1e-3", *extra,
-    ]
+    return tiny_grpo_args(tiny, runs, name, steps, *extra, generation_dtype="float32")
 
 
 def _train_rows(run: Path) -> list[dict]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shell import expert_iteration as ei
-from doubles import save_tiny_policy
+from doubles import save_tiny_policy, tiny_loop_args
 from shell.runlog import read_metrics
 
 
@@ -63,10 +63,7 @@ def _fake_scores(rollouts, template, grading, progress=True):
 
 def _args(tiny: Path, runs: Path, name: str, steps: int) -> list[str]:
     return [
-        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "32",
-        "--eval-data.limit", "4", "--eval.max-tokens", "6", "--grading.workers", "0",
-        "--sampler.generation-dtype", "None", "--run.logger", "none", "--run.runs-dir", str(runs),
-        "--run.name", name, "--n-ei-steps", str(steps), "--ei-batch-size", "4", "--group-size", "3",
+        *tiny_loop_args(tiny, runs, name), "--n-ei-steps", str(steps), "--ei-batch-size", "4", "--group-size", "3",
         "--sampling.max-tokens", "6", "--sft-batch-size", "4", "--sft-gradient-accumulation-steps", "2",
         "--sft-epochs", "1", "--sft-max-steps", "None", "--warm-start.steps", "1", "--warm-start.batch-size", "8",
         "--optim.lr", "1e-3", "--keep-checkpoints", "2",  # the laptop preset keeps one; these tests look at two

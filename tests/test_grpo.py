@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from core import normalize_group_rewards
-from doubles import save_tiny_policy, tiny_policy
+from doubles import save_tiny_policy, tiny_grpo_args, tiny_policy
 from shell.config import OptimConfig
 from shell.grpo import GRPOConfig, check_config, pg_settings
 from shell.runlog import read_metrics
@@ -194,15 +194,7 @@ def test_loss_type_is_checked_when_parsing(capsys):
 
 
 def _args(tiny: Path, runs: Path, name: str, steps: int) -> list[str]:
-    return [
-        "--model.name-or-path", str(tiny), "--model.device", "cpu", "--data.limit", "32",
-        "--eval-data.limit", "4", "--eval.max-tokens", "6", "--grading.workers", "0",
-        "--sampler.generation-dtype", "None", "--run.logger", "none", "--run.runs-dir", str(runs),
-        "--run.name", name, "--n-grpo-steps", str(steps), "--rollout-batch-size", "8", "--group-size", "4",
-        "--train-batch-size", "4", "--gradient-accumulation-steps", "2", "--loss-type", "grpo_clip",
-        "--sampling.max-tokens", "6", "--eval-every", "2", "--warm-start.steps", "1", "--warm-start.batch-size", "8",
-        "--optim.lr", "1e-3",
-    ]
+    return tiny_grpo_args(tiny, runs, name, steps, "--warm-start.steps", "1", "--warm-start.batch-size", "8")
 
 
 def test_modern_objective_flags_run_and_log(tmp_path):
