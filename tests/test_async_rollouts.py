@@ -252,15 +252,16 @@ def test_async_applies_the_correction_and_keeps_each_checkpoints_curriculum(tiny
 
 
 def test_a_slow_sampler_keeps_the_bound_in_the_loop(tiny, tmp_path, monkeypatch):
-    """Sampling slowed by 0.4 s a batch: the trainer is idle about that long a step (blocked on the hand-over, or
-    pushing its weights after the batch in flight), and the bound holds."""
+    """Sampling slowed by 1 s a batch (far more than a tiny model's training step, even on a loaded machine): the
+    trainer is idle about that long a step (blocked on the hand-over, or pushing its weights after the batch in
+    flight), and the bound holds."""
     from shell import grpo
 
     original, producer_threads = grpo.sample_batch, []
 
     def slow_sample(*args, **kwargs):
         producer_threads.append(torch.get_num_threads())
-        time.sleep(0.4)
+        time.sleep(1.0)
         return original(*args, **kwargs)
 
     monkeypatch.setattr(grpo, "sample_batch", slow_sample)
@@ -268,10 +269,10 @@ def test_a_slow_sampler_keeps_the_bound_in_the_loop(tiny, tmp_path, monkeypatch)
     rows = _train_rows(tmp_path / "slow")
     assert sorted({r["train_step"] for r in rows}) == [1, 2, 3, 4]
     assert all(0 <= r["train/staleness"] <= 1 for r in rows)
-    assert rows[0]["time/wait_for_rollouts"] > 0.3
+    assert rows[0]["time/wait_for_rollouts"] > 0.9
     assert set(producer_threads) == {max(1, torch.get_num_threads() // 2)}  # a CPU: the threads are split
     once = {r["train_step"]: r for r in rows}.values()
-    assert sum(r["time/wait_for_rollouts"] + r["time/weight_sync"] for r in once) > 0.5 * 4 * 0.4  # less training
+    assert sum(r["time/wait_for_rollouts"] + r["time/weight_sync"] for r in once) > 0.5 * 4 * 1.0  # less training
 
 
 def test_async_under_colocated_vllm_never_sleeps_pushes_every_version_and_scores_entropy(tiny, tmp_path, monkeypatch):
