@@ -53,7 +53,8 @@ class FinalEvalConfig:
     sampling: SamplingConfig = SamplingConfig(temperature=1.0, top_p=1.0, max_tokens=1024)
     """How each response is drawn (the leaderboard's rules: T=1, top-p 1, 1024 tokens)."""
     greedy: bool = False
-    """Also evaluate greedily (T=0), written to final_eval/greedy/."""
+    """Also evaluate greedily (T=0), written to final_eval/greedy/. With --budget-hours, skipped (said, and logged as
+    final_greedy/skipped) when it would end past the budget, judged from the sampled pass's time."""
     samples_per_problem: int = 1
     """Responses sampled per problem (k): the summary adds pass@j (j = 1, 2, 4, ... <= k), avg@k and maj@k (the
     greedy pass always samples one)."""
@@ -345,6 +346,13 @@ def final_evaluation(
                                           max_tokens=cfg.sampling.max_tokens)
     out = {}
     for name, sampling in passes.items():
+        if name and run.schedule.over_share(1.0, out["sampled"].summary["seconds"]):  # the greedy pass, ~as long
+            say(f"--budget-hours {run.loop.budget_hours:g}: {run.elapsed / 60:.1f} min used; the greedy pass (~"
+                f"{out['sampled'].summary['seconds'] / 60:.1f} min, as long as the sampled one) would end past the "
+                f"budget: skipped (shell.evaluate --model.name-or-path {run.dir / 'final'} --eval.temperature 0 "
+                f"runs it on the same problems)")
+            run.log({"eval_step": run.completed, "final_greedy/skipped": 1})
+            continue
         result = evaluate(sampler, eval_set, template=template, sampling=sampling, grading=grading,
                           seed=derive_seed(run.run_cfg.seed, "final-eval"), entropy=entropy, progress=True,
                           samples_per_problem=1 if name else cfg.samples_per_problem)

@@ -574,6 +574,22 @@ def test_the_budget_governs_the_warm_start(tiny, tmp_path, capsys):
     assert [r["train_step"] for r in read_metrics(tmp_path / "b") if "train/loss" in r] == [1]
 
 
+def test_the_budget_skips_a_greedy_final_pass_that_would_not_fit(tiny, tmp_path, capsys):
+    from shell import grpo
+    from shell.runlog import read_metrics
+
+    final = ("--warm-start.steps", "0", "--final-eval.enabled", "--final-eval.data.limit", "4", "--final-eval.greedy")
+    grpo.main(_grpo_args(tiny, tmp_path, "fits", *final, "--budget-hours", "10"))
+    assert (tmp_path / "fits" / "final_eval" / "greedy" / "summary.json").is_file()
+    capsys.readouterr()
+    grpo.main(_grpo_args(tiny, tmp_path, "over", *final, "--budget-hours", "1e-6"))  # spent before the final pass
+    out = capsys.readouterr().out
+    assert (tmp_path / "over" / "final_eval" / "summary.json").is_file()  # the sampled pass: the run's score
+    assert not (tmp_path / "over" / "final_eval" / "greedy").exists()
+    assert "the greedy pass" in out and "would end past the budget: skipped" in out
+    assert [r for r in read_metrics(tmp_path / "over") if "final_greedy/skipped" in r][0]["final_greedy/skipped"] == 1
+
+
 def test_sigterm_during_the_final_evaluation_stops_at_once_and_resume_redoes_it(tiny, tmp_path):
     from shell import grpo
     from shell.runlog import read_metrics
