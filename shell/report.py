@@ -215,6 +215,16 @@ def evaluation_dir(run_dir: Path) -> Path | None:
     return None
 
 
+def run_label(d: Path) -> str:
+    """A folder's name in tables and legends: a run's ``final_eval/`` (or its ``greedy/``) is named after its run
+    (``grpo_laptop/final_eval``), not as every other run's."""
+    if d.name == "final_eval":
+        return f"{d.parent.name}/final_eval"
+    if d.name == "greedy" and d.parent.name == "final_eval":
+        return f"{d.parent.parent.name}/final_eval/greedy"
+    return d.name
+
+
 def read_summary(run_dir: Path) -> dict[str, Any] | None:
     folder = evaluation_dir(run_dir)
     return None if folder is None else json.loads((folder / "summary.json").read_text())
@@ -235,7 +245,7 @@ def format_evaluations(dirs: list[Path]) -> str:
         figures = ["accuracy", *(f for f in sampled_figures(s) if f in s and not f.startswith("avg@"))]
         cells = "  ".join(f"{f} {s[f]:.3f} {bracket(s.get('ci95', {}).get(f))}" for f in figures
                           if s.get(f) is not None)
-        where = d.name if evaluation_dir(d) == d else f"{d.name}/final_eval"
+        where = run_label(d) if evaluation_dir(d) == d else f"{d.name}/final_eval"
         lines.append(f"{where[:30]:30s} {s['num_examples']:5d} x {s.get('samples_per_problem', 1):<3d} {cells}")
     if not lines:
         return ""
@@ -280,7 +290,7 @@ def paired_differences(dirs: list[Path], *, resamples: int = CI_RESAMPLES, seed:
             a = torch.tensor(base[figure], dtype=torch.float64)
             b = torch.tensor(values[figure], dtype=torch.float64)
             diff, lo, hi = core.paired_bootstrap_ci(a, b, resamples=resamples, seed=seed)
-            out.append({"run": d.name, "figure": figure, "first": float(a.mean()), "value": float(b.mean()),
+            out.append({"run": run_label(d), "figure": figure, "first": float(a.mean()), "value": float(b.mean()),
                         "diff": float(diff), "low": float(lo), "high": float(hi),
                         "excludes_zero": bool(lo > 0 or hi < 0), "problems": len(truths)})
     return out
@@ -400,7 +410,7 @@ def plot_report(dirs: list[Path], out: Path | str, metric: str, *, group_seeds: 
             continue
         colour = f"C{(len(groups) + i) % 10}"  # after the curves' colours
         for ax in axes[0]:
-            ax.axhline(value, color=colour, linestyle="--", linewidth=1, label=f"{d.name} (evaluation)")
+            ax.axhline(value, color=colour, linestyle="--", linewidth=1, label=f"{run_label(d)} (evaluation)")
             if interval:
                 ax.axhspan(interval[0], interval[1], color=colour, alpha=0.15, linewidth=0)
     for ax, step_key in zip(axes[0], ("eval_step", "time/elapsed_s")):
@@ -436,7 +446,7 @@ def plot_evaluations(dirs: list[Path], out: Path | str) -> Path:
             ys.append(s[f])
             err[0].append(s[f] - interval[0])
             err[1].append(interval[1] - s[f])
-        ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=d.name)
+        ax.errorbar(xs, ys, yerr=err, fmt="o", capsize=3, label=run_label(d))
     ax.set_xticks(range(len(names)), names)
     ax.set_ylabel("value (95% CI over problems)")
     ax.grid(alpha=0.3)
@@ -453,7 +463,7 @@ def pass_at_k_curves(dirs: list[Path]) -> list[dict[str, Any]]:
             continue
         js = [j for j in pass_at_ks(s["samples_per_problem"]) if f"pass@{j}" in s]
         intervals = [(s.get("ci95") or {}).get(f"pass@{j}") or [s[f"pass@{j}"]] * 2 for j in js]
-        out.append({"run": d.name, "k": s["samples_per_problem"], "problems": s["num_examples"], "js": js,
+        out.append({"run": run_label(d), "k": s["samples_per_problem"], "problems": s["num_examples"], "js": js,
                     "values": [s[f"pass@{j}"] for j in js], "lows": [i[0] for i in intervals],
                     "highs": [i[1] for i in intervals], "maj": s.get(f"maj@{s['samples_per_problem']}")})
     return out
@@ -536,7 +546,7 @@ def main(cfg: ReportConfig) -> list[dict[str, Any]]:
     if table:
         print(table)
     if paired:
-        print(format_paired(dirs[0].name, paired))
+        print(format_paired(run_label(dirs[0]), paired))
     print(f"wrote {cfg.out}")
     return rows + [{"paired": r} for r in paired]
 

@@ -160,6 +160,16 @@ def test_report_paired_prints_each_runs_difference_to_the_first(tmp_path):
     assert "pass@1 0.375 [" in line and "maj@4" in line
 
 
+def test_report_names_final_eval_folders_after_their_runs(tmp_path):
+    """Two training runs' final_eval/ folders compared directly: each is named by its run, not "final_eval"."""
+    a = _evaluation(tmp_path / "run_a" / "final_eval", [[1], [0], [0], [1]])
+    b = _evaluation(tmp_path / "run_b" / "final_eval", [[1], [1], [0], [1]])
+    proc = _report(str(a), str(b), "--paired", "--out", str(tmp_path / "p.png"))
+    assert proc.returncode == 0, proc.stderr
+    assert "paired difference to run_a/final_eval (the same 4 problems" in proc.stdout
+    assert any(ln.split()[:2] == ["run_b/final_eval", "accuracy"] for ln in proc.stdout.splitlines())
+
+
 def test_report_paired_refuses_different_problems_and_single_runs(tmp_path):
     a = _evaluation(tmp_path / "a", [[1, 0]] * 5)
     b = _evaluation(tmp_path / "b", [[1, 0]] * 6)
