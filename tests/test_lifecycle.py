@@ -351,10 +351,14 @@ def test_budget_stop_checkpoints_evaluates_and_resume_continues(tiny, tmp_path):
     assert [r["train_step"] for r in rows if "train/loss" in r] == [1]
     assert [r["eval_step"] for r in rows if "eval/answer_reward" in r] == [0, 1]  # evaluated at the stop
     assert (run / "checkpoints" / "step_000001").is_dir() and (run / "final").is_dir()
-    for folder in (run / "final_eval", run / "final_eval" / "greedy"):
-        summary = json.loads((folder / "summary.json").read_text())
-        assert summary["num_examples"] == 3 and sum(summary["counts"].values()) == 3
-    assert any("final_greedy/answer_reward" in r for r in rows)
+    summary = json.loads((run / "final_eval" / "summary.json").read_text())
+    assert summary["num_examples"] == 3 and sum(summary["counts"].values()) == 3
+    # the budget is spent: the greedy pass is skipped, not run past it
+    assert not (run / "final_eval" / "greedy").exists() and any(r.get("final_greedy/skipped") == 1 for r in rows)
     grpo.main([*args, "--budget-hours", "10", "--resume"])  # a larger budget: the run continues to the end
     rows = read_metrics(run)
     assert [r["train_step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4]
+    for folder in (run / "final_eval", run / "final_eval" / "greedy"):  # both passes now fit
+        summary = json.loads((folder / "summary.json").read_text())
+        assert summary["num_examples"] == 3 and sum(summary["counts"].values()) == 3
+    assert any("final_greedy/answer_reward" in r for r in rows)
