@@ -35,10 +35,12 @@ from shell.data import (
 from shell.evaluation import FinalEvalConfig
 from shell.lora import LoraConfig
 from shell.loop import Run, write_curves
+from shell.models import default_device, resolve_dtype
 from shell.progress import say
 from shell.prompts import PromptName
 from shell.rl_session import RLSession, load_rl_data
 from shell.rollout import Rollouts, grade, rollout, rollout_diagnostics
+from shell.sampling.hf import generation_copy_dtype
 from shell.seeds import derive_seed
 from shell.update import Learner, PolicyGradientSettings, Reference, grpo_update
 from shell.world import launched_world_size, require_world_multiple
@@ -173,11 +175,11 @@ ASYNC_TIS_CAP = 2.0
 
 
 def samples_with_the_policy(cfg: GRPOConfig) -> bool:
-    """Does the HF sampler sample with the policy itself (no generation copy: :func:`shell.sampling.hf.generation_copy_dtype`)?
-    Known from the flags: ``--sampler.generation-dtype None``, or ``auto`` beside 16-bit policy weights."""
-    sampler = cfg.sampler
-    return sampler.backend == "hf" and (sampler.generation_dtype is None or (
-        sampler.generation_dtype == "auto" and cfg.model.dtype in ("bfloat16", "float16")))
+    """Does the HF sampler sample with the policy itself? :func:`shell.sampling.hf.generation_copy_dtype`'s rule on
+    the training policy's dtype, known from the flags before anything loads."""
+    device = cfg.model.device or default_device()
+    policy_dtype = resolve_dtype(cfg.model.dtype, device, training=True)
+    return cfg.sampler.backend == "hf" and generation_copy_dtype(cfg.sampler.generation_dtype, policy_dtype, device) is None
 
 
 def tis_cap(cfg: GRPOConfig) -> float:
