@@ -1,9 +1,13 @@
 """Full fine-tuning vs LoRA on the laptop, and how the HF sampler should follow a LoRA policy.
 
     python benchmarks/bench_lora.py sampler                       # merged generation copy vs running the adapter
+    python benchmarks/bench_lora.py step [--sizes 4x420 8x160]     # one training step, full vs LoRA, same tensors
     python benchmarks/bench_lora.py loops [--sft-steps 16 --grpo-steps 10 --extra='--eval-data.limit 64']   # the four runs below
     python benchmarks/bench_lora.py --small sampler     # a tiny random model, 2 prompts × 2 of 4 tokens (seconds)
     python benchmarks/bench_lora.py --small loops       # the four runs on a tiny random model, 1 step each
+    python benchmarks/bench_lora.py --small step        # a tiny random model, one 2x8 size (seconds)
+    python benchmarks/bench_lora.py delta RUN/final [--base smollm2]   # what a LoRA run's merged final/ changed
+    python benchmarks/bench_lora.py --small delta       # a tiny random model merged with a random adapter (seconds)
 
 ``sampler``: SmolLM2-135M-Instruct with a rank-16 adapter on the attention and MLP projections (B drawn at
 random, so the adapter changes the outputs). (a) ``merged``: the sampler's plain bf16 generation copy, refreshed
@@ -11,12 +15,25 @@ at each sync from the merged weights (what the loops do); (b) ``adapter``: a bf1
 adapter layers and samples through them (a sync then copies only the adapter). Each samples the same rollouts
 (``--prompts`` prompts × 8, exactly ``--tokens`` tokens each); sync and sampling times are medians.
 
+``step``: one optimizer step of SFT on SmolLM2 at each ``--sizes`` (rows × tokens, one microbatch, random
+tokens, a quarter prompt), first with every weight training, then with the laptop presets' rank-16 adapter on the
+same model: the microbatch forward + backward (the loops' ``make_train_step``, eager, bf16 autocast over float32
+weights as the laptop presets) and the clip + AdamW step apart, medians of ``--repeats``. It isolates what LoRA
+changes in the training phase from what a loop's other phases (sampling, evaluation) add.
+
 ``loops``: ``shell.sft`` and ``shell.grpo``, presets ``laptop`` (full) and ``laptop-lora``, each for the same
 number of steps in its own process: the median time of a training step (between consecutive train records with
 no evaluation between them), the process's peak RSS (``wait4``), the size of the last checkpoint and of
 ``final/``, and the held-out answer reward at each evaluation. Runs go to ``runs/bench_lora_*``.
-Results: ``benchmarks/results/lora_{sampler,loops}.json`` (``lora_{sampler,loops}_small.json`` with ``--small``,
-whose loop runs go to a temporary folder).
+``delta``: a LoRA run's merged ``final/`` against the base it trained from (the adapter's
+``adapter_config.json`` names the rank and the targets): for each tensor, in float64, whether it is targeted, the
+largest absolute change, the singular values of merged - base and its rank (singular values above
+``--rtol`` times the largest; float32 rounding of the merge sits near 1e-7 of it), and whether every untargeted
+tensor equals the base's exactly. It fails (exit 1) when a targeted change has rank above r or an untargeted one
+changed.
+
+Results: ``benchmarks/results/lora_{sampler,step,loops,delta}.json`` (``lora_{sampler,step,loops,delta}_small.json``
+with ``--small``, whose loop runs go to a temporary folder).
 """
 
 from __future__ import annotations
@@ -95,6 +112,132 @@ def bench_sampler(args: argparse.Namespace) -> None:
                                              "repeats": args.repeats, "rows": rows})
 
 
+# ------------------------------------------------------------------------------------------------ step
+
+
+def bench_step(args: argparse.Namespace) -> None:
+    from benchmarks.common import timeit
+    from shell import make_train_step
+    from shell.config import OptimConfig
+    from shell.lora import LoraConfig, apply_lora, parameter_counts
+    from shell.models import load_policy
+    from shell.update import Optimizer
+
+    model, _ = load_policy(args.model, device="cpu")
+    vocab = model.config.vocab_size
+    rows = []
+    for variant in ("full", "lora"):
+        if variant == "lora":
+            model = apply_lora(model, LoraConfig(rank=args.rank, alpha=32.0))
+        optimizer = Optimizer(model, OptimConfig(lr=1e-7))
+        step = make_train_step(model, "sft")
+        for size in args.sizes:
+            b, t = (int(x) for x in size.split("x"))
+            g = torch.Generator().manual_seed(0)
+            ids = torch.randint(0, vocab, (b, t), generator=g)
+            labels = torch.randint(0, vocab, (b, t), generator=g)
+            mask = torch.zeros(b, t, dtype=torch.bool)
+            mask[:, t // 4:] = True
+
+            def backward() -> None:
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    step(ids, labels, mask, gradient_accumulation_steps=1)
+
+            def whole() -> None:
+                backward()
+                optimizer.step()
+
+            backward()
+            # the optimizer step alone: gradients made once, kept (clip_grad_norm_ and AdamW do not free them)
+            grads = [p.grad for p in optimizer.params]
+            def adamw() -> None:
+                for p, g_ in zip(optimizer.params, grads):
+                    p.grad = g_
+                optimizer.step()
+
+            fwd_bwd = timeit(lambda: (backward(), model.zero_grad(set_to_none=True)), warmup=1, repeats=args.repeats)["median_s"]
+            opt = timeit(adamw, warmup=1, repeats=args.repeats)["median_s"]
+            total = timeit(whole, warmup=1, repeats=args.repeats)["median_s"]
+            rows.append({"variant": variant, "size": size, "trainable_params": parameter_counts(model)["train/trainable_params"],
+                         "forward_backward_s": fwd_bwd, "clip_adamw_s": opt, "step_s": total})
+            print_table(rows[-1:], list(rows[-1]))
+    print()
+    print_table(rows, ["variant", "size", "trainable_params", "forward_backward_s", "clip_adamw_s", "step_s"])
+    write_json("lora_step" + args.suffix, {"rank": args.rank, "repeats": args.repeats, "rows": rows})
+
+
+# ------------------------------------------------------------------------------------------------ delta
+
+
+def bench_delta(args: argparse.Namespace) -> None:
+    from safetensors.torch import load_file
+
+    from shell.models import load_policy
+
+    final = Path(args.final)
+    config = json.loads((final / "adapter" / "adapter_config.json").read_text())
+    rank, targets = int(config["r"]), config["target_modules"]  # names (peft: a module name's suffix) or a regex
+    if isinstance(targets, str):
+        import re
+
+        def is_target(module: str) -> bool:
+            return re.fullmatch(targets, module) is not None
+    else:
+        targets = sorted(targets)
+
+        def is_target(module: str) -> bool:
+            return any(module == t or module.endswith("." + t) for t in targets)
+    merged = load_file(str(final / "model.safetensors"))
+    base_model, _ = load_policy(args.base, device="cpu", dtype="float32")
+    base = {k: v.detach() for k, v in base_model.state_dict().items()}
+    if set(merged) != set(base):
+        raise SystemExit(f"{final}: tensors {sorted(set(merged) ^ set(base))[:4]} are in one of it and {args.base} only")
+    rows, bad = [], []
+    for key in sorted(merged):
+        targeted = key.endswith(".weight") and is_target(key.removesuffix(".weight"))
+        delta = merged[key].double() - base[key].to(merged[key].dtype).double()
+        row = {"tensor": key, "targeted": targeted, "max_abs_change": delta.abs().max().item()}
+        if targeted:
+            sv = torch.linalg.svdvals(delta)
+            top = sv[0].item()
+            row["rank"] = int((sv > args.rtol * top).sum().item()) if top > 0 else 0
+            row["singular_values"] = [float(x) for x in sv[: rank + 2]]
+            row["sv_r+1/sv_1"] = sv[rank].item() / top if top > 0 and sv.numel() > rank else 0.0
+            if row["rank"] > rank:
+                bad.append(f"{key}: rank {row['rank']} > r = {rank}")
+        elif row["max_abs_change"] != 0.0:
+            bad.append(f"{key}: not targeted, changed by up to {row['max_abs_change']:.3g}")
+        rows.append(row)
+    shown = [r for r in rows if r["targeted"]]
+    print_table([{k: r.get(k) for k in ("tensor", "rank", "max_abs_change", "sv_r+1/sv_1")} for r in shown],
+                ["tensor", "rank", "max_abs_change", "sv_r+1/sv_1"])
+    summary = {"final": str(final), "base": args.base, "r": rank, "target_modules": targets, "rtol": args.rtol,
+               "targeted_tensors": len(shown), "max_targeted_rank": max((r["rank"] for r in shown), default=0),
+               "min_targeted_rank": min((r["rank"] for r in shown), default=0),
+               "max_sv_ratio_beyond_r": max((r["sv_r+1/sv_1"] for r in shown), default=0.0),
+               "untargeted_tensors": len(rows) - len(shown),
+               "untargeted_changed": sum(1 for r in rows if not r["targeted"] and r["max_abs_change"] != 0.0),
+               "ok": not bad, "problems": bad}
+    print(json.dumps({k: v for k, v in summary.items() if k != "problems"}))
+    write_json("lora_delta" + args.suffix, {**summary, "rows": rows})
+    if bad:
+        raise SystemExit("\n".join(bad))
+
+
+def small_final(tmp: Path, model_folder: str) -> Path:
+    """A merged final/ of the tiny model with a rank-4 adapter whose B is random (a trained adapter's shape)."""
+    from shell.lora import LoraConfig, apply_lora, save_merged
+    from shell.models import load_policy
+
+    model, tokenizer = load_policy(model_folder, device="cpu", dtype="float32")
+    model = apply_lora(model, LoraConfig(rank=4, alpha=8.0))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.02)
+    return save_merged(model, tokenizer, tmp / "final")
+
+
 # ------------------------------------------------------------------------------------------------ loops
 
 
@@ -170,6 +313,14 @@ def main() -> None:
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--prompts", type=int, default=8)
     s.add_argument("--n", type=int, default=8)
+    st = sub.add_parser("step")
+    st.add_argument("--rank", type=int, default=16)
+    st.add_argument("--sizes", nargs="+", default=["4x420", "8x160"], help="ROWSxTOKENS of the one microbatch")
+    st.add_argument("--repeats", type=int, default=3)
+    d = sub.add_parser("delta")
+    d.add_argument("final", nargs="?", help="a LoRA run's final/ folder (not with --small)")
+    d.add_argument("--base", default="smollm2", help="the model the run trained from")
+    d.add_argument("--rtol", type=float, default=1e-4)
     loops = sub.add_parser("loops")
     loops.add_argument("--sft-steps", type=int, default=16)
     loops.add_argument("--grpo-steps", type=int, default=10)
@@ -178,7 +329,9 @@ def main() -> None:
     torch.manual_seed(0)
     args.model, args.runs, args.suffix = "smollm2", REPO / "runs", ""
     if not args.small:
-        (bench_sampler if args.part == "sampler" else bench_loops)(args)
+        if args.part == "delta" and not args.final:
+            parser.error("delta: give a LoRA run's final/ folder")
+        {"sampler": bench_sampler, "step": bench_step, "delta": bench_delta, "loops": bench_loops}[args.part](args)
         return
     import tempfile
 
@@ -187,6 +340,12 @@ def main() -> None:
         if args.part == "sampler":
             args.rank, args.prompts, args.n, args.tokens, args.repeats = 4, 2, 2, 4, 1
             bench_sampler(args)
+        elif args.part == "step":
+            args.rank, args.sizes, args.repeats = 4, ["2x8"], 1
+            bench_step(args)
+        elif args.part == "delta":
+            args.final, args.base = str(small_final(Path(tmp), args.model)), args.model
+            bench_delta(args)
         else:
             args.sft_steps = args.grpo_steps = 1
             bench_loops(args)

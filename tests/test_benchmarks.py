@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,6 +23,8 @@ SMALL = {
     "bench_grading": (["bench_grading.py", "--small"], "grading_small.json"),
     "bench_logprobs": (["bench_logprobs.py", "--small"], "logprobs_float32_small.json"),
     "bench_lora-sampler": (["bench_lora.py", "--small", "sampler"], "lora_sampler_small.json"),
+    "bench_lora-step": (["bench_lora.py", "--small", "step"], "lora_step_small.json"),
+    "bench_lora-delta": (["bench_lora.py", "--small", "delta"], "lora_delta_small.json"),
     "bench_lora-loops": (["bench_lora.py", "--small", "loops"], "lora_loops_small.json"),
     "bench_microbatches": (["bench_microbatches.py", "--small"], "microbatches_small.json"),
     "bench_sampler": (["bench_sampler.py", "--small"], "sampler_small.json"),
@@ -33,7 +36,7 @@ SMALL = {
 SLOW = {"bench_curricula", "bench_lora-loops"}
 """Small modes that chain several entry-point processes (SFT, pass rates, GRPO runs: tens of CPU seconds in all,
 minutes on a loaded machine): behind ``-m slow``. Their scripts' other code runs in the default suite where it
-has a part of its own (bench_lora's sampler); bench_curricula has only the chain."""
+has a part of its own (bench_lora's sampler, step and delta); bench_curricula has only the chain."""
 
 
 def test_every_benchmark_script_has_a_small_mode_here():
@@ -54,3 +57,34 @@ def test_benchmark_runs_in_its_small_mode(run, tmp_path):
     if path.suffix == ".json":
         payload = json.loads(path.read_text())
         assert payload["environment"]["torch"]
+
+
+def test_lora_delta_fails_on_a_rank_above_r_and_on_a_changed_untargeted_tensor(tmp_path):
+    """bench_lora's delta check (the README's rank <= r on SmolLM2) passes a merged final/ and fails each way."""
+    from safetensors.torch import load_file, save_file
+
+    from benchmarks.common import tiny_model_folder
+
+    tiny = tiny_model_folder(tmp_path / "tiny")
+    env = {**os.environ, "REASONING_RL_BENCH_RESULTS": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
+    make = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+            "from benchmarks.bench_lora import small_final; small_final(Path(sys.argv[2]), sys.argv[3])")
+    subprocess.run([sys.executable, "-c", make, str(ROOT), str(tmp_path), str(tiny)], check=True, cwd=ROOT, env=env)
+    final = tmp_path / "final"
+
+    def delta():
+        return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lora.py"), "delta", str(final),
+                               "--base", str(tiny)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    proc = delta()
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((tmp_path / "lora_delta.json").read_text())["max_targeted_rank"] == 4
+    weights = final / "model.safetensors"
+    clean = load_file(str(weights))
+    for key, change, message in (
+        ("model.norm.weight", lambda w: w + 1e-3, "model.norm.weight: not targeted, changed"),
+        ("model.layers.0.self_attn.q_proj.weight", lambda w: w + 1e-2 * torch.randn_like(w), "q_proj.weight: rank"),
+    ):
+        save_file({**clean, key: change(clean[key]).contiguous()}, str(weights), metadata={"format": "pt"})
+        proc = delta()
+        assert proc.returncode == 1 and message in proc.stderr, (proc.returncode, proc.stderr[-2000:])
