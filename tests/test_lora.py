@@ -341,7 +341,8 @@ def test_lora_presets_are_the_full_presets_with_an_adapter_and_a_larger_learning
         assert full.lora.rank == 0 and lora.lora.rank == 16 and lora.optim.lr == pytest.approx(10 * full.optim.lr)
         same = replace(lora, lora=full.lora, optim=full.optim, run=full.run)
         if module is grpo:
-            assert lora.warm_start.lr == pytest.approx(10 * full.warm_start.lr)
+            # the warm start's 3 steps: 10x (3e-4) left no correct answer on the laptop, so GRPO got zero-variance groups
+            assert lora.warm_start.lr == pytest.approx(1e-3) and full.warm_start.lr == pytest.approx(3e-5)
             same = replace(same, warm_start=full.warm_start)
         assert same == full
     h100, lora = grpo.PRESETS["h100"][1], grpo.PRESETS["h100-lora"][1]
