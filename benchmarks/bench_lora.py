@@ -6,7 +6,7 @@
     python benchmarks/bench_lora.py --small sampler     # a tiny random model, 2 prompts × 2 of 4 tokens (seconds)
     python benchmarks/bench_lora.py --small loops       # the four runs on a tiny random model, 1 step each
     python benchmarks/bench_lora.py --small step        # a tiny random model, one 2x8 size (seconds)
-    python benchmarks/bench_lora.py delta RUN/final [--base smollm2]   # what a LoRA run's merged final/ changed
+    python benchmarks/bench_lora.py delta RUN/final [--base smollm2 --out lora_delta]   # what a LoRA run's final/ changed
     python benchmarks/bench_lora.py --small delta       # a tiny random model merged with a random adapter (seconds)
 
 ``sampler``: SmolLM2-135M-Instruct with a rank-16 adapter on the attention and MLP projections (B drawn at
@@ -27,10 +27,12 @@ no evaluation between them), the process's peak RSS (``wait4``), the size of the
 ``final/``, and the held-out answer reward at each evaluation. Runs go to ``runs/bench_lora_*``.
 ``delta``: a LoRA run's merged ``final/`` against the base it trained from (the adapter's
 ``adapter_config.json`` names the rank and the targets): for each tensor, in float64, whether it is targeted, the
-largest absolute change, the singular values of merged - base and its rank (singular values above
-``--rtol`` times the largest; float32 rounding of the merge sits near 1e-7 of it), and whether every untargeted
-tensor equals the base's exactly. It fails (exit 1) when a targeted change has rank above r or an untargeted one
-changed.
+largest absolute change, and for a targeted one the singular values of merged - base and its rank: the number of
+singular values above the merge's rounding bound, eps(dtype) * ||merged||_F. Why that bound: the merge stores
+fl(W + dW), each element off by at most eps/2 of itself, so the stored difference is dW + E with
+||E||_2 <= ||E||_F <= eps/2 * ||merged||_F, and by Weyl's inequality every singular value beyond dW's rank is
+at most that; one above it is real. It also checks that every untargeted tensor equals the base's exactly, and
+fails (exit 1) when a targeted change has rank above r or an untargeted one changed.
 
 Results: ``benchmarks/results/lora_{sampler,step,loops,delta}.json`` (``lora_{sampler,step,loops,delta}_small.json``
 with ``--small``, whose loop runs go to a temporary folder).
@@ -199,27 +201,30 @@ def bench_delta(args: argparse.Namespace) -> None:
         row = {"tensor": key, "targeted": targeted, "max_abs_change": delta.abs().max().item()}
         if targeted:
             sv = torch.linalg.svdvals(delta)
-            top = sv[0].item()
-            row["rank"] = int((sv > args.rtol * top).sum().item()) if top > 0 else 0
+            bound = torch.finfo(merged[key].dtype).eps * merged[key].double().norm().item()
+            row["rank"] = int((sv > bound).sum().item())
+            row["rounding_bound"] = bound
             row["singular_values"] = [float(x) for x in sv[: rank + 2]]
-            row["sv_r+1/sv_1"] = sv[rank].item() / top if top > 0 and sv.numel() > rank else 0.0
+            row["sv_r/bound"] = sv[rank - 1].item() / bound if sv.numel() >= rank else 0.0
+            row["sv_r+1/bound"] = sv[rank].item() / bound if sv.numel() > rank else 0.0
             if row["rank"] > rank:
                 bad.append(f"{key}: rank {row['rank']} > r = {rank}")
         elif row["max_abs_change"] != 0.0:
             bad.append(f"{key}: not targeted, changed by up to {row['max_abs_change']:.3g}")
         rows.append(row)
     shown = [r for r in rows if r["targeted"]]
-    print_table([{k: r.get(k) for k in ("tensor", "rank", "max_abs_change", "sv_r+1/sv_1")} for r in shown],
-                ["tensor", "rank", "max_abs_change", "sv_r+1/sv_1"])
-    summary = {"final": str(final), "base": args.base, "r": rank, "target_modules": targets, "rtol": args.rtol,
+    columns = ["tensor", "rank", "max_abs_change", "sv_r/bound", "sv_r+1/bound"]
+    print_table([{k: r.get(k) for k in columns} for r in shown], columns)
+    summary = {"final": str(final), "base": args.base, "r": rank, "target_modules": targets,
                "targeted_tensors": len(shown), "max_targeted_rank": max((r["rank"] for r in shown), default=0),
                "min_targeted_rank": min((r["rank"] for r in shown), default=0),
-               "max_sv_ratio_beyond_r": max((r["sv_r+1/sv_1"] for r in shown), default=0.0),
+               "min_sv_r_over_bound": min((r["sv_r/bound"] for r in shown), default=0.0),
+               "max_sv_r+1_over_bound": max((r["sv_r+1/bound"] for r in shown), default=0.0),
                "untargeted_tensors": len(rows) - len(shown),
                "untargeted_changed": sum(1 for r in rows if not r["targeted"] and r["max_abs_change"] != 0.0),
                "ok": not bad, "problems": bad}
     print(json.dumps({k: v for k, v in summary.items() if k != "problems"}))
-    write_json("lora_delta" + args.suffix, {**summary, "rows": rows})
+    write_json(args.out + args.suffix, {**summary, "rows": rows})
     if bad:
         raise SystemExit("\n".join(bad))
 
@@ -320,7 +325,7 @@ def main() -> None:
     d = sub.add_parser("delta")
     d.add_argument("final", nargs="?", help="a LoRA run's final/ folder (not with --small)")
     d.add_argument("--base", default="smollm2", help="the model the run trained from")
-    d.add_argument("--rtol", type=float, default=1e-4)
+    d.add_argument("--out", default="lora_delta", help="the result's name in benchmarks/results/")
     loops = sub.add_parser("loops")
     loops.add_argument("--sft-steps", type=int, default=16)
     loops.add_argument("--grpo-steps", type=int, default=10)
