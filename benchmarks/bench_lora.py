@@ -172,23 +172,16 @@ def bench_step(args: argparse.Namespace) -> None:
 
 
 def bench_delta(args: argparse.Namespace) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
     from safetensors.torch import load_file
 
     from shell.models import load_policy
 
     final = Path(args.final)
-    config = json.loads((final / "adapter" / "adapter_config.json").read_text())
-    rank, targets = int(config["r"]), config["target_modules"]  # names (peft: a module name's suffix) or a regex
-    if isinstance(targets, str):
-        import re
-
-        def is_target(module: str) -> bool:
-            return re.fullmatch(targets, module) is not None
-    else:
-        targets = sorted(targets)
-
-        def is_target(module: str) -> bool:
-            return any(module == t or module.endswith("." + t) for t in targets)
+    config = PeftLoraConfig.from_pretrained(str(final / "adapter"))  # peft's own rule for which modules it targets
+    rank = config.r
+    targets = config.target_modules if isinstance(config.target_modules, str) else sorted(config.target_modules)
     merged = load_file(str(final / "model.safetensors"))
     base_model, _ = load_policy(args.base, device="cpu", dtype="float32")
     base = {k: v.detach() for k, v in base_model.state_dict().items()}
@@ -196,7 +189,7 @@ def bench_delta(args: argparse.Namespace) -> None:
         raise SystemExit(f"{final}: tensors {sorted(set(merged) ^ set(base))[:4]} are in one of it and {args.base} only")
     rows, bad = [], []
     for key in sorted(merged):
-        targeted = key.endswith(".weight") and is_target(key.removesuffix(".weight"))
+        targeted = key.endswith(".weight") and bool(check_target_module_exists(config, key.removesuffix(".weight")))
         delta = merged[key].double() - base[key].to(merged[key].dtype).double()
         row = {"tensor": key, "targeted": targeted, "max_abs_change": delta.abs().max().item()}
         if targeted:

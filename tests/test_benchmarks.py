@@ -63,14 +63,12 @@ def test_lora_delta_fails_on_a_rank_above_r_and_on_a_changed_untargeted_tensor(t
     """bench_lora's delta check (the README's rank <= r on SmolLM2) passes a merged final/ and fails each way."""
     from safetensors.torch import load_file, save_file
 
+    from benchmarks.bench_lora import small_final
     from benchmarks.common import tiny_model_folder
 
     tiny = tiny_model_folder(tmp_path / "tiny")
     env = {**os.environ, "REASONING_RL_BENCH_RESULTS": str(tmp_path), "CUDA_VISIBLE_DEVICES": ""}
-    make = ("import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
-            "from benchmarks.bench_lora import small_final; small_final(Path(sys.argv[2]), sys.argv[3])")
-    subprocess.run([sys.executable, "-c", make, str(ROOT), str(tmp_path), str(tiny)], check=True, cwd=ROOT, env=env)
-    final = tmp_path / "final"
+    final = small_final(tmp_path, str(tiny))
 
     def delta():
         return subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_lora.py"), "delta", str(final),
